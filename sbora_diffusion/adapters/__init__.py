@@ -1,0 +1,45 @@
+"""Adapter cores, the AdaptedLinear wrapper, injection and adapter files (DESIGN.md §2-3)."""
+
+from .base import Core
+from .config import TARGET_PRESETS, AdapterConfig, load_adapter_config
+from .inject import (
+    adapted_layers,
+    adapter_names,
+    adapter_parameters,
+    inject,
+    match_targets,
+    merge,
+    merge_and_unload,
+    remove,
+    set_adapter_enabled,
+    set_adapter_weight,
+    unmerge,
+)
+from .io import AdapterFile, AdapterFileError, load_adapter, read_adapter, save_adapter
+from .layer import AdaptedLinear
+from .registry import METHODS
+
+__all__ = [
+    "METHODS",
+    "TARGET_PRESETS",
+    "AdaptedLinear",
+    "AdapterConfig",
+    "AdapterFile",
+    "AdapterFileError",
+    "Core",
+    "adapted_layers",
+    "adapter_names",
+    "adapter_parameters",
+    "inject",
+    "load_adapter",
+    "load_adapter_config",
+    "match_targets",
+    "merge",
+    "merge_and_unload",
+    "read_adapter",
+    "remove",
+    "save_adapter",
+    "set_adapter_enabled",
+    "set_adapter_weight",
+    "unmerge",
+]

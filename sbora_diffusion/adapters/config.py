@@ -1,0 +1,66 @@
+"""AdapterConfig: the one typed config shared by every adapter method, plus target presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..configuration import ConfigError, from_dict, load_yaml, override, resolve_named_config
+
+# Module-path suffixes per model family (DESIGN.md §2). A preset name may stand in `targets`.
+TARGET_PRESETS: dict[str, list[str]] = {
+    "sd-unet": ["to_q", "to_k", "to_v", "to_out.0"],
+    "sd-unet-full": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    "clip-text": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "clip-text-mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "llama-mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@dataclass
+class AdapterConfig:
+    method: str = field(default="sbora-fa", metadata={"help": "adapter method: lora, sbora-fa, sbora-fb, ortho, difflora"})
+    rank: int = field(default=16, metadata={"help": "rank r: indices per layer (SBoRA/ortho) or inner dimension (LoRA)"})
+    alpha: float = field(default=16.0, metadata={"help": "scale numerator: s = alpha/r (alpha/sqrt(r) with --rslora)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter branch's input only"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilized scale alpha/sqrt(r)"})
+    targets: list[str] = field(
+        default_factory=lambda: ["sd-unet"],
+        metadata={"help": "module-path suffixes to adapt, or presets: " + ", ".join(TARGET_PRESETS)},
+    )
+    target_regex: str | None = field(default=None, metadata={"help": "regex on full module paths (replaces targets)"})
+    slot: int = field(default=0, metadata={"help": "slot k: SBoRA/ortho take indices P[k*r:(k+1)*r], disjoint across slots"})
+    seed: int = field(default=0, metadata={"help": "seed of the per-layer index permutation (same seed => composable slots)"})
+    tau: float = field(default=0.5, metadata={"help": "DiffLoRA: initial weight of the negative branch (learnable)"})
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+    def target_suffixes(self) -> list[str]:
+        out: list[str] = []
+        for t in self.targets:
+            out.extend(TARGET_PRESETS.get(t, [t]))
+        return out
+
+    def validate(self) -> None:
+        from .registry import METHODS  # late import: the registry imports the cores, which import this
+
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown adapter method '{self.method}'; known: {', '.join(sorted(METHODS))}")
+        if self.rank <= 0:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank}")
+        if self.slot < 0:
+            raise ConfigError(f"slot must be >= 0, got {self.slot}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets and not self.target_regex:
+            raise ConfigError("no targets: give module-path suffixes, a preset, or target_regex")
+
+
+def load_adapter_config(method: str | Path, **overrides) -> AdapterConfig:
+    """``configs/methods/<method>.yaml`` (or a YAML path), then keyword overrides."""
+    path = resolve_named_config("methods", method)
+    config = from_dict(AdapterConfig, load_yaml(path), source=str(path))
+    return override(config, overrides, source="overrides") if overrides else config

@@ -1,0 +1,149 @@
+"""Put adapter cores into a model's linear layers, take them out, merge them, list them.
+
+Modules are matched by module-path suffix (``to_q`` matches ``...attn1.to_q``) or by a
+regex on the full path (``AdapterConfig.target_regex``). Works on any torch model: the
+diffusers UNet, the CLIP text encoder and transformers LLMs are just module trees here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..configuration import ConfigError
+from .config import AdapterConfig
+from .layer import AdaptedLinear
+from .registry import METHODS
+
+
+def _linear_paths(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adaptable layer: nn.Linear outside AdaptedLinear, plus the AdaptedLinear wrappers."""
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if any(path.startswith(p + ".") for p in found if isinstance(found[p], AdaptedLinear)):
+            continue  # the base_layer inside a wrapper
+        if isinstance(module, (nn.Linear, AdaptedLinear)):
+            found[path] = module
+    return found
+
+
+def match_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    layers = _linear_paths(model)
+    if config.target_regex:
+        rx = re.compile(config.target_regex)
+        return [p for p in layers if rx.fullmatch(p)]
+    suffixes = config.target_suffixes()
+    return [p for p in layers if any(p == s or p.endswith("." + s) for s in suffixes)]
+
+
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+
+
+def adapted_layers(model: nn.Module, name: str | None = None) -> dict[str, AdaptedLinear]:
+    """Module path -> AdaptedLinear, optionally only those holding adapter `name`."""
+    return {
+        p: m for p, m in model.named_modules() if isinstance(m, AdaptedLinear) and (name is None or name in m.cores)
+    }
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return sorted({n for m in adapted_layers(model).values() for n in m.cores})
+
+
+def inject(
+    model: nn.Module, config: AdapterConfig, name: str = "default", paths: list[str] | None = None, weight: float = 1.0
+) -> list[str]:
+    """Add adapter `name` to every targeted linear layer of `model`; returns the wrapped paths.
+
+    Freezes every parameter of the model except those of the adapter just added (earlier
+    adapters stay as they were). `paths` (exact module paths) overrides the config's targets,
+    as when loading a file. Nothing is changed if anything is wrong.
+    """
+    config.validate()
+    if name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter named '{name}'; remove it first or pick another name")
+    layers = _linear_paths(model)
+    if paths is None:
+        paths = match_targets(model, config)
+        if not paths:
+            sample = ", ".join(list(layers)[:8]) or "(no nn.Linear layers at all)"
+            what = f"target_regex '{config.target_regex}'" if config.target_regex else f"targets {config.targets}"
+            raise ConfigError(f"{what} match no linear layer of {type(model).__name__}; some of its layers: {sample}")
+    missing = [p for p in paths if p not in layers]
+    if missing:
+        raise ConfigError(f"{type(model).__name__} has no linear layer at {', '.join(missing[:5])}")
+    core_cls = METHODS[config.method]
+    cores = {}
+    for p in paths:  # build every core first: a rank/slot error must leave the model untouched
+        base = layers[p].base_layer if isinstance(layers[p], AdaptedLinear) else layers[p]
+        cores[p] = core_cls(base.in_features, base.out_features, config, p)
+    for p in paths:
+        layer = layers[p]
+        if not isinstance(layer, AdaptedLinear):
+            layer = AdaptedLinear(layer)
+            _replace_module(model, p, layer)
+        layer.add_core(name, cores[p], dropout=config.dropout, weight=weight)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for core in cores.values():
+        for param in core.parameters():
+            param.requires_grad_(True)
+    return list(paths)
+
+
+def remove(model: nn.Module, name: str) -> list[str]:
+    """Take adapter `name` out (unmerging it first); wrappers left empty become plain layers again."""
+    layers = adapted_layers(model, name)
+    if not layers:
+        raise ValueError(f"the model has no adapter named '{name}'; it has: {', '.join(adapter_names(model)) or 'none'}")
+    for p, layer in layers.items():
+        layer.remove_core(name)
+        if not layer.cores:
+            _replace_module(model, p, layer.base_layer)
+    return list(layers)
+
+
+def merge(model: nn.Module, name: str | None = None) -> None:
+    """Merge adapter `name` (or every adapter) into the base weights."""
+    for layer in adapted_layers(model, name).values():
+        for n in [name] if name else list(layer.cores):
+            layer.merge(n)
+
+
+def unmerge(model: nn.Module, name: str | None = None) -> None:
+    for layer in adapted_layers(model, name).values():
+        for n in [name] if name else list(layer.cores):
+            layer.unmerge(n)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base layers back: a model any library can load."""
+    for p, layer in adapted_layers(model).items():
+        for n in list(layer.cores):
+            layer.merge(n)
+        _replace_module(model, p, layer.base_layer)
+    return model
+
+
+def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
+    for layer in adapted_layers(model, name).values():
+        layer.set_weight(name, weight)
+
+
+def set_adapter_enabled(model: nn.Module, name: str, enabled: bool) -> None:
+    for layer in adapted_layers(model, name).values():
+        layer.set_enabled(name, enabled)
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The trainable parameters of adapter `name` (or all adapters), in a stable order."""
+    return [
+        param
+        for layer in adapted_layers(model, name).values()
+        for n, core in layer.cores.items()
+        if name is None or n == name
+        for param in core.parameters()
+    ]

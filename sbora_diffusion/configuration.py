@@ -1,0 +1,154 @@
+"""Typed dataclass configs that load from YAML and take command-line overrides.
+
+One mechanism for every config in the project (adapter methods, concept training, LLM
+training): a dataclass whose fields carry ``metadata={"help": ...}``, a YAML file with a
+subset of its fields, and an argparse parser generated from the fields so that every field
+can be overridden as ``--field value`` and ``--help`` explains each of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+# configs/ sits next to the package in the repository (installed editable, as the README does).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or a config value is wrong; the message says what to change."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``Optional[X]`` / ``X | None`` -> (X, True); anything else -> (tp, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    origin = typing.get_origin(inner)
+    try:
+        if origin in (list, tuple):
+            (item_tp, *_) = typing.get_args(inner) or (str,)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return [coerce(v, item_tp, name) for v in value]
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if inner is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if inner is float:
+            return float(value)
+        if inner is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field '{name}' expects {getattr(inner, '__name__', inner)}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build ``cls`` from a dict, refusing unknown keys (a typo must not pass silently)."""
+    return override(cls(), data, source)
+
+
+def override(config: T, data: dict[str, Any], source: str = "override") -> T:
+    """A copy of ``config`` with the fields in ``data`` replaced (values coerced to type)."""
+    types_ = _field_types(type(config))
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown field(s) {', '.join(unknown)}; "
+            f"valid fields of {type(config).__name__}: {', '.join(sorted(types_))}"
+        )
+    values = {k: coerce(v, types_[k], k) for k, v in data.items()}
+    new = dataclasses.replace(config, **values)
+    validate = getattr(new, "validate", None)
+    if validate is not None:
+        validate()
+    return new
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value")
+    return data
+
+
+def resolve_named_config(kind: str, name_or_path: str | Path) -> Path:
+    """``configs/<kind>/<name>.yaml`` for a bare name, else the given path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    candidate = CONFIG_DIR / kind / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(f.stem for f in (CONFIG_DIR / kind).glob("*.yaml"))
+        raise ConfigError(
+            f"unknown {kind[:-1] if kind.endswith('s') else kind} '{name_or_path}': no {candidate.relative_to(CONFIG_DIR.parent)}; "
+            f"known: {', '.join(known) or '(none)'}; or pass a path to a YAML file"
+        )
+    return candidate
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--field`` option per dataclass field, default None (= keep the YAML/dataclass value)."""
+    types_ = _field_types(cls)
+    group = parser.add_argument_group(f"{cls.__name__} fields (override the YAML config)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        inner, _ = _unwrap_optional(types_[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        if inner is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            kind = "comma-separated list" if typing.get_origin(inner) in (list, tuple) else getattr(inner, "__name__", "value")
+            group.add_argument(flag, dest=f.name, default=None, metavar=kind.upper().replace("-", "_"), help=help_)
+
+
+def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The dataclass fields given on the command line (those not left at None)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}

@@ -1,0 +1,49 @@
+"""Tiny models shared by the tests (random init, built in milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyAttention(nn.Module):
+    """Module names as in diffusers' Attention (to_q/to_k/to_v/to_out.0), with d_in != d_out."""
+
+    def __init__(self, d: int = 24, d_ctx: int = 20, d_inner: int = 32):
+        super().__init__()
+        self.to_q = nn.Linear(d, d_inner, bias=False)
+        self.to_k = nn.Linear(d_ctx, d_inner, bias=False)
+        self.to_v = nn.Linear(d_ctx, d_inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(d_inner, d), nn.Dropout(0.0)])
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = x if ctx is None else ctx
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)  # (B, T, d_inner)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.norm(x + self.to_out[0](attn @ v))
+
+
+class TinyBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([TinyAttention(), TinyAttention()])
+        self.ctx_proj = nn.Linear(24, 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx_proj(x)
+        for b in self.blocks:
+            x = b(x, ctx)
+        return x
+
+
+@pytest.fixture
+def tiny_model() -> TinyBlocks:
+    torch.manual_seed(0)
+    return TinyBlocks()
+
+
+@pytest.fixture
+def tiny_input() -> torch.Tensor:
+    return torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1))

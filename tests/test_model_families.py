@@ -1,0 +1,89 @@
+"""The target presets on tiny diffusers / transformers models, and the peft pairing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sbora_diffusion.adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, merge_and_unload
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8,
+    )
+
+
+def tiny_clip_text():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, vocab_size=100, max_position_embeddings=16))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+
+
+def run_unet(m):
+    return m(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), 10, encoder_hidden_states=torch.randn(1, 3, 24, generator=torch.Generator().manual_seed(1))).sample
+
+
+def run_text(m):
+    return m(torch.tensor([[1, 5, 7, 9]])).last_hidden_state
+
+
+def run_llama(m):
+    return m(torch.tensor([[1, 5, 7, 9]])).logits
+
+
+@pytest.mark.parametrize(
+    "build, run, targets, per_block, blocks",
+    [
+        (tiny_unet, run_unet, ["sd-unet"], 8, 4),  # attn1+attn2 x 4 projections; down 1 + mid 1 + up 2 blocks
+        (tiny_clip_text, run_text, ["clip-text"], 4, 2),
+        (tiny_clip_text, run_text, ["clip-text-mlp"], 6, 2),
+        (tiny_llama, run_llama, ["llama"], 4, 2),
+        (tiny_llama, run_llama, ["llama-mlp"], 7, 2),
+    ],
+)
+@pytest.mark.parametrize("method", ["sbora-fa", "lora"])
+def test_presets_match_the_attention_layers(build, run, targets, per_block, blocks, method):
+    model = build().eval()
+    with torch.no_grad():
+        y0 = run(model)
+    wrapped = inject(model, AdapterConfig(method=method, rank=2, targets=targets))
+    assert len(wrapped) == per_block * blocks
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.normal_(0, 0.5)
+        y1 = run(model)
+    assert not torch.allclose(y0, y1)  # the adapters act
+    merge_and_unload(model)
+    assert not adapted_layers(model)
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), y1, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_pairs_with_transformers_without_its_integration():
+    """peft (our numerical reference) works on a transformers model through peft's own API;
+    nothing of ours calls transformers' peft integration (which wants a newer peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert model.num_parameters(only_trainable=True) == 2 * 2 * (2 * 32 + 32 + 16)  # q: 32->32, v: 32->16
+    assert run_llama(model).shape == (1, 4, 100)
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    for file in [*root.glob("sbora_diffusion/**/*.py"), *root.glob("llm/**/*.py"), *root.glob("apps/**/*.py")]:
+        text = file.read_text()
+        assert "integrations.peft" not in text and ".load_adapter(" not in text.replace("def load_adapter(", ""), file
