@@ -1,0 +1,49 @@
+"""Atomic checkpoints that resume exactly and refuse to unpickle."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sbora_diffusion.checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+
+
+def test_checkpoint_roundtrip_prunes_and_restores_rng(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, {"step": step, "optimizer": opt.state_dict(), "rng": capture_rng(), "trainable": {"w": model.weight}}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000020.pt", "step-00000030.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000020.pt", "step-00000030.pt"]  # no temp files
+    state = load_checkpoint(tmp_path)  # the newest
+    assert state["step"] == 30 and torch.equal(state["trainable"]["w"], model.weight)
+    opt2 = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters(), lr=0.1)
+    opt2.load_state_dict(state["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    restore_rng(state["rng"])
+    first = (torch.rand(3).tolist(), random.random(), float(np.random.rand()))
+    restore_rng(state["rng"])
+    assert (torch.rand(3).tolist(), random.random(), float(np.random.rand())) == first
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
+    evil = tmp_path / "step-00000001.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil.write_bytes(pickle.dumps({"step": 1, "x": Payload()}))
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(evil)
+    (tmp_path / "step-00000002.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="may be corrupt"):
+        load_checkpoint(tmp_path)
