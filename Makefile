@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(PY) -m sbora_diffusion.demo
+	$(PY) train_concept.py --concept robot --method sbora-fa
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,1 @@
+"""Benchmark scripts: training cost and LLM quality, side by side with peft (docs/benchmarks/)."""

@@ -1,0 +1,366 @@
+"""Measuring helpers shared by the benchmark scripts (not tests: nothing here asserts a time).
+
+The machines these run on are shared and noisy, so times are only ever reported as ratios
+against peft's LoRA measured in the same round, with the methods interleaved and the median
+over rounds; everything that can be counted exactly (parameters, optimizer-state bytes,
+bytes saved for backward, bytes allocated) is counted instead of timed.
+
+- ``add_method`` puts one method on a model: ``peft-lora`` / ``peft-dora`` through peft's
+  own ``inject_adapter_in_model``, ``floor`` (a zero trainable bias on each targeted layer:
+  what the base forward+backward costs with no adapter work at all), or any of our cores.
+- ``SavedTensorMeter`` counts the storages autograd saves for backward *inside the adapter
+  branches only*: pack hooks are always on, and a depth counter driven by forward hooks on
+  each adapter wrapper (entered) and on its ``base_layer`` (left again) says whether a saved
+  tensor belongs to a branch. Parameter and buffer storages are not activations and are
+  skipped; each storage counts once, at its full size (a saved view keeps its whole storage).
+- ``peak_step_bytes`` is the peak of torch's CPU allocator during one call, relative to its
+  start, read from the profiler's allocation events (deterministic, unlike RSS).
+- ``capture_layer_inputs`` + ``layer_step`` isolate the adapted layers: forward and backward
+  of every targeted layer (base + branch, input gradient included) on the inputs the model
+  gave them, plus the optimizer step. On the SD UNet peft LoRA adds ~1-2% to a whole step,
+  below the whole-step noise; on the layers alone the difference is resolved.
+- ``interleaved_times`` runs one step per variant per round, rotating the order each round,
+  and records both the process CPU time and the wall time of each step. With one torch
+  thread the CPU time is the work the step did, nearly blind to other processes on the
+  machine; the wall time of a 2-thread step on 2 shared cores swung by 4× here.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sbora_diffusion.adapters import AdaptedLinear, AdapterConfig, inject, match_targets
+from sbora_diffusion.fileio import atomic_path
+
+REFERENCE = "peft-lora"  # every time is a ratio to this method, measured in the same round
+FLOOR = "floor"
+OUR_METHODS = ["lora", "sbora-fa", "sbora-fb", "ortho", "difflora"]
+COST_METHODS = [REFERENCE, *OUR_METHODS, FLOOR]
+DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
+class BiasFloor(nn.Module):
+    """The cheapest possible trainable branch: ``base_layer(x) + b`` with b a zero vector.
+
+    Training only these biases makes autograd run the whole base backward (input gradients
+    down to the first targeted layer) but no adapter math: the floor under every method."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.bias = nn.Parameter(torch.zeros(base_layer.out_features, device=base_layer.weight.device, dtype=base_layer.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.bias  # (..., d_out)
+
+
+def _is_branch_wrapper(module: nn.Module) -> bool:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return isinstance(module, (AdaptedLinear, BiasFloor, LoraLayer)) and hasattr(module, "base_layer")
+
+
+def clone_sharing_weights(model: nn.Module) -> nn.Module:
+    """A structural copy of a frozen model that shares every parameter and buffer tensor,
+    so several methods can sit on one base at once (one base's memory, not one per method)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def add_method(model: nn.Module, method: str, rank: int, targets: list[str], seed: int = 0) -> list[nn.Parameter]:
+    """Put `method` on every targeted linear layer of a frozen `model` (s = alpha/r = 1 for all);
+    returns the trainable parameters."""
+    model.requires_grad_(False)
+    if method in ("peft-lora", "peft-dora"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        torch.manual_seed(seed)  # peft draws its Kaiming A from the global generator
+        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, use_dora=method == "peft-dora")
+        inject_adapter_in_model(cfg, model)
+    elif method == FLOOR:
+        cfg = AdapterConfig(method="lora", rank=1, targets=targets)  # only for its target matching
+        for path in match_targets(model, cfg):
+            parent, _, child = path.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            setattr(holder, child, BiasFloor(getattr(holder, child)))
+    else:
+        inject(model, AdapterConfig(method=method, rank=rank, alpha=float(rank), targets=targets, seed=seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"{method} put no trainable parameter on targets {targets}")
+    return params
+
+
+def parameter_count(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (AdamW: exp_avg, exp_avg_sq, step)."""
+    return sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+class SavedTensorMeter:
+    """Storages autograd saves for backward inside adapter branches vs. everywhere else.
+
+    Use around a forward pass (the backward may run outside). ``branch_bytes`` is what the
+    branches save; ``branch_only_bytes`` the part no other op of the model also saves (the
+    memory the branches really add; e.g. LoRA's saved input may be an activation the base
+    keeps anyway)."""
+
+    def __init__(self, model: nn.Module):
+        self.wrappers = [m for m in model.modules() if _is_branch_wrapper(m)]
+        if not self.wrappers:
+            raise ValueError("the model has no adapter branch to measure (no AdaptedLinear, peft LoRA layer or floor)")
+        self.weights = {_storage(t)[0] for t in [*model.parameters(), *model.buffers()]}
+        self.branch: dict[int, int] = {}  # storage pointer -> bytes
+        self.elsewhere: dict[int, int] = {}
+        self.depth = 0
+        self._handles: list = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr, nbytes = _storage(t)
+        if ptr not in self.weights and nbytes:
+            (self.branch if self.depth > 0 else self.elsewhere)[ptr] = nbytes
+        return t
+
+    def _shift(self, by: int) -> Callable:
+        def hook(*_):
+            self.depth += by
+
+        return hook
+
+    def __enter__(self) -> SavedTensorMeter:
+        for w in self.wrappers:  # inside a wrapper: branch; inside its base_layer: not
+            self._handles += [
+                w.register_forward_pre_hook(self._shift(+1)),
+                w.register_forward_hook(self._shift(-1)),
+                w.base_layer.register_forward_pre_hook(self._shift(-1)),
+                w.base_layer.register_forward_hook(self._shift(+1)),
+            ]
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def branch_bytes(self) -> int:
+        return sum(self.branch.values())
+
+    @property
+    def branch_only_bytes(self) -> int:
+        return sum(n for p, n in self.branch.items() if p not in self.elsewhere)
+
+    @property
+    def other_bytes(self) -> int:
+        return sum(self.elsewhere.values())
+
+
+@contextmanager
+def peak_step_bytes() -> Iterator[dict[str, int]]:
+    """Peak bytes held by torch's CPU allocator inside the block, relative to its start.
+
+    Sums the signed sizes of the profiler's allocation events in time order; frees of tensors
+    allocated before the block count too (they lower the level)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, int] = {}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield out
+    sizes: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation:
+            sizes.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    level = peak = 0
+    for _, n in sorted(sizes):
+        level += n
+        peak = max(peak, level)
+    out.update(peak_bytes=peak, end_bytes=level)
+
+
+@dataclass
+class Variant:
+    """One method on one (shared-weight) copy of the base, with its own optimizer."""
+
+    name: str
+    model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds per timed step
+    wall: list[float] = field(default_factory=list)  # wall seconds per timed step
+    layer_cpu: list[float] = field(default_factory=list)  # CPU seconds per layer-only step
+
+
+def train_step(variant: Variant, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+    """forward + backward + optimizer step; appends its CPU and wall time to the variant."""
+    gc.collect()  # not inside the timed region
+    wall, cpu = time.perf_counter(), time.process_time()
+    loss = loss_fn(variant.model)
+    loss.backward()
+    variant.optimizer.step()
+    variant.optimizer.zero_grad(set_to_none=True)
+    variant.cpu.append(time.process_time() - cpu)
+    variant.wall.append(time.perf_counter() - wall)
+
+
+def measure_step(variant: Variant, loss_fn: Callable[[nn.Module], torch.Tensor]) -> dict[str, int]:
+    """The variant's first (untimed) step: counts branch-saved bytes and the peak allocation of
+    forward+backward (activations, gradients, temporaries; the optimizer's state is counted
+    on its own, and AdamW's first step only adds that state, after backward has freed the
+    activations), then takes the optimizer step."""
+    gc.collect()
+    meter = SavedTensorMeter(variant.model)
+    with peak_step_bytes() as peak:
+        with meter:
+            loss = loss_fn(variant.model)
+        loss.backward()
+    variant.optimizer.step()
+    variant.optimizer.zero_grad(set_to_none=True)
+    return {
+        "trainable_parameters": parameter_count(variant.params),
+        "optimizer_state_bytes": optimizer_state_bytes(variant.optimizer),
+        "branch_saved_bytes": meter.branch_bytes,
+        "branch_only_saved_bytes": meter.branch_only_bytes,
+        "other_saved_bytes": meter.other_bytes,
+        "peak_step_bytes": peak["peak_bytes"],
+    }
+
+
+def capture_layer_inputs(variant: Variant, loss_fn: Callable[[nn.Module], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module path -> the input each adapter wrapper of `variant` saw in one forward pass."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, p=p: inputs.setdefault(p, args[0].detach().clone()))
+        for p, m in variant.model.named_modules()
+        if _is_branch_wrapper(m)
+    ]
+    try:
+        with torch.no_grad():
+            loss_fn(variant.model)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def layer_step(variant: Variant, inputs: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+    """Forward + backward of the adapted layers alone (cotangents `grads`, input gradients
+    included, as in training) and the optimizer step; appends its CPU time."""
+    layers = {p: variant.model.get_submodule(p) for p in inputs}
+    leaves = {p: x.requires_grad_() for p, x in inputs.items()}
+    gc.collect()
+    cpu = time.process_time()
+    outs = [layers[p](x) for p, x in leaves.items()]  # each (..., d_out)
+    torch.autograd.backward(outs, [grads[p] for p in leaves])
+    variant.optimizer.step()
+    variant.optimizer.zero_grad(set_to_none=True)
+    variant.layer_cpu.append(time.process_time() - cpu)
+    for x in leaves.values():
+        x.grad = None
+
+
+def interleaved_times(variants: list[Variant], step: Callable[[Variant], None], repeats: int, desc: str) -> None:
+    """`repeats` rounds of one `step(variant)` per variant, the order rotated by one each round
+    so that no method always runs right after the same other one."""
+    bar = tqdm(total=repeats * len(variants), desc=desc)
+    for k in range(repeats):
+        for v in variants[k % len(variants) :] + variants[: k % len(variants)]:
+            step(v)
+            bar.update()
+    bar.close()
+
+
+def _per_round(variants: list[Variant], attr: str, fn: Callable[[float, float, float], float]) -> dict[str, list[float]]:
+    """fn(method's time, peft LoRA's, floor's) per round, from the `attr` time lists."""
+    ref = getattr(next(v for v in variants if v.name == REFERENCE), attr)
+    floor = getattr(next(v for v in variants if v.name == FLOOR), attr) if any(v.name == FLOOR for v in variants) else ref
+    return {v.name: [fn(t, r, f) for t, r, f in zip(getattr(v, attr), ref, floor, strict=True)] for v in variants}
+
+
+def time_ratios(variants: list[Variant]) -> dict[str, dict[str, float | list[float]]]:
+    """Per method, medians over rounds of per-round ratios to peft LoRA's time in the same round:
+    whole step on CPU time (with its spread) and on wall time; the adapted layers alone; and
+    the overhead over the floor relative to peft LoRA's, (t - t_floor) / (t_peft - t_floor),
+    on the layers alone (where it is resolved) and on the whole step."""
+    ratio = _per_round(variants, "cpu", lambda t, r, f: t / r)
+    wall = _per_round(variants, "wall", lambda t, r, f: t / r)
+    overhead = _per_round(variants, "cpu", lambda t, r, f: (t - f) / (r - f) if r != f else float("nan"))
+    out: dict[str, dict[str, float | list[float]]] = {}
+    for v in variants:
+        row = out[v.name] = {
+            "ratio_median": statistics.median(ratio[v.name]), "ratio_min": min(ratio[v.name]), "ratio_max": max(ratio[v.name]),
+            "wall_ratio_median": statistics.median(wall[v.name]), "step_overhead_vs_peft": statistics.median(overhead[v.name]),
+            "cpu_seconds_median": statistics.median(v.cpu), "wall_seconds_median": statistics.median(v.wall),
+            "ratios": ratio[v.name], "wall_ratios": wall[v.name],
+        }
+        if v.layer_cpu:
+            layer = _per_round(variants, "layer_cpu", lambda t, r, f: t / r)[v.name]
+            layer_over = _per_round(variants, "layer_cpu", lambda t, r, f: (t - f) / (r - f) if r != f else float("nan"))[v.name]
+            row.update(layer_ratio_median=statistics.median(layer), overhead_vs_peft=statistics.median(layer_over),
+                       layer_cpu_seconds_median=statistics.median(v.layer_cpu))
+    return out
+
+
+def environment() -> dict[str, object]:
+    """What the numbers were measured on, stored next to them."""
+    import diffusers
+    import peft
+    import transformers
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def write_results(name: str, payload: dict, markdown: str, figure, out_dir: Path = DOCS_DIR) -> list[Path]:
+    """docs/benchmarks/<name>.{json,md,png}, each written atomically."""
+    paths = [out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")]
+    with atomic_path(paths[0]) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    with atomic_path(paths[1]) as tmp:
+        tmp.write_text(markdown)
+    with atomic_path(paths[2]) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return paths
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"

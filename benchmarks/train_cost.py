@@ -1,0 +1,281 @@
+"""Training cost of every adapter method next to peft's LoRA: step time, parameters, memory.
+
+Two bases, weights irrelevant to cost: the Stable Diffusion 1.5-architecture UNet with random
+weights (``configs/models/sd15-unet.json``, 860M parameters; 32×32 latents, batch 1, 77-token
+text context; targets ``to_q,to_k,to_v,to_out.0``) and SmolLM2-135M (the embedded GGUF,
+sequence length 256, batch 1; targets ``q_proj,k_proj,v_proj,o_proj``). Per base and rank,
+every method sits on its own shared-weight copy of the base with its own AdamW, and then
+
+1. one untimed first step each, which also measures: trainable parameters, optimizer-state
+   bytes, bytes autograd saves inside the adapter branches (``common.SavedTensorMeter``), and
+   the peak allocation of forward+backward (torch CPU allocator, via the profiler);
+2. ``repeats`` timed rounds, one step per method per round in rotating order; times are
+   reported as the median over rounds of the ratio to peft LoRA's step in the same round,
+   on process CPU time with one torch thread by default (see ``common``), wall time beside;
+3. ``layer_repeats`` rounds of the adapted layers alone on the inputs the model gave them
+   (``common.layer_step``), where a method's overhead over the floor is resolved.
+
+Results: ``docs/benchmarks/train_cost.{json,md,png}``.
+
+    python -m benchmarks.train_cost --preset quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sbora_diffusion.adapters import TARGET_PRESETS
+from sbora_diffusion.configuration import CONFIG_DIR, ConfigError, add_arguments, override, overrides_from_args
+
+from .common import (
+    COST_METHODS,
+    DOCS_DIR,
+    FLOOR,
+    REFERENCE,
+    Variant,
+    add_method,
+    capture_layer_inputs,
+    clone_sharing_weights,
+    environment,
+    interleaved_times,
+    layer_step,
+    measure_step,
+    mib,
+    time_ratios,
+    train_step,
+    write_results,
+)
+
+BASES = ("sd15-unet", "smollm2")
+
+
+@dataclass
+class TrainCostConfig:
+    bases: list[str] = field(default_factory=lambda: list(BASES), metadata={"help": "bases to measure: " + ", ".join(BASES)})
+    ranks: list[int] = field(default_factory=lambda: [4, 16, 64], metadata={"help": "adapter ranks"})
+    methods: list[str] = field(default_factory=lambda: list(COST_METHODS), metadata={"help": "methods (peft-lora, the reference, is always added)"})
+    repeats: int = field(default=5, metadata={"help": "timed rounds (one step per method per round); medians over rounds"})
+    layer_repeats: int = field(default=15, metadata={"help": "timed rounds of the adapted layers alone (cheap: they resolve the overhead)"})
+    latent_size: int = field(default=32, metadata={"help": "SD: latent height and width (32 = 256×256 pixels)"})
+    seq_len: int = field(default=256, metadata={"help": "SmolLM2: tokens per training sequence"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default); 1 keeps CPU time a measure of work on a shared machine"})
+    seed: int = field(default=0, metadata={"help": "seed of the random base weights, inputs and adapter inits"})
+    out_dir: str = field(default=str(DOCS_DIR), metadata={"help": "where train_cost.{json,md,png} go"})
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.bases) - set(BASES))
+        if unknown:
+            raise ConfigError(f"unknown base(s) {', '.join(unknown)}; known: {', '.join(BASES)}")
+        bad = sorted(set(self.methods) - set(COST_METHODS))
+        if bad:
+            raise ConfigError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(COST_METHODS)}")
+        if self.repeats < 1 or any(r < 1 for r in self.ranks):
+            raise ConfigError("repeats and every rank must be >= 1")
+
+
+# quick: under 15 minutes for train_cost + llm_quality on 2 shared CPU cores; full: every rank, more rounds.
+PRESETS = {
+    "quick": {"ranks": [4, 16, 64], "repeats": 5},
+    "full": {"ranks": [4, 16, 64], "repeats": 15},
+}
+
+
+def build_sd_unet(config: TrainCostConfig):
+    """The SD 1.5 UNet architecture with random weights, and a denoising-loss closure."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(config.seed)
+    unet = UNet2DConditionModel.from_config(json.loads((CONFIG_DIR / "models" / "sd15-unet.json").read_text()))
+    g = torch.Generator().manual_seed(config.seed)
+    s = config.latent_size
+    latents, noise = torch.randn(1, 4, s, s, generator=g), torch.randn(1, 4, s, s, generator=g)  # (1, 4, s, s)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)  # (1, 77, 768)
+    timestep = torch.tensor([500])
+
+    def loss_fn(model: nn.Module) -> torch.Tensor:
+        return nn.functional.mse_loss(model(latents, timestep, encoder_hidden_states=context).sample, noise)
+
+    return unet, loss_fn, TARGET_PRESETS["sd-unet"]
+
+
+def build_smollm2(config: TrainCostConfig):
+    """SmolLM2-135M from the embedded GGUF (llm.models), and a next-token-loss closure."""
+    from llm.models import load_model
+
+    model = load_model()
+    g = torch.Generator().manual_seed(config.seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, config.seq_len), generator=g)  # (1, T)
+
+    def loss_fn(m: nn.Module) -> torch.Tensor:
+        return m(input_ids=ids, labels=ids).loss
+
+    return model, loss_fn, TARGET_PRESETS["llama"]
+
+
+BUILDERS = {"sd15-unet": build_sd_unet, "smollm2": build_smollm2}
+
+
+def measure_base(name: str, config: TrainCostConfig) -> dict:
+    t0 = time.time()
+    base, loss_fn, targets = BUILDERS[name](config)
+    base.requires_grad_(False).train()
+    methods = [REFERENCE] + [m for m in config.methods if m != REFERENCE]
+    result = {"targets": targets, "parameters": sum(p.numel() for p in base.parameters()), "ranks": {}}
+    for rank in config.ranks:
+        variants = []
+        for method in methods:
+            model = clone_sharing_weights(base)
+            params = add_method(model, method, rank, targets, seed=config.seed)
+            variants.append(Variant(method, model, params, torch.optim.AdamW(params, lr=1e-4)))
+        counts = {v.name: measure_step(v, loss_fn) for v in tqdm(variants, desc=f"{name} r={rank} first step + counts")}
+        interleaved_times(variants, lambda v: train_step(v, loss_fn), config.repeats, f"{name} r={rank} steps")
+        inputs = capture_layer_inputs(variants[0], loss_fn)
+        g = torch.Generator().manual_seed(config.seed)
+        grads = {p: torch.randn(*x.shape[:-1], variants[0].model.get_submodule(p).base_layer.out_features, generator=g) for p, x in inputs.items()}
+        interleaved_times(variants, lambda v: layer_step(v, inputs, grads), config.layer_repeats, f"{name} r={rank} layers")
+        times = time_ratios(variants)
+        result["ranks"][str(rank)] = {m: {**counts[m], **times[m]} for m in methods}
+        del variants
+    result["seconds"] = time.time() - t0
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+LABELS = {"peft-lora": "peft LoRA", "lora": "LoRA (ours)", "sbora-fa": "SBoRA-FA", "sbora-fb": "SBoRA-FB",
+          "ortho": "Ortho", "difflora": "DiffLoRA", "floor": "floor (bias only)"}
+
+
+def targets_check(results: dict) -> list[tuple[str, bool, str]]:
+    """The issue's targets, each as (statement, met, measured)."""
+    out = []
+    for base, res in results.items():
+        ranks = res["ranks"]
+        if "16" in ranks and "sbora-fa" in ranks["16"]:
+            fa, ref = ranks["16"]["sbora-fa"], ranks["16"][REFERENCE]
+            share = fa["branch_saved_bytes"] / ref["branch_saved_bytes"]
+            out.append((f"{base} r=16: SBoRA-FA branch-saved bytes ≤ 10% of peft LoRA's", share <= 0.10, f"{share:.1%}"))
+            out.append((f"{base} r=16: SBoRA-FA peak training memory (fwd+bwd) < peft LoRA's", fa["peak_step_bytes"] < ref["peak_step_bytes"],
+                        f"{mib(fa['peak_step_bytes'])} vs {mib(ref['peak_step_bytes'])} MiB"))
+        for r in ("16", "64"):
+            if r in ranks and "sbora-fa" in ranks[r]:
+                fa = ranks[r]["sbora-fa"]
+                out.append((f"{base} r={r}: SBoRA-FA step time ≤ 1.00× peft LoRA", fa["ratio_median"] <= 1.0, f"{fa['ratio_median']:.3f}×"))
+                if "overhead_vs_peft" in fa:
+                    out.append((f"{base} r={r}: SBoRA-FA overhead over the floor ≤ ½ of peft LoRA's (adapted layers alone)", fa["overhead_vs_peft"] <= 0.5,
+                                f"{fa['overhead_vs_peft']:.2f}"))
+        for r, rows in ranks.items():
+            if "lora" in rows:
+                out.append((f"{base} r={r}: our LoRA within 1.05× of peft LoRA", rows["lora"]["ratio_median"] <= 1.05,
+                            f"{rows['lora']['ratio_median']:.3f}×"))
+    return out
+
+
+def markdown(payload: dict, command: str) -> str:
+    env = payload["environment"]
+    lines = [
+        "# Training cost, side by side with peft LoRA",
+        "",
+        f"Command: `{command}` — {env['date']}, {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
+        f"load average {env['load_average'][0]:.1f} at the start; torch {env['torch']}, peft {env['peft']}.",
+        "",
+        "- **step ×peft**: median over rounds of a whole training step's process CPU time (forward + backward + AdamW "
+        f"step, {env['torch_threads']} torch thread(s)) divided by peft LoRA's step in the same round, [min–max] over rounds; "
+        "**wall ×peft**: the same on wall time. **layers ×peft**: the same for the adapted layers alone (forward + backward "
+        "of every targeted layer on the inputs the model gave it, input gradients included, + AdamW step). **overhead**: "
+        "(t − t_floor) / (t_peft − t_floor) per round, median, on the layers alone: the method's cost above the base's, "
+        "relative to peft LoRA's (on a whole SD step that difference is ~1% and below the noise).",
+        "- **saved in branch**: bytes of the storages autograd saves for backward inside the adapter branches "
+        "(`saved_tensors_hooks` on while inside an adapter wrapper and outside its `base_layer`; weights excluded); "
+        "**branch-only**: those not also saved by another op of the model.",
+        "- **peak fwd+bwd**: peak of torch's CPU allocator during forward+backward of the first step, above its level at the "
+        "start (profiler allocation events; deterministic): activations, gradients and temporaries; AdamW's state is the "
+        "optimizer-state column.",
+        "",
+    ]
+    for base, res in payload["results"].items():
+        lines += [f"## {base} ({res['parameters'] / 1e6:.1f}M parameters; targets {', '.join(res['targets'])})", ""]
+        for rank, rows in res["ranks"].items():
+            lines += [
+                f"### rank {rank}",
+                "",
+                "| method | trainable | optimizer state MiB | saved in branch MiB | branch-only MiB | peak fwd+bwd MiB | step ×peft [min–max] | wall ×peft | layers ×peft | overhead |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for m, row in rows.items():
+                lines.append(
+                    f"| {LABELS[m]} | {row['trainable_parameters']:,} | {mib(row['optimizer_state_bytes'])} | "
+                    f"{mib(row['branch_saved_bytes'])} | {mib(row['branch_only_saved_bytes'])} | {mib(row['peak_step_bytes'])} | "
+                    f"{row['ratio_median']:.3f} [{row['ratio_min']:.2f}–{row['ratio_max']:.2f}] | {row['wall_ratio_median']:.2f} | "
+                    f"{row.get('layer_ratio_median', float('nan')):.3f} | {row.get('overhead_vs_peft', float('nan')):.2f} |"
+                )
+            ref = rows[REFERENCE]
+            lines += ["", f"peft LoRA (medians): step {ref['cpu_seconds_median']:.2f} s CPU, {ref['wall_seconds_median']:.2f} s wall; "
+                      f"adapted layers alone {ref.get('layer_cpu_seconds_median', float('nan')):.3f} s CPU.", ""]
+    lines += ["## Targets", ""]
+    lines += [f"- {'met' if ok else '**missed**'}: {what} — {got}" for what, ok, got in targets_check(payload["results"])]
+    return "\n".join(lines) + "\n"
+
+
+def figure(payload: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = payload["results"]
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 3.6 * len(results)), squeeze=False)
+    for (base, res), (ax_t, ax_m) in zip(results.items(), axes, strict=True):
+        ranks = list(res["ranks"])
+        methods = list(res["ranks"][ranks[0]])
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            xs = [k + i * width for k in range(len(ranks))]
+            rows = [res["ranks"][r][m] for r in ranks]
+            ax_t.bar(xs, [row["ratio_median"] for row in rows], width, label=LABELS[m],
+                     yerr=[[row["ratio_median"] - row["ratio_min"] for row in rows], [row["ratio_max"] - row["ratio_median"] for row in rows]],
+                     capsize=2)
+            ax_m.bar(xs, [row["branch_saved_bytes"] / 2**20 for row in rows], width, label=LABELS[m])
+        for ax, title in ((ax_t, "step time / peft LoRA (median, min–max)"), (ax_m, "saved for backward in adapter branches (MiB)")):
+            ax.set_xticks([k + 0.4 - width / 2 for k in range(len(ranks))], [f"r={r}" for r in ranks])
+            ax.set_title(f"{base}: {title}", fontsize=10)
+        ax_t.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax_t.set_ylim(bottom=min(0.5, ax_t.get_ylim()[0]))
+        ax_m.set_yscale("symlog", linthresh=0.1)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick or full defaults (default: quick)")
+    add_arguments(parser, TrainCostConfig)
+    args = parser.parse_args(argv)
+    config = override(override(TrainCostConfig(), PRESETS[args.preset], f"preset {args.preset}"), overrides_from_args(args, TrainCostConfig), "command line")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    payload = {"config": {"preset": args.preset, **asdict(config)}, "environment": environment(), "results": {}}
+    for base in config.bases:
+        payload["results"][base] = measure_base(base, config)
+    payload["environment"]["load_average_end"] = list(os.getloadavg())
+    command = "python -m benchmarks.train_cost " + " ".join(sys.argv[1:] if argv is None else argv)
+    payload["command"] = command.strip()
+    for p in write_results("train_cost", payload, markdown(payload, payload["command"]), figure(payload), Path(config.out_dir)):
+        print(f"wrote {p}")
+    for what, ok, got in targets_check(payload["results"]):
+        print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")
+
+
+if __name__ == "__main__":
+    main()

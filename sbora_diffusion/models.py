@@ -1,0 +1,203 @@
+"""Base text-to-image models, resolved in one place (DESIGN.md §6).
+
+``load_pipeline(model)`` accepts
+
+    "tiny"             the embedded offline default: a few-MB StableDiffusionPipeline built
+                       locally and deterministically from configs (random weights, fixed
+                       seed: the same weights on every call), with the real CLIP BPE
+                       tokenizer written from open_clip's vocabulary file;
+    a local folder     a diffusers pipeline folder (SD 1.x / 2.x, e.g. a Stable Diffusion 1.5
+                       download);
+    a hub id           ``runwayml/stable-diffusion-v1-5``: from the local Hugging Face cache, or
+                       downloaded when the hub can be reached; without network it fails at once
+                       with a message to pass a local path.
+
+Every pipeline comes back with a DDIM scheduler for sampling (the evaluation protocol's
+sampler); trainers derive their DDPM noise scheduler from the same config. New embedded
+bases go into ``EMBEDDED`` (a richer offline default can replace "tiny" there).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .configuration import ConfigError
+from .fileio import atomic_path
+
+DEFAULT_MODEL = "tiny"
+TOKENIZER_MAX_LENGTH = 77  # CLIP's context length
+
+
+class ModelResolutionError(ConfigError):
+    """The base model cannot be found or loaded; the message says what to pass instead."""
+
+
+def cache_dir() -> Path:
+    """Where built artefacts (the tokenizer files) are kept: $SBORA_CACHE or ~/.cache/sbora_diffusion."""
+    root = os.environ.get("SBORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sbora_diffusion"
+    return Path(root)
+
+
+def clip_tokenizer_files() -> Path:
+    """``vocab.json`` + ``merges.txt`` for ``CLIPTokenizer``, written once from open_clip's BPE file.
+
+    Same vocabulary and merges as OpenAI CLIP (open_clip's ``SimpleTokenizer`` reads them the
+    same way): 256 byte symbols, the same with ``</w>``, one symbol per merge, then the two
+    special tokens.
+    """
+    folder = cache_dir() / "clip-tokenizer"
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return folder
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the merges CLIP uses (first line is a header)
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with atomic_path(folder / "vocab.json") as tmp:
+        tmp.write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    with atomic_path(folder / "merges.txt") as tmp:
+        tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    folder = clip_tokenizer_files()
+    return CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=TOKENIZER_MAX_LENGTH
+    )
+
+
+def sd_noise_scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """Stable Diffusion 1.x's training schedule (scaled-linear betas, 1000 steps)."""
+    return dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+
+
+def build_tiny_pipeline():
+    """The embedded default: 64x64 images, 16x16x4 latents, a 2-layer width-32 CLIP text encoder.
+
+    Built under a forked, fixed-seed RNG, so every call gives bit-identical weights and the
+    caller's random state is left alone (a resumed training run relies on that).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+        )
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**sd_noise_scheduler_config()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe
+
+
+# Embedded offline bases: name -> builder. The first entry's name is DEFAULT_MODEL.
+EMBEDDED: dict[str, Callable] = {"tiny": build_tiny_pipeline}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(source: str, dtype, **kwargs):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
+    )
+
+
+def _load_base(model: str, dtype):
+    if model in EMBEDDED:
+        pipe = EMBEDDED[model]()
+        return pipe.to(dtype=dtype) if dtype is not None else pipe
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelResolutionError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json); pass a Stable Diffusion folder "
+                "saved with save_pretrained (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or --model tiny"
+            )
+        try:
+            return _from_pretrained(str(path), dtype, local_files_only=True)
+        except Exception as e:
+            raise ModelResolutionError(f"cannot load the Stable Diffusion pipeline in {path}: {e}") from None
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise ModelResolutionError(
+            f"model '{model}' is neither an embedded base ({', '.join(EMBEDDED)}), an existing folder, "
+            "nor a hub id of the form owner/name"
+        )
+    try:
+        return _from_pretrained(model, dtype, local_files_only=True)  # already in the local hub cache
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise ModelResolutionError(
+            f"cannot fetch '{model}': it is not in the local Hugging Face cache and the hub cannot be reached "
+            "(no network). Download it elsewhere and pass its local folder, e.g. --model /path/to/stable-diffusion-v1-5, "
+            f"or use the embedded offline default --model {DEFAULT_MODEL}"
+        )
+    try:
+        return _from_pretrained(model, dtype)
+    except Exception as e:
+        raise ModelResolutionError(f"cannot load '{model}' from the hub: {e}") from None
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, adapter: str | Path | None = None, device=None, dtype=None):
+    """A StableDiffusionPipeline for `model` (see the module docstring), DDIM sampler, no safety checker.
+
+    `adapter`: a concept adapter file written by the trainer; its UNet and text-encoder
+    adapters and learned token embeddings are all restored (``concept_adapter.load_concept_adapter``).
+    """
+    from diffusers import DDIMScheduler
+
+    pipe = _load_base(str(model), dtype)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.base_model_id = str(model)
+    if adapter is not None:
+        from .concept_adapter import load_concept_adapter
+
+        load_concept_adapter(pipe, adapter)
+    if device is not None:
+        pipe.to(device)
+    return pipe

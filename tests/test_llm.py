@@ -1,0 +1,327 @@
+"""LLM fine-tuning on a tiny random LLaMA with a byte-level tokenizer: data, training, adapter
+files, merge, resume, QSBoRA (int8 and NF4 bases) and multi-task composition."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from llm_helpers import save_tiny_base, tiny_llama, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from llm import data, train as train_mod
+from llm.compose import ComposeConfig, compose, interference
+from llm.compose import main as compose_main
+from llm.evaluate import main as evaluate_main
+from llm.data import IGNORE_INDEX, Example, arithmetic_split, encode_example, is_correct, last_number, read_jsonl
+from llm.evaluate import EvalConfig, evaluate
+from llm.models import BaseModelError, load_base
+from llm.quant import Int8Linear, dequantize_model, is_quantized, quantize_model
+from llm.train import StepBatches, TrainConfig, train
+from sbora_diffusion.adapters import adapter_parameters, inject, load_adapter, load_adapter_config, read_adapter
+from sbora_diffusion.configuration import ConfigError
+
+IDS = torch.tensor([[5, 70, 71, 72, 73, 74, 75, 76]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def tiny_config(base_dir: Path, out: Path, **kw) -> TrainConfig:
+    defaults = dict(
+        base=str(base_dir), output_dir=str(out), steps=4, batch_size=2, train_size=16, test_size=4, rank=4, lr=0.05,
+        warmup_steps=0, max_length=320, eval_limit=2, max_new_tokens=4, log_every=1, checkpoint_every=0, lr_schedule="constant",
+    )
+    return TrainConfig(**{**defaults, **kw})
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_arithmetic_split_is_fixed_disjoint_and_correct():
+    train_a, test_a = arithmetic_split(300, 50)
+    train_b, test_b = arithmetic_split(100, 50)
+    assert (len(train_a), len(test_a)) == (300, 50)
+    assert test_a == test_b and train_a[:100] == train_b  # the split does not depend on the sizes asked
+    assert not {e.input for e in train_a} & {e.input for e in test_a}
+    for ex in train_a + test_a:
+        assert ex.output.endswith(f"The answer is {ex.answer}.")
+        for step in ex.output.split(". ")[:-1]:  # every worked step "a op b = c" is right
+            left, right = step.rstrip(".").split(" = ")
+            assert eval(left.replace("/", "//")) == int(right)
+        assert 0 <= int(ex.answer) <= 60
+
+
+@pytest.mark.parametrize(
+    "text, number", [("so 3 + 4 = 7 apples.", "7"), ("The answer is 1,200.", "1200"), ("-3", "-3"), ("2.50", "2.5"), ("17.0", "17"), ("none", None)]
+)
+def test_last_number(text, number):
+    assert last_number(text) == number
+
+
+def test_exact_match_grading():
+    assert is_correct("5 + 3 = 8. The answer is 8.", "8")
+    assert not is_correct("The answer is 8, not 9", "8")  # the last number counts
+    assert not is_correct("", "8")
+    assert is_correct(" True. ", "true") and not is_correct("true false", "true")
+
+
+def test_jsonl_loader_and_its_errors(tmp_path):
+    good = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"instruction": "Say yes", "output": "Yes."}])
+    examples = read_jsonl(good)
+    assert examples == [Example("Add", "2 and 3", "5", "5"), Example("Say yes", "", "Yes.", "yes")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 needs string fields"):
+        read_jsonl(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 is not valid JSON"):
+        read_jsonl(bad)
+    with pytest.raises(ValueError, match="unknown task"):
+        data.load_task("no-such-task")
+
+
+def test_loss_only_on_the_response_tokens():
+    tok = tiny_tokenizer()
+    ex = Example("Add", "2 and 3", "The answer is 5.", "5")
+    enc = encode_example(tok, ex, 200)
+    n_prompt = len(tok(data.prompt_text(tok, ex), add_special_tokens=False)["input_ids"])
+    assert enc["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
+    assert tok.decode(enc["labels"][n_prompt:]) == "The answer is 5.<|im_end|>\n"
+    with pytest.raises(ValueError, match="raise --max-length"):
+        encode_example(tok, ex, 10)
+    batch = data.collate([enc, encode_example(tok, Example("x", "", "y", "y"), 200)], pad_id=tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("task, name", [("arithmetic", "arithmetic"), ("d/math.v2.jsonl", "math_v2"), ("train.jsonl", "task_train"), ("double.jsonl", "task_double")])
+def test_task_names_are_safe_adapter_names(task, name):
+    assert data.task_name(task) == name
+
+
+def test_step_batches_resume_sees_the_same_batches():
+    full = list(StepBatches(10, 4, seed=3, start=0, stop=8))
+    assert list(StepBatches(10, 4, seed=3, start=5, stop=8)) == full[5:]
+    flat = [i for b in full for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # whole epochs
+    assert full != list(StepBatches(10, 4, seed=4, start=0, stop=8))
+
+
+# ---------------------------------------------------------------------------- base models
+
+
+def test_bad_bases_fail_fast_with_a_hint(tmp_path):
+    with pytest.raises(BaseModelError, match="local"):
+        load_base("nobody-here/no-such-model-xyz")
+    with pytest.raises(BaseModelError, match="no config.json"):
+        load_base(str(tmp_path))
+    with pytest.raises(BaseModelError, match="no GGUF file"):
+        load_base(str(tmp_path / "m.gguf"))
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def test_train_cli_writes_every_output_and_the_adapter_reloads(base_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_mod.main([
+        "--base", str(base_dir), "--output-dir", str(out), "--steps", "3", "--batch-size", "2", "--train-size", "8", "--test-size", "3",
+        "--rank", "4", "--lr", "0.05", "--warmup-steps", "0", "--max-length", "320", "--max-new-tokens", "4", "--log-every", "1",
+        "--method", "sbora-fb", "--targets", "llama-mlp",
+    ])
+    assert "accuracy: adapted" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "config.yaml", "log.jsonl", "results.json", "results.md", "checkpoints"}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [1, 2, 3] and all(torch.isfinite(torch.tensor(h["loss"])) for h in log)
+    results = json.loads((out / "results.json").read_text())
+    assert results["n"] == 3 and results["adapted"]["total"] == results["zero_shot"]["total"] == 3
+    assert "| base, zero-shot |" in (out / "results.md").read_text()
+    file = read_adapter(out / "adapter.safetensors")
+    assert file.config.method == "sbora-fb" and len(file.modules) == 2 * 7 and file.extra["task"] == "arithmetic"
+    assert any(t.abs().sum() > 0 for k, t in file.tensors.items() if k.endswith(".A"))  # trained away from zero
+
+
+def test_train_saves_loads_and_merges_to_a_plain_model(base_dir, tmp_path):
+    result = train(tiny_config(base_dir, tmp_path / "run", merge=True, eval=False))
+    assert result["adapted_layers"] == 8 and result["trainable_params"] == 2 * 4 * (32 + 16 + 16 + 32)  # B: r·d_out per q, k, v, o; k/v are 16 wide
+    fresh, _ = load_base(str(base_dir))
+    base_logits = logits(fresh)
+    load_adapter(fresh, result["adapter"], name="arithmetic")
+    adapted = logits(fresh)
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)
+    plain = AutoModelForCausalLM.from_pretrained(result["merged"]).eval()  # plain transformers, no adapter code
+    assert not any("cores" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(logits(plain), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(base_dir, tmp_path, monkeypatch):
+    straight = train(tiny_config(base_dir, tmp_path / "a", eval=False))
+    calls = {"n": 0}
+    real_clip = train_mod.torch.nn.utils.clip_grad_norm_
+
+    def interrupt_at_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", interrupt_at_third_step)
+    with pytest.raises(SystemExit, match="checkpoint saved at step 2"):
+        train(tiny_config(base_dir, tmp_path / "b", eval=False))
+    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-00000002.pt"]
+    monkeypatch.undo()
+    resumed = train(tiny_config(base_dir, tmp_path / "b", eval=False, resume=True))
+    assert resumed["steps"] == 4
+    a, b = read_adapter(straight["adapter"]).tensors, read_adapter(resumed["adapter"]).tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="train without --resume"):
+        train(tiny_config(base_dir, tmp_path / "c", resume=True))
+
+
+def test_jsonl_task_trains_and_evaluate_scores_base_and_adapter(base_dir, tmp_path):
+    rows = [{"instruction": "Repeat the number", "input": str(i), "output": str(i)} for i in range(12)]
+    task = write_jsonl(tmp_path / "echo.jsonl", rows)
+    result = train(tiny_config(base_dir, tmp_path / "run", task=str(task), test_fraction=0.25, eval=False))
+    assert Path(result["output_dir"]) == tmp_path / "run" and result["adapter_name"] == "echo"
+    evaluate_main(["--base", str(base_dir), "--adapter", result["adapter"], "--task", str(task), "--test-fraction", "0.25", "--max-new-tokens", "3", "--output-dir", str(tmp_path / "ev")])
+    report = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert report["n"] == 3 and report["task"] == "echo"
+    base_only = evaluate(EvalConfig(base=str(base_dir), task=str(task), test_fraction=0.25, max_new_tokens=3, output_dir=str(tmp_path / "ev0")))
+    assert base_only["adapted"] is None
+    # Switching the adapter off really gives the base: same greedy generations.
+    assert [s["generated"] for s in base_only["zero_shot"]["samples"]] == [s["generated"] for s in report["zero_shot"]["samples"]]
+    assert report["adapters"] == [result["adapter"]] and "| adapted |" in (tmp_path / "ev" / "results.md").read_text()
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        evaluate(EvalConfig(base=str(base_dir), zero_shot=False))
+
+
+# ---------------------------------------------------------------------------- QSBoRA
+
+
+def test_int8_quantizer_error_is_half_a_step():
+    linear = torch.nn.Linear(16, 8)
+    q = Int8Linear(linear)
+    assert q.weight.dtype == torch.int8 and not q.weight.requires_grad and q.weight_scale.shape == (8,)
+    err = (q.dequantize() - linear.weight).abs()
+    assert (err <= q.weight_scale[:, None] / 2 + 1e-7).all()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantize(), linear.bias))
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_qsbora_trains_on_a_quantized_base_and_merges_after_dequantizing(mode, tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    reference = logits(model)
+    assert quantize_model(model, mode) == 2 * 7  # every projection, not lm_head
+    assert type(model.lm_head) is torch.nn.Linear and is_quantized(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    close = {"int8": 0.05, "nf4": 0.5}[mode]
+    assert (logits(model) - reference).abs().max() < close  # quantized, but still the same model
+    result = train(tiny_config(tmp_path, tmp_path / "run", quantize="none", eval=False), model=model, tokenizer=tok)
+    for n, p in model.named_parameters():  # the quantized base did not move; the adapter did
+        if "cores" in n:
+            assert p.dtype == torch.float32 and p.abs().sum() > 0
+        else:
+            assert torch.equal(p, frozen[n.replace(".base_layer", "")])
+    adapted = logits(model)
+    with pytest.raises(TypeError, match="dequantize the base first"):
+        from sbora_diffusion.adapters import merge
+
+        merge(model)
+    assert dequantize_model(model) == 2 * 7 and not is_quantized(model)
+    torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=1e-5)  # dequantizing changes nothing
+    assert Path(result["adapter"]).is_file()
+
+
+def test_qsbora_option_quantizes_the_loaded_base(base_dir, tmp_path):
+    result = train(tiny_config(base_dir, tmp_path / "run", quantize="auto", merge=True, eval=False))
+    plain = AutoModelForCausalLM.from_pretrained(result["merged"])
+    assert all(p.is_floating_point() for p in plain.parameters())
+    fresh, _ = load_base(str(base_dir))
+    quantize_model(fresh, "int8")
+    load_adapter(fresh, result["adapter"])
+    torch.testing.assert_close(logits(plain), logits(fresh), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- composition
+
+
+def test_two_task_adapters_in_different_slots_compose_without_interference(base_dir, tmp_path):
+    tasks = {}
+    for slot, (task, fn) in enumerate({"twice": lambda i: 2 * i, "square": lambda i: i * i}.items()):
+        rows = [{"instruction": task, "input": str(i), "output": str(fn(i))} for i in range(8)]
+        path = write_jsonl(tmp_path / f"{task}.jsonl", rows)
+        tasks[task] = train(tiny_config(base_dir, tmp_path / task, task=str(path), slot=slot, eval=False))["adapter"]
+    both, _ = load_base(str(base_dir))
+    for name, adapter in tasks.items():
+        load_adapter(both, adapter, name=name)
+    assert interference(both, "twice", "square") == 0.0
+    unmerged = logits(both)
+    compose_main(["--base", str(base_dir), "--adapter", ",".join(tasks.values()), "--output", str(tmp_path / "composed")])
+    report = json.loads((tmp_path / "composed" / "compose.json").read_text())
+    assert report["interference"] == {"twice+square": 0.0} and set(report["adapters"]) == {"twice", "square"}
+    merged = AutoModelForCausalLM.from_pretrained(report["output"]).eval()
+    torch.testing.assert_close(logits(merged), unmerged, atol=1e-5, rtol=1e-5)
+    assert report["weights"] == [1.0, 1.0]
+
+
+def test_same_slot_composition_warns_about_interference(base_dir, tmp_path):
+    model, tok = load_base(str(base_dir))
+    for name in ("a", "b"):
+        inject(model, load_adapter_config("sbora-fa", rank=4, targets=["llama"]), name=name)
+        with torch.no_grad():
+            for p in adapter_parameters(model, name):
+                p.normal_()
+    assert interference(model, "a", "b") > 0.1  # same slot: same columns
+    from sbora_diffusion.adapters import save_adapter
+
+    files = [str(save_adapter(model, tmp_path / f"{n}.safetensors", name=n)) for n in ("a", "b")]
+    with pytest.warns(UserWarning, match="interfere"):
+        compose(ComposeConfig(base=str(base_dir), adapter=files, output=str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match="at least two"):
+        compose(ComposeConfig(base=str(base_dir), adapter=files[:1]))
+
+
+def test_gpt2_conv1d_layers_are_adapted_and_merged_back_to_conv1d(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from llm.models import conv1d_to_linear
+
+    tok = tiny_tokenizer()
+
+    def tiny_gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=512)).eval()
+
+    reference = logits(tiny_gpt2())
+    result = train(tiny_config(tmp_path, tmp_path / "run", targets=["c_attn", "c_proj"], merge=True, eval=False), model=tiny_gpt2(), tokenizer=tok)
+    assert result["adapted_layers"] == 2 * 3  # attn.c_attn, attn.c_proj, mlp.c_proj per block
+    merged = GPT2LMHeadModel.from_pretrained(result["merged"]).eval()
+    assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)  # saved in GPT-2's own layout
+    base = tiny_gpt2()
+    assert len(conv1d_to_linear(base)) == 2 * 4
+    torch.testing.assert_close(logits(base), reference, atol=1e-5, rtol=1e-5)  # Conv1D -> Linear changes nothing
+    load_adapter(base, result["adapter"])
+    adapted = logits(base)
+    assert not torch.allclose(adapted, reference, atol=1e-4)
+    torch.testing.assert_close(logits(merged), adapted, atol=1e-5, rtol=1e-5)

