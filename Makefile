@@ -27,3 +27,10 @@ test: install
 
 clean:
 	rm -rf $(VENV) outputs
+
+# Benchmarks (not tests): training cost and LLM quality next to peft, quick preset (under 15 min
+# on 2 CPU cores); results and plots in docs/benchmarks/. `--preset full` for every rank.
+.PHONY: bench-quick
+bench-quick: install
+	$(PY) -m benchmarks.train_cost --preset quick
+	$(PY) -m benchmarks.llm_quality --preset quick

@@ -11,7 +11,7 @@ DoRA cannot go through ``llm.train`` (which injects our cores), so ``train_peft`
 optimization exactly (AdamW, warm-up + cosine schedule, gradient clipping, the same seeded
 batches from ``llm.train.StepBatches``) around the peft-adapted model.
 
-Results: ``docs/benchmarks/llm_quality.{json,md,png}``.
+Results: ``docs/benchmarks/llm_quality.{json,md,png}`` (``llm_quality_full.*`` with ``--preset full``).
 
     python -m benchmarks.llm_quality --preset quick
 """
@@ -53,7 +53,7 @@ class LLMQualityConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "greedy decoding length limit when scoring"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default)"})
     seed: int = field(default=0, metadata={"help": "seed of batches, adapter inits and index sets"})
-    out_dir: str = field(default=str(DOCS_DIR), metadata={"help": "where llm_quality.{json,md,png} go"})
+    out_dir: str = field(default=str(DOCS_DIR), metadata={"help": "where llm_quality.{json,md,png} go (llm_quality_full.* for --preset full)"})
     work_dir: str = field(default="outputs/benchmarks/llm_quality", metadata={"help": "where the trained adapters go (one folder per method)"})
 
     def validate(self) -> None:
@@ -69,7 +69,7 @@ class LLMQualityConfig:
 
 
 PRESETS = {
-    "quick": {"steps": 30, "eval_limit": 40, "max_new_tokens": 32},
+    "quick": {"steps": 20, "eval_limit": 20, "max_new_tokens": 32},
     "full": {"steps": 300},
 }
 
@@ -172,7 +172,8 @@ def markdown(payload: dict) -> str:
         f"Command: `{payload['command']}` — {env['date']}, CPU, {env['torch_threads']} torch thread(s); "
         f"rank {cfg['rank']} (s = 1) on q/k/v/o_proj, {cfg['steps']} steps of {cfg['batch_size']} problems, lr {cfg['lr']}, "
         f"seed {cfg['seed']}; test accuracy on {res['test_problems']} problems (greedy, final number exact match). "
-        f"Total {payload['seconds'] / 60:.1f} min.",
+        f"Run time {payload['seconds'] / 60:.1f} min ({payload['cpu_seconds'] / 60:.1f} min CPU), load average "
+        f"{env['load_average'][0]:.1f} at the start, {env['load_average_end'][0]:.1f} at the end.",
         "",
         "| method | # params | % of base | accuracy (%) | Δ vs LoRA | final train loss |",
         "|---|---:|---:|---:|---:|---:|",
@@ -221,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     payload = {"config": {"preset": args.preset, **asdict(config)}, "environment": environment()}
     payload["results"] = run(config)
-    payload["seconds"] = time.time() - t0
+    payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
     payload["environment"]["load_average_end"] = list(os.getloadavg())
     payload["command"] = ("python -m benchmarks.llm_quality " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    for p in write_results("llm_quality", payload, markdown(payload), figure(payload), Path(config.out_dir)):
+    stem = "llm_quality" if args.preset == "quick" else f"llm_quality_{args.preset}"
+    for p in write_results(stem, payload, markdown(payload), figure(payload), Path(config.out_dir)):
         print(f"wrote {p}")
     for what, ok, got in targets_check(payload["results"]):
         print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")

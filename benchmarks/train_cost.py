@@ -15,7 +15,7 @@ every method sits on its own shared-weight copy of the base with its own AdamW, 
 3. ``layer_repeats`` rounds of the adapted layers alone on the inputs the model gave them
    (``common.layer_step``), where a method's overhead over the floor is resolved.
 
-Results: ``docs/benchmarks/train_cost.{json,md,png}``.
+Results: ``docs/benchmarks/train_cost.{json,md,png}`` (``train_cost_full.*`` with ``--preset full``).
 
     python -m benchmarks.train_cost --preset quick
 """
@@ -70,7 +70,7 @@ class TrainCostConfig:
     seq_len: int = field(default=256, metadata={"help": "SmolLM2: tokens per training sequence"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default); 1 keeps CPU time a measure of work on a shared machine"})
     seed: int = field(default=0, metadata={"help": "seed of the random base weights, inputs and adapter inits"})
-    out_dir: str = field(default=str(DOCS_DIR), metadata={"help": "where train_cost.{json,md,png} go"})
+    out_dir: str = field(default=str(DOCS_DIR), metadata={"help": "where train_cost.{json,md,png} go (train_cost_full.* for --preset full)"})
 
     def validate(self) -> None:
         unknown = sorted(set(self.bases) - set(BASES))
@@ -83,10 +83,11 @@ class TrainCostConfig:
             raise ConfigError("repeats and every rank must be >= 1")
 
 
-# quick: under 15 minutes for train_cost + llm_quality on 2 shared CPU cores; full: every rank, more rounds.
+# quick: rank 16 only, so that train_cost + llm_quality stay under 15 minutes on 2 CPU cores;
+# full: every rank of the issue, more rounds.
 PRESETS = {
-    "quick": {"ranks": [4, 16, 64], "repeats": 5},
-    "full": {"ranks": [4, 16, 64], "repeats": 15},
+    "quick": {"ranks": [16], "repeats": 5, "layer_repeats": 10},
+    "full": {"ranks": [4, 16, 64], "repeats": 9, "layer_repeats": 21},
 }
 
 
@@ -187,7 +188,8 @@ def markdown(payload: dict, command: str) -> str:
         "# Training cost, side by side with peft LoRA",
         "",
         f"Command: `{command}` — {env['date']}, {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
-        f"load average {env['load_average'][0]:.1f} at the start; torch {env['torch']}, peft {env['peft']}.",
+        f"load average {env['load_average'][0]:.1f} at the start, {env['load_average_end'][0]:.1f} at the end; "
+        f"torch {env['torch']}, peft {env['peft']}. Run time {payload['seconds'] / 60:.1f} min ({payload['cpu_seconds'] / 60:.1f} min CPU).",
         "",
         "- **step ×peft**: median over rounds of a whole training step's process CPU time (forward + backward + AdamW "
         f"step, {env['torch_threads']} torch thread(s)) divided by peft LoRA's step in the same round, [min–max] over rounds; "
@@ -265,13 +267,16 @@ def main(argv: list[str] | None = None) -> None:
     config = override(override(TrainCostConfig(), PRESETS[args.preset], f"preset {args.preset}"), overrides_from_args(args, TrainCostConfig), "command line")
     if config.threads:
         torch.set_num_threads(config.threads)
+    t0 = time.time()
     payload = {"config": {"preset": args.preset, **asdict(config)}, "environment": environment(), "results": {}}
     for base in config.bases:
         payload["results"][base] = measure_base(base, config)
     payload["environment"]["load_average_end"] = list(os.getloadavg())
+    payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
     command = "python -m benchmarks.train_cost " + " ".join(sys.argv[1:] if argv is None else argv)
     payload["command"] = command.strip()
-    for p in write_results("train_cost", payload, markdown(payload, payload["command"]), figure(payload), Path(config.out_dir)):
+    stem = "train_cost" if args.preset == "quick" else f"train_cost_{args.preset}"
+    for p in write_results(stem, payload, markdown(payload, payload["command"]), figure(payload), Path(config.out_dir)):
         print(f"wrote {p}")
     for what, ok, got in targets_check(payload["results"]):
         print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")

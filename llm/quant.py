@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sbora_diffusion.adapters import AdaptedLinear
-from sbora_diffusion.adapters.inject import _replace_module
+from sbora_diffusion.adapters.inject import replace_module
 
 QUANT_MODES = ("none", "int8", "nf4", "auto")
 SKIP = ("lm_head",)  # the output head (often tied to the embeddings) stays in full precision
@@ -98,7 +98,7 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype = tor
         raise ValueError("quantize the base before injecting adapters: the adapters are trained on the quantized weights")
     for p in targets:
         linear = model.get_submodule(p)
-        _replace_module(model, p, Int8Linear(linear) if mode == "int8" else _nf4_linear(linear, compute_dtype))
+        replace_module(model, p, Int8Linear(linear) if mode == "int8" else _nf4_linear(linear, compute_dtype))
     return len(targets)
 
 
@@ -128,7 +128,7 @@ def dequantize_model(model: nn.Module) -> int:
         if isinstance(parent, AdaptedLinear):
             parent.base_layer = plain
         else:
-            _replace_module(model, path, plain)
+            replace_module(model, path, plain)
         count += 1
     return count
 

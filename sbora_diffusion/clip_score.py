@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .concepts import ConceptError, image_files, open_rgb
 from .fileio import atomic_path
-from .models import _hub_reachable
+from .hub import hub_reachable
 
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -185,7 +185,7 @@ def _tag_checkpoint(model: str, pretrained: str, tag_cfg: dict) -> str:
                 return hf_hub_download(repo, name, local_files_only=True)
             except Exception:  # noqa: BLE001 - any failure here means "not in the cache"
                 pass
-    if repo and _hub_reachable():
+    if repo and hub_reachable():
         return download_pretrained(tag_cfg)
     where = f" (Hugging Face repo {repo})" if repo else ""
     raise ClipScoreError(

@@ -1,6 +1,6 @@
 r"""Generate images from a base model plus (optionally) one concept adapter.
 
-    python -m sbora_diffusion.generate --adapter outputs/toy/sbora-fa/adapter.safetensors \
+    python -m sbora_diffusion.generate --adapter outputs/robot/sbora-fa/adapter.safetensors \
         --prompt "a photo of {token} {class_word} on the beach" --num-images 4
 
 Writes ``<out>/<prompt#>-<slug>/<seed>.png`` and ``<out>/manifest.jsonl`` (one JSON object

@@ -22,15 +22,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from .configuration import ConfigError
 from .fileio import atomic_path
+from .hub import hub_reachable
 
 DEFAULT_MODEL = "tiny"
 TOKENIZER_MAX_LENGTH = 77  # CLIP's context length
@@ -126,19 +125,6 @@ def build_tiny_pipeline():
 EMBEDDED: dict[str, Callable] = {"tiny": build_tiny_pipeline}
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _from_pretrained(source: str, dtype, **kwargs):
     from diffusers import StableDiffusionPipeline
 
@@ -152,6 +138,11 @@ def _load_base(model: str, dtype):
         pipe = EMBEDDED[model]()
         return pipe.to(dtype=dtype) if dtype is not None else pipe
     path = Path(model).expanduser()
+    if path.is_file():
+        raise ModelResolutionError(
+            f"{path} is a single file; pass a diffusers pipeline folder instead (convert a single-file checkpoint with "
+            "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder) where its configs can be had)"
+        )
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelResolutionError(
@@ -171,7 +162,7 @@ def _load_base(model: str, dtype):
         return _from_pretrained(model, dtype, local_files_only=True)  # already in the local hub cache
     except Exception:
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ModelResolutionError(
             f"cannot fetch '{model}': it is not in the local Hugging Face cache and the hub cannot be reached "
             "(no network). Download it elsewhere and pass its local folder, e.g. --model /path/to/stable-diffusion-v1-5, "

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, load_adapter_config, set_adapter_enabled
@@ -42,7 +43,7 @@ from .concepts import ConceptConfig, ConceptError, image_files, load_concept, op
 from .configuration import CONFIG_DIR, ConfigError, add_arguments, from_dict, load_yaml, override, overrides_from_args, resolve_named_config
 from .fileio import atomic_path
 from .generate import render
-from .models import DEFAULT_MODEL, cache_dir, load_pipeline
+from .models import DEFAULT_MODEL, load_pipeline
 from .tokens import TOKEN_MODES, install_concept_tokens
 
 
@@ -133,7 +134,7 @@ def load_images(paths: list[Path], resolution: int) -> list[torch.Tensor]:
     for p in paths:
         im = open_rgb(p)
         scale = resolution / min(im.size)
-        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), resample=3)
+        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), resample=Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
     return out
 
@@ -175,7 +176,7 @@ def tokenize(tokenizer, prompt: str, n: int) -> torch.Tensor:
 def class_image_paths(pipe, model: str, concept: ConceptConfig, cfg: TrainConfig, res: int) -> list[Path]:
     """The concept's class images: its class_dir, or generated once with the base model and cached.
 
-    Generated ones live in ``<output_dir>/class_images/<model>/<prompt>-<res>px/`` and are
+    Generated ones live in ``<output_dir>/class_images/<model>-<prompt>-<res>px/`` and are
     shared by every method and concept with the same base and class prompt. Call with all
     adapters off: the images must come from the base model.
     """
@@ -378,7 +379,8 @@ def train(
     class_images = []
     if cfg.with_prior_preservation:
         switch_adapters(pipe, concept.name, False)  # class images come from the base model
-        with accelerator.main_process_first():  # one process generates the missing class images, the others read them
+        # One process generates the missing class images, the others then read them.
+        with accelerator.main_process_first(), accelerator.autocast():
             class_images = load_images(class_image_paths(pipe, model, concept, cfg, res), res)
         switch_adapters(pipe, concept.name, True)
     cast_frozen(pipe, weight_dtype)

@@ -38,6 +38,15 @@ class TinyBlocks(nn.Module):
         return x
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run faster on one intra-op thread, and a busy machine cannot oversubscribe it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_model() -> TinyBlocks:
     torch.manual_seed(0)

@@ -307,6 +307,14 @@ def test_same_adapter_name_twice_is_refused(tiny_model):
     assert all(list(layer.cores) == ["dog"] for layer in adapted_layers(tiny_model).values())
 
 
+@pytest.mark.parametrize("name", ["train", "double", "a.b", "", "dog 1"])
+def test_unusable_adapter_names_are_refused(name, tiny_model):
+    with pytest.raises(ValueError, match="is not allowed"):
+        inject(tiny_model, config("lora"), name=name)
+    assert_untouched(tiny_model)
+    inject(tiny_model, config("lora"), name="task_train-1")  # letters, digits, '_' and '-' are fine
+
+
 def test_corrupt_and_foreign_files(tiny_model, tmp_path):
     inject(tiny_model, config("sbora-fa"))
     good = save_adapter(tiny_model, tmp_path / "good.safetensors")

@@ -6,16 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from diffusion_helpers import tiny_pipe  # noqa: F401  (fixture)
 from PIL import Image
 
 from sbora_diffusion.configuration import ConfigError
 from sbora_diffusion.generate import generate, main, parse_seeds
-from sbora_diffusion.models import load_pipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    return load_pipeline("tiny")
 
 
 def test_generate_writes_images_and_manifest(tiny_pipe, tmp_path):

@@ -211,6 +211,8 @@ def test_jsonl_task_trains_and_evaluate_scores_base_and_adapter(base_dir, tmp_pa
     assert report["adapters"] == [result["adapter"]] and "| adapted |" in (tmp_path / "ev" / "results.md").read_text()
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         evaluate(EvalConfig(base=str(base_dir), zero_shot=False))
+    with pytest.raises(ConfigError, match="merging into a quantized base is refused"):
+        evaluate(EvalConfig(base=str(base_dir), adapter=[result["adapter"]], merge=True, quantize="int8"))
 
 
 # ---------------------------------------------------------------------------- QSBoRA
@@ -282,6 +284,12 @@ def test_two_task_adapters_in_different_slots_compose_without_interference(base_
     merged = AutoModelForCausalLM.from_pretrained(report["output"]).eval()
     torch.testing.assert_close(logits(merged), unmerged, atol=1e-5, rtol=1e-5)
     assert report["weights"] == [1.0, 1.0]
+    # Scoring both adapters unmerged, or merged into the base, gives the same generations.
+    common = dict(base=str(base_dir), adapter=list(tasks.values()), task=str(tmp_path / "twice.jsonl"), test_fraction=0.5, max_new_tokens=4)
+    side_by_side = evaluate(EvalConfig(**common, output_dir=str(tmp_path / "ev1")))
+    merged_scores = evaluate(EvalConfig(**common, merge=True, output_dir=str(tmp_path / "ev2")))
+    assert merged_scores["zero_shot"] is None and side_by_side["zero_shot"]["total"] == 4
+    assert [x["generated"] for x in merged_scores["adapted"]["samples"]] == [x["generated"] for x in side_by_side["adapted"]["samples"]]
 
 
 def test_same_slot_composition_warns_about_interference(base_dir, tmp_path):

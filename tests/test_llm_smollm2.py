@@ -1,5 +1,6 @@
 """The embedded offline default: the real SmolLM2-135M-Instruct GGUF, loaded once for this module
-(about 20-35 s on two CPU cores), one training step through llm.train and greedy generation."""
+(about 20-35 s on two CPU cores): one training step through llm.train, greedy generation, and
+the merged model saved as a plain transformers folder."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from llm.data import Example, prompt_text
 from llm.evaluate import generate
-from llm.models import load_base, smollm2_gguf
+from llm.models import load_base, save_merged, smollm2_gguf
 from llm.train import TrainConfig, train
 from sbora_diffusion.adapters import adapter_parameters
 
@@ -41,3 +43,10 @@ def test_one_training_step_and_deterministic_greedy_generation(smollm2, tmp_path
     prompt = prompt_text(tokenizer, Example("Solve the math word problem.", "Tom had 3 apples and found 4 more. How many apples does he have now?", "", "7"))
     first = generate(model, tokenizer, [prompt], max_new_tokens=6)
     assert first == generate(model, tokenizer, [prompt], max_new_tokens=6) and first[0].strip()
+    # The GGUF-loaded model merges and saves as a plain transformers folder.
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        adapted = model(ids).logits
+    plain = AutoModelForCausalLM.from_pretrained(save_merged(model, tokenizer, tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, adapted, atol=2e-4, rtol=1e-4)

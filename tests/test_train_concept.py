@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusion_helpers import tiny_pipe  # noqa: F401  (fixture)
 from PIL import Image
 
-from sbora_diffusion.adapters import METHODS, AdapterFileError, adapter_parameters, read_adapter
+from sbora_diffusion.adapters import METHODS, AdapterFileError, adapter_names, adapter_parameters, read_adapter
 from sbora_diffusion.checkpoint import list_checkpoints, load_checkpoint
 from sbora_diffusion.concepts import ConceptConfig, ConceptError, load_concept
 from sbora_diffusion.configuration import ConfigError
@@ -18,11 +19,6 @@ from sbora_diffusion.generate import main as generate_main
 from sbora_diffusion.generate import render
 from sbora_diffusion.models import ModelResolutionError, clip_tokenizer, load_pipeline
 from sbora_diffusion.train_concept import TrainConfig, load_train_config, main, train
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    return load_pipeline("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +115,11 @@ def test_saved_adapter_reloads_to_identical_images(method, token_mode, text_enco
 
 def test_resume_continues_exactly(tiny_pipe, concept_dir, tmp_path):
     c = concept(concept_dir)
-    straight = train(c, "sbora-fb", train_config=quick(tmp_path / "a", max_train_steps=4), pipe=copy.deepcopy(tiny_pipe))
+    # The straight run also writes a checkpoint and a validation grid at step 2: neither may disturb its random streams.
+    straight = train(c, "sbora-fb", train_config=quick(tmp_path / "a", max_train_steps=4, checkpointing_steps=2, validation_steps=2),
+                     pipe=copy.deepcopy(tiny_pipe))
+    assert [p.name for p in list_checkpoints(straight.out_dir / "checkpoints")] == ["step-00000002.pt", "step-00000004.pt"]
+    assert Image.open(straight.out_dir / "validation" / "step-000002.png").size == (32, 32)
     first = train(c, "sbora-fb", train_config=quick(tmp_path / "b", max_train_steps=2), pipe=copy.deepcopy(tiny_pipe))
     assert [int(p.stem.split("-")[1]) for p in list_checkpoints(first.out_dir / "checkpoints")] == [2]
     resumed = train(c, "sbora-fb", train_config=quick(tmp_path / "b", max_train_steps=4), pipe=copy.deepcopy(tiny_pipe), resume=True)
@@ -256,3 +256,34 @@ def test_model_resolution_errors(tmp_path, monkeypatch):
         load_pipeline("not-a-model")
     with pytest.raises(AdapterFileError):
         load_pipeline("tiny", adapter=tmp_path / "missing.safetensors")
+
+
+def test_local_diffusers_folder_loads_like_the_embedded_base(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "sd")
+    local = load_pipeline(str(tmp_path / "sd"))
+    assert type(local).__name__ == "StableDiffusionPipeline" and type(local.scheduler).__name__ == "DDIMScheduler"
+    for part in ("unet", "text_encoder", "vae"):
+        a, b = getattr(tiny_pipe, part).state_dict(), getattr(local, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert local.tokenizer("a photo of <x> dog").input_ids == tiny_pipe.tokenizer("a photo of <x> dog").input_ids
+
+
+def test_two_concepts_load_side_by_side(tiny_pipe, concept_dir, tmp_path):
+    from sbora_diffusion.concept_adapter import load_concept_adapter
+
+    paths = {}
+    for name, slot in (("cat", 0), ("car", 1)):
+        c = concept(concept_dir, name=name, token=f"<{name}1>")
+        paths[name] = train(c, "sbora-fa", train_config=quick(tmp_path), adapter_overrides={"rank": 4, "slot": slot},
+                            pipe=copy.deepcopy(tiny_pipe)).adapter_path
+    pipe = load_pipeline("tiny")
+    for name in paths:
+        load_concept_adapter(pipe, paths[name])
+    table = pipe.text_encoder.get_input_embeddings()
+    for name, path in paths.items():
+        (token_id,) = pipe.tokenizer(f"<{name}1>", add_special_tokens=False).input_ids
+        learned = read_adapter(path).extra_tensors["token_embeddings"][0]
+        assert torch.equal(table(torch.tensor([token_id]))[0], learned)
+    with pytest.raises(AdapterFileError, match="already"):  # the same concept twice
+        load_concept_adapter(pipe, paths["cat"], name="cat-again")
+    assert adapter_names(pipe.unet) == ["car", "cat"]  # the failed load took its UNet adapter out again

@@ -37,7 +37,16 @@ def match_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     return [p for p in layers if any(p == s or p.endswith("." + s) for s in suffixes)]
 
 
-def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def check_adapter_name(name: str) -> None:
+    """Adapter names key torch ModuleDicts: no dots, and not an nn.Module attribute such as 'train'."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or hasattr(AdaptedLinear, name):
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' "
+            "(and not a torch.nn.Module attribute like 'train' or 'double'), e.g. 'task_train'"
+        )
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
@@ -63,6 +72,7 @@ def inject(
     as when loading a file. Nothing is changed if anything is wrong.
     """
     config.validate()
+    check_adapter_name(name)
     if name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named '{name}'; remove it first or pick another name")
     layers = _linear_paths(model)
@@ -84,7 +94,7 @@ def inject(
         layer = layers[p]
         if not isinstance(layer, AdaptedLinear):
             layer = AdaptedLinear(layer)
-            _replace_module(model, p, layer)
+            replace_module(model, p, layer)
         layer.add_core(name, cores[p], dropout=config.dropout, weight=weight)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -102,7 +112,7 @@ def remove(model: nn.Module, name: str) -> list[str]:
     for p, layer in layers.items():
         layer.remove_core(name)
         if not layer.cores:
-            _replace_module(model, p, layer.base_layer)
+            replace_module(model, p, layer.base_layer)
     return list(layers)
 
 
@@ -124,7 +134,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for p, layer in adapted_layers(model).items():
         for n in list(layer.cores):
             layer.merge(n)
-        _replace_module(model, p, layer.base_layer)
+        replace_module(model, p, layer.base_layer)
     return model
 
 

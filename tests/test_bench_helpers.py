@@ -1,0 +1,108 @@
+"""The measuring helpers of benchmarks/common.py on the tiny model: exact counts, no timings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyBlocks
+
+from benchmarks.common import (
+    FLOOR,
+    REFERENCE,
+    SavedTensorMeter,
+    Variant,
+    add_method,
+    capture_layer_inputs,
+    clone_sharing_weights,
+    optimizer_state_bytes,
+    parameter_count,
+    peak_step_bytes,
+    time_ratios,
+)
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+R = 4
+
+
+def adapted(method: str, base: TinyBlocks) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    model = clone_sharing_weights(base)
+    return model, add_method(model, method, R, TARGETS)
+
+
+def branch_meter(model, x) -> SavedTensorMeter:
+    with SavedTensorMeter(model) as meter:
+        model(x).sum().backward()
+    return meter
+
+
+def test_clones_share_the_base_and_counts_are_exact(tiny_model):
+    counts = {}
+    for method in (REFERENCE, "lora", "sbora-fa", FLOOR):
+        model, params = adapted(method, tiny_model)
+        assert model.blocks[0].to_q.base_layer.weight is tiny_model.blocks[0].to_q.weight  # shared, not copied
+        counts[method] = parameter_count(params)
+    # per block: to_q 24->32, to_k/to_v 20->32, to_out 32->24; two blocks
+    assert counts[REFERENCE] == counts["lora"] == 2 * R * ((24 + 32) + 2 * (20 + 32) + (32 + 24))
+    assert counts["sbora-fa"] == 2 * R * (32 + 32 + 32 + 24)
+    assert counts[FLOOR] == 2 * (32 + 32 + 32 + 24)
+    assert type(tiny_model.blocks[0].to_q) is torch.nn.Linear  # the base itself is untouched
+
+
+def test_saved_tensor_meter_counts_branch_storages_only(tiny_model, tiny_input):
+    x = tiny_input  # (2, 5, 24): 10 tokens
+    fa = branch_meter(adapted("sbora-fa", tiny_model)[0], x)
+    # Each of the 8 layers keeps its gathered (10, r) fp32 input columns and nothing else.
+    assert fa.branch_bytes == fa.branch_only_bytes == 8 * 10 * R * 4
+    floor = branch_meter(adapted(FLOOR, tiny_model)[0], x)
+    assert floor.branch_bytes == 0 and floor.other_bytes > 0  # a bias needs nothing saved; the base saves its own
+    ours, peft = (branch_meter(adapted(m, tiny_model)[0], x) for m in ("lora", REFERENCE))
+    # LoRA keeps each distinct layer input once (per block x: 24 wide and the attention output: 32
+    # wide; the 20-wide ctx is one tensor shared by every to_k/to_v) plus each layer's (10, r) hidden.
+    assert ours.branch_bytes == peft.branch_bytes == 2 * 10 * (24 + 32) * 4 + 10 * 20 * 4 + 8 * 10 * R * 4
+
+
+def test_meter_refuses_a_model_without_branches(tiny_model):
+    with pytest.raises(ValueError, match="no adapter branch"):
+        SavedTensorMeter(tiny_model)
+
+
+def test_peak_step_bytes_sees_a_freed_allocation():
+    with peak_step_bytes() as peak:
+        big = torch.empty(1000, 1000)  # 4,000,000 bytes
+        del big
+    assert 4_000_000 <= peak["peak_bytes"] < 4_000_000 + 65_536
+    assert abs(peak["end_bytes"]) < 65_536
+
+
+def test_optimizer_state_bytes_is_adamw_moments_and_steps(tiny_model, tiny_input):
+    model, params = adapted("sbora-fa", tiny_model)
+    opt = torch.optim.AdamW(params)
+    assert optimizer_state_bytes(opt) == 0  # lazily created
+    model(tiny_input).sum().backward()
+    opt.step()
+    assert optimizer_state_bytes(opt) == 2 * 4 * parameter_count(params) + 4 * len(params)  # exp_avg, exp_avg_sq, fp32 step
+
+
+def test_layer_inputs_are_what_each_layer_saw(tiny_model, tiny_input):
+    model, params = adapted(FLOOR, tiny_model)
+    variant = Variant(FLOOR, model, params, torch.optim.AdamW(params))
+    inputs = capture_layer_inputs(variant, lambda m: m(tiny_input).sum())
+    assert set(inputs) == {f"blocks.{b}.{t}" for b in (0, 1) for t in TARGETS}
+    assert torch.equal(inputs["blocks.0.to_q"], tiny_input)
+    assert inputs["blocks.0.to_k"].shape == (2, 5, 20) and inputs["blocks.0.to_out.0"].shape == (2, 5, 32)
+
+
+def test_time_ratios_are_per_round_ratios_and_floor_overheads():
+    def variant(name, cpu, layer):
+        return Variant(name, torch.nn.Identity(), [], None, cpu=cpu, wall=[2 * t for t in cpu], layer_cpu=layer)
+
+    rows = time_ratios([
+        variant(REFERENCE, [2.0, 4.0, 2.0], [1.0, 1.0, 2.0]),
+        variant("sbora-fa", [1.5, 3.0, 3.0], [0.75, 0.75, 1.5]),
+        variant(FLOOR, [1.0, 2.0, 1.0], [0.5, 0.5, 1.0]),
+    ])
+    fa = rows["sbora-fa"]
+    assert fa["ratio_median"] == 0.75 and (fa["ratio_min"], fa["ratio_max"]) == (0.75, 1.5)
+    assert fa["wall_ratio_median"] == 0.75 and fa["layer_ratio_median"] == 0.75
+    assert fa["overhead_vs_peft"] == 0.5  # (0.75 - 0.5) / (1 - 0.5) in every round
+    assert rows[REFERENCE]["overhead_vs_peft"] == 1.0 and rows[FLOOR]["overhead_vs_peft"] == 0.0
