@@ -27,12 +27,14 @@ bytes saved for backward, bytes allocated) is counted instead of timed.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sbora_diffusion.adapters import AdaptedLinear, AdapterConfig, inject, match_targets
+from sbora_diffusion.configuration import ConfigError, add_arguments, override, overrides_from_args
 from sbora_diffusion.fileio import atomic_path
 
 REFERENCE = "peft-lora"  # every time is a ratio to this method, measured in the same round
@@ -327,6 +330,30 @@ def time_ratios(variants: list[Variant]) -> dict[str, dict[str, float | list[flo
             row.update(layer_ratio_median=statistics.median(layer), overhead_vs_peft=statistics.median(layer_over),
                        layer_cpu_seconds_median=statistics.median(v.layer_cpu))
     return out
+
+
+@dataclass
+class Invocation:
+    preset: str
+    config: object
+    command: str  # as typed, for the results files
+    stem: str  # results file name: <name> for the quick preset, <name>_<preset> otherwise
+
+
+def parse_invocation(name: str, doc: str, config_cls: type, presets: dict[str, dict], argv: list[str] | None) -> Invocation:
+    """``--preset`` plus one option per config field (the preset's values, then the command line's)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), default="quick", help="quick or full defaults (default: quick)")
+    add_arguments(parser, config_cls)
+    args = parser.parse_args(argv)
+    try:
+        config = override(override(config_cls(), presets[args.preset], f"preset {args.preset}"), overrides_from_args(args, config_cls), "command line")
+    except ConfigError as e:
+        parser.error(str(e))  # exit 2 with the usage line, no traceback
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    command = (f"python -m benchmarks.{name} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    return Invocation(args.preset, config, command, name if args.preset == "quick" else f"{name}_{args.preset}")
 
 
 def environment() -> dict[str, object]:

@@ -22,11 +22,10 @@ Results: ``docs/benchmarks/train_cost.{json,md,png}`` (``train_cost_full.*`` wit
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,12 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sbora_diffusion.adapters import TARGET_PRESETS
-from sbora_diffusion.configuration import CONFIG_DIR, ConfigError, add_arguments, override, overrides_from_args
+from sbora_diffusion.configuration import CONFIG_DIR, ConfigError
 
 from .common import (
     COST_METHODS,
     DOCS_DIR,
-    FLOOR,
     REFERENCE,
     Variant,
     add_method,
@@ -51,6 +49,7 @@ from .common import (
     layer_step,
     measure_step,
     mib,
+    parse_invocation,
     time_ratios,
     train_step,
     write_results,
@@ -70,7 +69,7 @@ class TrainCostConfig:
     seq_len: int = field(default=256, metadata={"help": "SmolLM2: tokens per training sequence"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default); 1 keeps CPU time a measure of work on a shared machine"})
     seed: int = field(default=0, metadata={"help": "seed of the random base weights, inputs and adapter inits"})
-    out_dir: str = field(default=str(DOCS_DIR), metadata={"help": "where train_cost.{json,md,png} go (train_cost_full.* for --preset full)"})
+    out_dir: str = field(default="", metadata={"help": "where train_cost.{json,md,png} go (train_cost_full.* for --preset full); empty: the repository's docs/benchmarks/"})
 
     def validate(self) -> None:
         unknown = sorted(set(self.bases) - set(BASES))
@@ -126,13 +125,15 @@ def build_smollm2(config: TrainCostConfig):
 BUILDERS = {"sd15-unet": build_sd_unet, "smollm2": build_smollm2}
 
 
-def measure_base(name: str, config: TrainCostConfig) -> dict:
+def measure_base(name: str, config: TrainCostConfig, result: dict, save: Callable[[], None]) -> None:
+    """Fill `result` rank by rank, calling `save` after each (a crash keeps what was measured)."""
     t0 = time.time()
     base, loss_fn, targets = BUILDERS[name](config)
     base.requires_grad_(False).train()
     methods = [REFERENCE] + [m for m in config.methods if m != REFERENCE]
-    result = {"targets": targets, "parameters": sum(p.numel() for p in base.parameters()), "ranks": {}}
+    result.update(targets=targets, parameters=sum(p.numel() for p in base.parameters()), ranks={}, rank_seconds={})
     for rank in config.ranks:
+        t_rank = time.time()
         variants = []
         for method in methods:
             model = clone_sharing_weights(base)
@@ -146,9 +147,10 @@ def measure_base(name: str, config: TrainCostConfig) -> dict:
         interleaved_times(variants, lambda v: layer_step(v, inputs, grads), config.layer_repeats, f"{name} r={rank} layers")
         times = time_ratios(variants)
         result["ranks"][str(rank)] = {m: {**counts[m], **times[m]} for m in methods}
+        result["rank_seconds"][str(rank)] = time.time() - t_rank
+        result["seconds"] = time.time() - t0
         del variants
-    result["seconds"] = time.time() - t0
-    return result
+        save()
 
 
 # --------------------------------------------------------------------------- report
@@ -161,7 +163,7 @@ def targets_check(results: dict) -> list[tuple[str, bool, str]]:
     """The issue's targets, each as (statement, met, measured)."""
     out = []
     for base, res in results.items():
-        ranks = res["ranks"]
+        ranks = res.get("ranks", {})
         if "16" in ranks and "sbora-fa" in ranks["16"]:
             fa, ref = ranks["16"]["sbora-fa"], ranks["16"][REFERENCE]
             share = fa["branch_saved_bytes"] / ref["branch_saved_bytes"]
@@ -189,7 +191,8 @@ def markdown(payload: dict, command: str) -> str:
         "",
         f"Command: `{command}` — {env['date']}, {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
         f"load average {env['load_average'][0]:.1f} at the start, {env['load_average_end'][0]:.1f} at the end; "
-        f"torch {env['torch']}, peft {env['peft']}. Run time {payload['seconds'] / 60:.1f} min ({payload['cpu_seconds'] / 60:.1f} min CPU).",
+        f"torch {env['torch']}, peft {env['peft']}. Run time {payload['seconds'] / 60:.1f} min ({payload['cpu_seconds'] / 60:.1f} min CPU)"
+        + ("." if payload.get("complete") else "; **partial: the run was still going or stopped early**."),
         "",
         "- **step ×peft**: median over rounds of a whole training step's process CPU time (forward + backward + AdamW "
         f"step, {env['torch_threads']} torch thread(s)) divided by peft LoRA's step in the same round, [min–max] over rounds; "
@@ -206,6 +209,8 @@ def markdown(payload: dict, command: str) -> str:
         "",
     ]
     for base, res in payload["results"].items():
+        if not res.get("ranks"):
+            continue
         lines += [f"## {base} ({res['parameters'] / 1e6:.1f}M parameters; targets {', '.join(res['targets'])})", ""]
         for rank, rows in res["ranks"].items():
             lines += [
@@ -223,7 +228,8 @@ def markdown(payload: dict, command: str) -> str:
                 )
             ref = rows[REFERENCE]
             lines += ["", f"peft LoRA (medians): step {ref['cpu_seconds_median']:.2f} s CPU, {ref['wall_seconds_median']:.2f} s wall; "
-                      f"adapted layers alone {ref.get('layer_cpu_seconds_median', float('nan')):.3f} s CPU.", ""]
+                      f"adapted layers alone {ref.get('layer_cpu_seconds_median', float('nan')):.3f} s CPU. "
+                      f"Measuring this rank took {res['rank_seconds'][rank] / 60:.1f} min.", ""]
     lines += ["## Targets", ""]
     lines += [f"- {'met' if ok else '**missed**'}: {what} — {got}" for what, ok, got in targets_check(payload["results"])]
     return "\n".join(lines) + "\n"
@@ -235,7 +241,7 @@ def figure(payload: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = payload["results"]
+    results = {b: r for b, r in payload["results"].items() if r.get("ranks")}
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 3.6 * len(results)), squeeze=False)
     for (base, res), (ax_t, ax_m) in zip(results.items(), axes, strict=True):
         ranks = list(res["ranks"])
@@ -244,11 +250,10 @@ def figure(payload: dict):
         for i, m in enumerate(methods):
             xs = [k + i * width for k in range(len(ranks))]
             rows = [res["ranks"][r][m] for r in ranks]
-            ax_t.bar(xs, [row["ratio_median"] for row in rows], width, label=LABELS[m],
-                     yerr=[[row["ratio_median"] - row["ratio_min"] for row in rows], [row["ratio_max"] - row["ratio_median"] for row in rows]],
-                     capsize=2)
+            ax_t.bar(xs, [row.get("layer_ratio_median", float("nan")) for row in rows], width, label=LABELS[m])
+            ax_t.plot(xs, [row["ratio_median"] for row in rows], "k.", label="whole step" if i == 0 else None)
             ax_m.bar(xs, [row["branch_saved_bytes"] / 2**20 for row in rows], width, label=LABELS[m])
-        for ax, title in ((ax_t, "step time / peft LoRA (median, min–max)"), (ax_m, "saved for backward in adapter branches (MiB)")):
+        for ax, title in ((ax_t, "time / peft LoRA: adapted layers (bars), whole step (dots)"), (ax_m, "saved for backward in adapter branches (MiB)")):
             ax.set_xticks([k + 0.4 - width / 2 for k in range(len(ranks))], [f"r={r}" for r in ranks])
             ax.set_title(f"{base}: {title}", fontsize=10)
         ax_t.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -260,24 +265,24 @@ def figure(payload: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick or full defaults (default: quick)")
-    add_arguments(parser, TrainCostConfig)
-    args = parser.parse_args(argv)
-    config = override(override(TrainCostConfig(), PRESETS[args.preset], f"preset {args.preset}"), overrides_from_args(args, TrainCostConfig), "command line")
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    inv = parse_invocation("train_cost", __doc__, TrainCostConfig, PRESETS, argv)
+    config = inv.config
     t0 = time.time()
-    payload = {"config": {"preset": args.preset, **asdict(config)}, "environment": environment(), "results": {}}
+    payload = {"config": {"preset": inv.preset, **asdict(config)}, "environment": environment(), "results": {}}
+    payload["command"] = inv.command
+    stem = inv.stem
+
+    def save(final: bool = False) -> None:
+        payload["complete"] = final
+        payload["environment"]["load_average_end"] = list(os.getloadavg())
+        payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
+        paths = write_results(stem, payload, markdown(payload, payload["command"]), figure(payload), Path(config.out_dir or DOCS_DIR))
+        if final:
+            print("wrote " + ", ".join(map(str, paths)))
+
     for base in config.bases:
-        payload["results"][base] = measure_base(base, config)
-    payload["environment"]["load_average_end"] = list(os.getloadavg())
-    payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
-    command = "python -m benchmarks.train_cost " + " ".join(sys.argv[1:] if argv is None else argv)
-    payload["command"] = command.strip()
-    stem = "train_cost" if args.preset == "quick" else f"train_cost_{args.preset}"
-    for p in write_results(stem, payload, markdown(payload, payload["command"]), figure(payload), Path(config.out_dir)):
-        print(f"wrote {p}")
+        measure_base(base, config, payload["results"].setdefault(base, {}), save)
+    save(final=True)
     for what, ok, got in targets_check(payload["results"]):
         print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")
 

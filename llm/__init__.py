@@ -4,3 +4,5 @@ models: base models (embedded SmolLM2 GGUF default, hub ids, local folders), dev
 data: the arithmetic task and JSONL instruction data on the chat template; quant: QSBoRA bases;
 train / evaluate / compose: the commands (``python -m llm.train`` ...) and their Python entry points.
 """
+
+import sbora_diffusion  # noqa: F401  (first: it quiets a bitsandbytes warning that transformers' imports would print)

@@ -56,3 +56,11 @@ def tiny_model() -> TinyBlocks:
 @pytest.fixture
 def tiny_input() -> torch.Tensor:
     return torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    """The embedded tiny Stable Diffusion pipeline, built once per module; tests that change it deep-copy it first."""
+    from sbora_diffusion.models import load_pipeline
+
+    return load_pipeline("tiny")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 
@@ -21,6 +22,9 @@ def test_checkpoint_roundtrip_prunes_and_restores_rng(tmp_path):
         save_checkpoint(tmp_path, {"step": step, "optimizer": opt.state_dict(), "rng": capture_rng(), "trainable": {"w": model.weight}}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000020.pt", "step-00000030.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000020.pt", "step-00000030.pt"]  # no temp files
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "step-00000030.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     state = load_checkpoint(tmp_path)  # the newest
     assert state["step"] == 30 and torch.equal(state["trainable"]["w"], model.weight)
     opt2 = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters(), lr=0.1)

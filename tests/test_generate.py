@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from diffusion_helpers import tiny_pipe  # noqa: F401  (fixture)
 from PIL import Image
 
 from sbora_diffusion.configuration import ConfigError

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusion_helpers import tiny_pipe  # noqa: F401  (fixture)
 from PIL import Image
 
 from sbora_diffusion.adapters import METHODS, AdapterFileError, adapter_names, adapter_parameters, read_adapter
