@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import platform
 import statistics
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 
 from sbora_diffusion.adapters import AdaptedLinear, AdapterConfig, inject, match_targets
 from sbora_diffusion.configuration import ConfigError, add_arguments, override, overrides_from_args
-from sbora_diffusion.fileio import atomic_path
+from sbora_diffusion.fileio import atomic_path, write_json, write_text
 
 REFERENCE = "peft-lora"  # every time is a ratio to this method, measured in the same round
 FLOOR = "floor"
@@ -380,10 +379,8 @@ def environment() -> dict[str, object]:
 def write_results(name: str, payload: dict, markdown: str, figure, out_dir: Path = DOCS_DIR) -> list[Path]:
     """docs/benchmarks/<name>.{json,md,png}, each written atomically."""
     paths = [out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")]
-    with atomic_path(paths[0]) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    with atomic_path(paths[1]) as tmp:
-        tmp.write_text(markdown)
+    write_json(paths[0], payload, indent=1)
+    write_text(paths[1], markdown)
     with atomic_path(paths[2]) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return paths

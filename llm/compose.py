@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora_diffusion.adapters import adapted_layers
 from sbora_diffusion.configuration import ConfigError
-from sbora_diffusion.fileio import atomic_path
+from sbora_diffusion.fileio import write_json
 
 from .cli import run_command
 from .models import DEFAULT_BASE, load_adapters, load_base, save_merged
@@ -92,8 +92,7 @@ def compose(config: ComposeConfig, model: PreTrainedModel | None = None, tokeniz
             )
     output = save_merged(model, tokenizer, config.output)
     report = {"output": str(output), "adapters": names, "weights": weights, "interference": scores}
-    with atomic_path(output / "compose.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(output / "compose.json", report)
     return report
 
 

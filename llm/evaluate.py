@@ -18,7 +18,6 @@ each part ``{"accuracy", "correct", "total", "samples": [...]}``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from sbora_diffusion.adapters import merge, set_adapter_enabled
 from sbora_diffusion.configuration import ConfigError
-from sbora_diffusion.fileio import atomic_path
+from sbora_diffusion.fileio import write_json, write_text
 
 from .cli import run_command
 from .data import Example, is_correct, load_task, prompt_text, task_name
@@ -155,10 +154,8 @@ def results_markdown(results: dict) -> str:
 def write_results(results: dict, folder: str | Path) -> tuple[Path, Path]:
     """``results.json`` and ``results.md`` in `folder`, written atomically."""
     folder = Path(folder)
-    with atomic_path(folder / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-    with atomic_path(folder / "results.md") as tmp:
-        tmp.write_text(results_markdown(results))
+    write_json(folder / "results.json", results)
+    write_text(folder / "results.md", results_markdown(results))
     return folder / "results.json", folder / "results.md"
 
 

@@ -43,7 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from sbora_diffusion.adapters import AdapterConfig, adapter_parameters, inject, load_adapter_config, save_adapter
 from sbora_diffusion.checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from sbora_diffusion.configuration import ConfigError, to_dict
-from sbora_diffusion.fileio import atomic_path
+from sbora_diffusion.fileio import write_text
 
 from .data import InstructionDataset, collate, load_task, task_name
 from .cli import run_command
@@ -141,11 +141,6 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def _restore(state: dict, model, optimizer, scheduler, adapter_config: AdapterConfig, ckpt_dir: Path) -> tuple[int, list[dict]]:
     """Put a checkpoint's adapter weights, optimizer, scheduler and RNG state back; returns (step, log history)."""
     if state["adapter_config"] != to_dict(adapter_config):
@@ -193,7 +188,7 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
     unwrapped = accelerator.unwrap_model(model)
     main_process = accelerator.is_main_process
     if main_process:
-        _write_text(out / "config.yaml", yaml.safe_dump({"train": to_dict(config), "adapter": to_dict(adapter_config)}, sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump({"train": to_dict(config), "adapter": to_dict(adapter_config)}, sort_keys=False))
     step = start
 
     def checkpoint() -> None:
@@ -204,7 +199,7 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": capture_rng(),
             "history": history, "adapter_config": to_dict(adapter_config),
         }, keep=config.keep_checkpoints)
-        _write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
     model.train()
     bar = tqdm(total=config.steps, initial=start, desc=f"train {config.method}", disable=not accelerator.is_local_main_process)

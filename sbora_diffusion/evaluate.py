@@ -27,7 +27,7 @@ from . import clip_score
 from .adapters import AdapterFileError, read_adapter
 from .clip_score import ClipScoreError, ClipScorer
 from .configuration import ConfigError, add_arguments, from_dict, load_yaml, override, overrides_from_args, resolve_named_config, to_dict
-from .fileio import atomic_path
+from .fileio import atomic_path, write_json, write_text
 
 RESULTS_NAME = "result.json"  # one per (concept, method) folder; `table` collects them
 BASE_DRIFT = "base-drift"  # <concept>/base-drift/: the base model's images of the drift prompts
@@ -87,12 +87,6 @@ class RunConfig(ClipConfig):
 
 
 # ----------------------------------------------------------------------------- output files
-
-
-def write_json(path: Path, data) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-    return path
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -161,8 +155,7 @@ def rebuild_tables(root: str | Path) -> list[dict]:
         raise ClipScoreError(f"no {RESULTS_NAME} under {root}/<concept>/<method>/; run `sbora-evaluate run` first")
     write_json(root / "results.json", results)
     write_csv(root / "results.csv", [{"concept": r["concept"], "category": r.get("category"), "method": r["method"], **r["summary"]} for r in results])
-    with atomic_path(root / "results.md") as tmp:
-        tmp.write_text(markdown_tables(results))
+    write_text(root / "results.md", markdown_tables(results))
     return results
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .configuration import ConfigError
-from .fileio import atomic_path
+from .fileio import atomic_path, write_text
 
 
 def render(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50, guidance_scale: float = 7.5,
@@ -76,8 +76,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], out_dir, *, concept=Non
             image.save(tmp, format="PNG")
         records.append({"image": rel.as_posix(), "prompt": filled[pi], "seed": int(seeds[seed]), "concept": concept,
                         "method": method, "token": token, "class_word": class_word})
-    with atomic_path(out_dir / "manifest.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_text(out_dir / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 

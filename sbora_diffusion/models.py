@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .configuration import ConfigError
-from .fileio import atomic_path
+from .fileio import write_text
 from .hub import hub_reachable
 
 DEFAULT_MODEL = "tiny"
@@ -62,10 +62,8 @@ def clip_tokenizer_files() -> Path:
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with atomic_path(folder / "vocab.json") as tmp:
-        tmp.write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    with atomic_path(folder / "merges.txt") as tmp:
-        tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_text(folder / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
 
 

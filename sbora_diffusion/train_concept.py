@@ -41,7 +41,7 @@ from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_
 from .concept_adapter import save_concept_adapter
 from .concepts import ConceptConfig, ConceptError, image_files, load_concept, open_rgb
 from .configuration import CONFIG_DIR, ConfigError, add_arguments, from_dict, load_yaml, override, overrides_from_args, resolve_named_config
-from .fileio import atomic_path
+from .fileio import atomic_path, write_text
 from .generate import render
 from .models import DEFAULT_MODEL, load_pipeline
 from .tokens import TOKEN_MODES, install_concept_tokens
@@ -411,8 +411,7 @@ def train(
         if not resume and ckpt_dir.is_dir():
             print(f"starting over: removing the earlier run's checkpoints in {ckpt_dir} (pass --resume to continue it)")
             shutil.rmtree(ckpt_dir)
-        with atomic_path(out_dir / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(resolved_config(model, method, concept, adapter, te_adapter, cfg), sort_keys=False))
+        write_text(out_dir / "config.yaml", yaml.safe_dump(resolved_config(model, method, concept, adapter, te_adapter, cfg), sort_keys=False))
     accelerator.init_trackers("train_concept", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(cfg).items()})
     autocast = accelerator.autocast
 
