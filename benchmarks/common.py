@@ -10,9 +10,11 @@ bytes saved for backward, bytes allocated) is counted instead of timed.
   what the base forward+backward costs with no adapter work at all), or any of our cores.
 - ``SavedTensorMeter`` counts the storages autograd saves for backward *inside the adapter
   branches only*: pack hooks are always on, and a depth counter driven by forward hooks on
-  each adapter wrapper (entered) and on its ``base_layer`` (left again) says whether a saved
-  tensor belongs to a branch. Parameter and buffer storages are not activations and are
-  skipped; each storage counts once, at its full size (a saved view keeps its whole storage).
+  each adapter wrapper says whether a saved tensor was saved inside one. Parameter and buffer
+  storages are not activations and are skipped, so a frozen base layer inside the wrapper
+  adds nothing (its linear saves only its weight); each storage counts once, at its full size
+  (a saved view keeps its whole storage). No hook goes on the base layers themselves: a
+  hooked base layer must be called, which would turn off SBoRA-FA's fused base+branch op.
 - ``peak_step_bytes`` is the peak of torch's CPU allocator during one call, relative to its
   start, read from the profiler's allocation events (deterministic, unlike RSS).
 - ``capture_layer_inputs`` + ``layer_step`` isolate the adapted layers: forward and backward
@@ -153,13 +155,8 @@ class SavedTensorMeter:
         return hook
 
     def __enter__(self) -> SavedTensorMeter:
-        for w in self.wrappers:  # inside a wrapper: branch; inside its base_layer: not
-            self._handles += [
-                w.register_forward_pre_hook(self._shift(+1)),
-                w.register_forward_hook(self._shift(-1)),
-                w.base_layer.register_forward_pre_hook(self._shift(-1)),
-                w.base_layer.register_forward_hook(self._shift(+1)),
-            ]
+        for w in self.wrappers:  # inside a wrapper: branch (its frozen base saves only weights)
+            self._handles += [w.register_forward_pre_hook(self._shift(+1)), w.register_forward_hook(self._shift(-1))]
         self._hooks.__enter__()
         return self
 

@@ -42,7 +42,7 @@ LABELS = {"zero-shot": "zero-shot base", "lora": "LoRA", "sbora-fa": "SBoRA-FA",
 class LLMQualityConfig:
     methods: list[str] = field(default_factory=lambda: list(QUALITY_METHODS), metadata={"help": "methods: " + ", ".join(QUALITY_METHODS)})
     rank: int = field(default=16, metadata={"help": "adapter rank of every method (alpha = rank, so s = 1)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps of every method"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps of every method"})
     batch_size: int = field(default=8, metadata={"help": "examples per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, warm-up then cosine)"})
     train_size: int = field(default=2000, metadata={"help": "arithmetic training problems"})
@@ -63,12 +63,12 @@ class LLMQualityConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return max(1, self.steps // 15)  # llm.train's 20 at its default 300 steps
+        return max(1, self.steps // 15)  # llm.train's warm-up share: 20 of its default 300 steps
 
 
 PRESETS = {
     "quick": {"steps": 8, "eval_limit": 12, "max_new_tokens": 32},  # a smoke run of the whole pipeline
-    "full": {"steps": 300},
+    "full": {},  # the defaults above: 200 steps of 8 problems, 200 test problems
 }
 
 
@@ -186,10 +186,11 @@ def markdown(payload: dict) -> str:
         )
     lines += ["", "## Targets", ""]
     lines += [f"- {'met' if ok else '**missed**'}: {what} — {got}" for what, ok, got in targets_check(res)]
-    if res["test_problems"] < 200 or cfg["steps"] < 300:
+    full = LLMQualityConfig()
+    if res["test_problems"] < full.test_size or cfg["steps"] < full.steps:
         lines += ["", f"With {cfg['steps']} steps and {res['test_problems']} test problems (one problem = "
                   f"{100 / res['test_problems']:.1f} points) this run checks the pipeline, not a 1-point difference; "
-                  "`--preset full` (300 steps, 200 problems) is the comparison."]
+                  f"`--preset full` ({full.steps} steps, {full.test_size} problems) is the comparison."]
     return "\n".join(lines) + "\n"
 
 

@@ -201,7 +201,7 @@ def markdown(payload: dict, command: str) -> str:
         "(t − t_floor) / (t_peft − t_floor) per round, median, on the layers alone: the method's cost above the base's, "
         "relative to peft LoRA's (on a whole SD step that difference is ~1% and below the noise).",
         "- **saved in branch**: bytes of the storages autograd saves for backward inside the adapter branches "
-        "(`saved_tensors_hooks` on while inside an adapter wrapper and outside its `base_layer`; weights excluded); "
+        "(`saved_tensors_hooks` on while inside an adapter wrapper; weights excluded, so the frozen base layer adds nothing); "
         "**branch-only**: those not also saved by another op of the model.",
         "- **peak fwd+bwd**: peak of torch's CPU allocator during forward+backward of the first step, above its level at the "
         "start (profiler allocation events; deterministic): activations, gradients and temporaries; AdamW's state is the "

@@ -29,6 +29,7 @@ from sbora_diffusion.adapters import (
     set_adapter_weight,
     unmerge,
 )
+from sbora_diffusion.adapters.sbora import MERGE_RATIO
 from sbora_diffusion.configuration import ConfigError, add_arguments, override, overrides_from_args
 
 METHOD_NAMES = sorted(METHODS)
@@ -239,6 +240,49 @@ def test_fa_backward_keeps_only_r_input_columns(tiny_model):
     assert sum(t.numel() for t in activations) * layer.in_features == x.numel() * R
     y.sum().backward()
     assert torch.equal(x.grad[..., [i for i in range(layer.in_features) if i not in layer.cores["default"].indices]], torch.zeros(3, 7, layer.in_features - R))
+
+
+@pytest.mark.parametrize("batch, tokens", [(3, 7), (4, 40)], ids=["in-place branch", "merged weight"])
+def test_fa_fused_training_path(tiny_model, batch, tokens):
+    """One adapter on a frozen float base trains through BaseWithColumnBranch: the same output and
+    gradients as base + w·ΔY, only x[..., I] saved. Few tokens per input feature add the branch
+    in place; many merge it into a copy of W (MERGE_RATIO)."""
+    inject(tiny_model, AdapterConfig(method="sbora-fa", rank=R, targets=["to_out.0"]))
+    layer = adapted_layers(tiny_model)["blocks.0.to_out.0"]  # 32 -> 24, with a bias
+    core = layer.cores["default"]
+    randomize(tiny_model)
+    layer.set_weight("default", 0.7)
+    x = torch.randn(batch, tokens, layer.in_features, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert type(y.grad_fn).__name__ == "BaseWithColumnBranchBackward"
+    assert y.grad_fn.merge == (batch * tokens * R >= MERGE_RATIO * layer.in_features) == (tokens == 40)  # both paths run
+    own = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    assert [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in own] == [(batch, tokens, R)]
+    g = torch.randn_like(y)
+    y.backward(g)
+    fused = (y.detach(), x.grad.clone(), core.B.grad.clone())
+    x.grad, core.B.grad = None, None
+    reference = layer.base_layer(x) + 0.7 * core.delta(x)
+    reference.backward(g)
+    for got, want in zip(fused, (reference.detach(), x.grad, core.B.grad), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fa_fusion_keeps_base_layer_hooks_and_dropout(tiny_model):
+    inject(tiny_model, AdapterConfig(method="sbora-fa", rank=R, targets=["to_out.0"], dropout=0.5))
+    layer = adapted_layers(tiny_model)["blocks.0.to_out.0"]
+    randomize(tiny_model)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    assert type(layer(x).grad_fn).__name__ != "BaseWithColumnBranchBackward"  # training with dropout: unfused
+    layer.eval()
+    assert type(layer(x).grad_fn).__name__ == "BaseWithColumnBranchBackward"
+    seen = []
+    layer.base_layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    y = layer(x)  # a hooked base layer is called, never bypassed
+    assert seen == [(2, 5, layer.out_features)]
+    torch.testing.assert_close(y, layer.base_layer(x) + layer.cores["default"].delta(x))
 
 
 def test_weight_switch_and_remove(tiny_model, tiny_input):

@@ -9,6 +9,8 @@ frozen base ``y = W x`` with ``W ∈ R^{d_out×d_in}`` it provides
     unmerge_from(W, w):  W -= w·s·ΔW
 
 where s = alpha/r (alpha/sqrt(r) with rsLoRA) and x is already the dropout-applied input.
+A core with ``fuses_base`` also provides ``fused_linear(x, base, w) = base(x) + w·ΔY`` as one
+op, which ``AdaptedLinear`` uses when it is the layer's only branch on a frozen float base.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Core(nn.Module):
 
     # LoRA-like cores have both factors of size r; SBoRA/ortho check their own dimension via slots.
     rank_bounded_by_both = True
+    fuses_base = False
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
         """ΔY / s. # (..., d_in) -> (..., d_out)"""

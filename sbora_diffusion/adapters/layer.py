@@ -92,9 +92,27 @@ class AdaptedLinear(nn.Module):
     def active(self) -> list[str]:
         return [n for n in self.cores if self.enabled[n] and n not in self.merged]
 
+    def _fusable(self, name: str, x: torch.Tensor) -> bool:
+        """Can base and branch run as the core's one fused op without changing what the layer does?"""
+        core, base = self.cores[name], self.base_layer
+        w, b = base.weight, base.bias
+        return (
+            core.fuses_base
+            # a plain Linear whose forward nobody wraps or hooks (accelerate, quantizers, user hooks)
+            and type(base) is nn.Linear and "forward" not in vars(base)
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not (self.training and isinstance(self.dropouts[name], nn.Dropout))
+            and not w.requires_grad and (b is None or not b.requires_grad)
+            and x.dtype == w.dtype == next(core.parameters()).dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = self.active()
+        if len(active) == 1 and self._fusable(active[0], x):
+            return self.cores[active[0]].fused_linear(x, self.base_layer, self.weights[active[0]])
         y = self.base_layer(x)  # (..., d_out)
-        for name in self.active():
+        for name in active:
             core = self.cores[name]
             # Full-precision adapters on a low-precision or quantized base compute in the core's
             # dtype; under autocast the matmuls pick their own dtype, so no copy is made.

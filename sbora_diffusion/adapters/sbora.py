@@ -10,6 +10,12 @@ I and J are slot k's share of a per-layer permutation (base.slot_indices), so ad
 different slots touch disjoint columns/rows. Everything is a gather or an ``index_add_``;
 no one-hot matrix is ever built. For FA, autograd keeps only the r-wide gathered input
 x'[..., I] (index_select's backward needs just the index and the input's shape).
+
+On a frozen float base FA runs base and branch as one fused op (``BaseWithColumnBranch``):
+the branch's share of the input gradient goes straight into the r columns I of the base's
+input gradient, instead of autograd building a full-size zero gradient for the gather and
+then adding two full-size gradients; on layers with many tokens per input feature the
+branch is merged into a copy of W instead, so base and branch are one matmul each way.
 """
 
 from __future__ import annotations
@@ -41,8 +47,52 @@ class _StandardBasisCore(Core):
         W.index_add_(self.axis, self.indices, (self.trained() * self.scale).to(W.dtype), alpha=weight)
 
 
+# Merge B into a copy of W (one d_out×d_in copy each way) when the branch's own matmuls, which
+# grow with tokens·r, would cost more: tokens·r ≥ MERGE_RATIO·d_in. Measured on CPU: merging wins
+# from about this ratio on (SD UNet 32×32-level layers, rank 64 at 16×16), loses well below it.
+MERGE_RATIO = 16
+
+
+class BaseWithColumnBranch(torch.autograd.Function):
+    """y = x Wᵀ + b + c·x[..., I] Bᵀ as one autograd node, for a frozen base (W, b get no gradient).
+
+    Saves only x[..., I] (W, B and I are the layer's own tensors). Backward puts the branch's
+    input gradient c·g B into columns I of the base's g W (in place, or through the merged
+    weight W + c·B in columns I, whichever is cheaper; the same sum either way).
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, B, indices, c: float):
+        x_i = x.index_select(-1, indices)  # (..., r)
+        ctx.merge = x.numel() // x.shape[-1] * B.shape[1] >= MERGE_RATIO * x.shape[-1] and W.dtype in (torch.float32, torch.float64)
+        if ctx.merge:
+            y = F.linear(x, W.index_add(1, indices, B, alpha=c), b)  # (..., d_out)
+        else:
+            y = F.linear(x, W, b)  # (..., d_out), a fresh contiguous tensor
+            y.view(-1, y.shape[-1]).addmm_(x_i.reshape(-1, x_i.shape[-1]), B.t(), alpha=c)
+        ctx.save_for_backward(x_i, W, B, indices)
+        ctx.c, ctx.x_shape = c, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x_i, W, B, indices = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])  # (N, d_out)
+        grad_x = grad_B = None
+        if ctx.needs_input_grad[0]:
+            if ctx.merge:
+                grad_x = g2 @ W.index_add(1, indices, B, alpha=ctx.c)  # (N, d_in)
+            else:
+                grad_x = (g2 @ W).index_add_(1, indices, g2 @ B, alpha=ctx.c)
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_B = torch.mm(g2.t(), x_i.reshape(-1, x_i.shape[-1])).mul_(ctx.c)  # (d_out, r)
+        return grad_x, None, None, grad_B, None, None
+
+
 class SBoRAFACore(_StandardBasisCore):
     axis = 1
+    fuses_base = True
 
     def __init__(self, d_in: int, d_out: int, config: AdapterConfig, path: str):
         super().__init__(d_in, d_out, config, path)
@@ -54,6 +104,9 @@ class SBoRAFACore(_StandardBasisCore):
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.index_select(-1, self.indices), self.B)  # (..., r) -> (..., d_out)
+
+    def fused_linear(self, x: torch.Tensor, base: nn.Linear, weight: float) -> torch.Tensor:
+        return BaseWithColumnBranch.apply(x, base.weight, base.bias, self.B, self.indices, weight * self.scale)
 
 
 class SBoRAFBCore(_StandardBasisCore):
