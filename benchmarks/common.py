@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -381,6 +381,30 @@ def write_results(name: str, payload: dict, markdown: str, figure, out_dir: Path
     with atomic_path(paths[2]) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return paths
+
+
+def run_benchmark(
+    name: str, doc: str, config_cls: type, presets: dict[str, dict], argv: list[str] | None,
+    measure: Callable[[object, dict, Callable[[], None]], None], markdown: Callable[[dict], str], figure: Callable[[dict], object],
+) -> dict:
+    """Parse the command line, then ``measure(config, results, save)``, which fills ``results`` and
+    calls ``save()`` after each part, so a long run that stops keeps what it measured (marked
+    partial). Writes ``<out_dir or docs/benchmarks>/<stem>.{json,md,png}``; returns the payload."""
+    inv = parse_invocation(name, doc, config_cls, presets, argv)
+    t0 = time.time()
+    payload = {"config": {"preset": inv.preset, **asdict(inv.config)}, "environment": environment(), "command": inv.command, "results": {}}
+
+    def save(final: bool = False) -> None:
+        payload["complete"] = final
+        payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
+        payload["environment"]["load_average_end"] = list(os.getloadavg())
+        paths = write_results(inv.stem, payload, markdown(payload), figure(payload), Path(inv.config.out_dir or DOCS_DIR))
+        if final:
+            print("wrote " + ", ".join(map(str, paths)))
+
+    measure(inv.config, payload["results"], save)
+    save(final=True)
+    return payload
 
 
 def mib(n: float) -> str:

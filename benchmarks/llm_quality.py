@@ -18,9 +18,9 @@ Results: ``docs/benchmarks/llm_quality.{json,md,png}`` (``llm_quality_full.*`` w
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from sbora_diffusion.adapters import TARGET_PRESETS
 from sbora_diffusion.configuration import ConfigError
 
-from .common import DOCS_DIR, OUR_METHODS, add_method, clone_sharing_weights, environment, parse_invocation, write_results
+from .common import OUR_METHODS, add_method, clone_sharing_weights, run_benchmark
 
 PEFT_DORA = "peft-dora"
 QUALITY_METHODS = [*OUR_METHODS, PEFT_DORA]
@@ -127,7 +127,8 @@ def _accuracy(scored: dict) -> dict:
     return {"accuracy": scored["accuracy"], "correct": scored["correct"], "total": scored["total"], "samples": scored["samples"][:3]}
 
 
-def run(config: LLMQualityConfig) -> dict:
+def run(config: LLMQualityConfig, res: dict, save: Callable[[], None]) -> None:
+    """Fill `res` method by method, calling `save` after each (a long run keeps what it measured)."""
     from llm.data import load_task
     from llm.evaluate import score
     from llm.models import load_base
@@ -136,17 +137,17 @@ def run(config: LLMQualityConfig) -> dict:
     base.requires_grad_(False)
     train_set, test_set = load_task("arithmetic", None, config.train_size, config.test_size)
     test_set = test_set[: config.eval_limit] if config.eval_limit else test_set
-    t0 = time.time()
-    results = {"zero-shot": {"trainable_params": 0, **_accuracy(score(base, tokenizer, test_set, max_new_tokens=config.max_new_tokens, desc="zero-shot"))}}
-    results["zero-shot"]["seconds"] = time.time() - t0
-    for method in config.methods:
+    res.update(base_parameters=sum(p.numel() for p in base.parameters()), test_problems=len(test_set), methods={})
+    for method in ["zero-shot", *config.methods]:
         t0 = time.time()
-        if method == PEFT_DORA:
-            results[method] = train_peft(method, config, base, tokenizer, train_set, test_set)
+        if method == "zero-shot":
+            row = {"trainable_params": 0, **_accuracy(score(base, tokenizer, test_set, max_new_tokens=config.max_new_tokens, desc="zero-shot"))}
+        elif method == PEFT_DORA:
+            row = train_peft(method, config, base, tokenizer, train_set, test_set)
         else:
-            results[method] = train_ours(method, config, base, tokenizer)
-        results[method]["seconds"] = time.time() - t0
-    return {"base_parameters": sum(p.numel() for p in base.parameters()), "test_problems": len(test_set), "methods": results}
+            row = train_ours(method, config, base, tokenizer)
+        res["methods"][method] = {**row, "seconds": time.time() - t0}
+        save()
 
 
 def targets_check(res: dict) -> list[tuple[str, bool, str]]:
@@ -171,7 +172,8 @@ def markdown(payload: dict) -> str:
         f"rank {cfg['rank']} (s = 1) on q/k/v/o_proj, {cfg['steps']} steps of {cfg['batch_size']} problems, lr {cfg['lr']}, "
         f"seed {cfg['seed']}; test accuracy on {res['test_problems']} problems (greedy, final number exact match). "
         f"Run time {payload['seconds'] / 60:.1f} min ({payload['cpu_seconds'] / 60:.1f} min CPU), load average "
-        f"{env['load_average'][0]:.1f} at the start, {env['load_average_end'][0]:.1f} at the end.",
+        f"{env['load_average'][0]:.1f} at the start, {env['load_average_end'][0]:.1f} at the end"
+        + ("." if payload.get("complete") else "; **partial: the run was still going or stopped early**."),
         "",
         "| method | # params | % of base | accuracy (%) | Δ vs LoRA | final train loss |",
         "|---|---:|---:|---:|---:|---:|",
@@ -215,17 +217,7 @@ def figure(payload: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
-    inv = parse_invocation("llm_quality", __doc__, LLMQualityConfig, PRESETS, argv)
-    config = inv.config
-    t0 = time.time()
-    payload = {"config": {"preset": inv.preset, **asdict(config)}, "environment": environment()}
-    payload["results"] = run(config)
-    payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
-    payload["environment"]["load_average_end"] = list(os.getloadavg())
-    payload["command"] = inv.command
-    stem = inv.stem
-    for p in write_results(stem, payload, markdown(payload), figure(payload), Path(config.out_dir or DOCS_DIR)):
-        print(f"wrote {p}")
+    payload = run_benchmark("llm_quality", __doc__, LLMQualityConfig, PRESETS, argv, run, markdown, figure)
     for what, ok, got in targets_check(payload["results"]):
         print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")
 

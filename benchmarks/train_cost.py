@@ -23,11 +23,9 @@ Results: ``docs/benchmarks/train_cost.{json,md,png}`` (``train_cost_full.*`` wit
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,21 +36,18 @@ from sbora_diffusion.configuration import CONFIG_DIR, ConfigError
 
 from .common import (
     COST_METHODS,
-    DOCS_DIR,
     REFERENCE,
     Variant,
     add_method,
     capture_layer_inputs,
     clone_sharing_weights,
-    environment,
     interleaved_times,
     layer_step,
     measure_step,
     mib,
-    parse_invocation,
+    run_benchmark,
     time_ratios,
     train_step,
-    write_results,
 )
 
 BASES = ("sd15-unet", "smollm2")
@@ -184,12 +179,12 @@ def targets_check(results: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
-def markdown(payload: dict, command: str) -> str:
+def markdown(payload: dict) -> str:
     env = payload["environment"]
     lines = [
         "# Training cost, side by side with peft LoRA",
         "",
-        f"Command: `{command}` — {env['date']}, {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
+        f"Command: `{payload['command']}` — {env['date']}, {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
         f"load average {env['load_average'][0]:.1f} at the start, {env['load_average_end'][0]:.1f} at the end; "
         f"torch {env['torch']}, peft {env['peft']}. Run time {payload['seconds'] / 60:.1f} min ({payload['cpu_seconds'] / 60:.1f} min CPU)"
         + ("." if payload.get("complete") else "; **partial: the run was still going or stopped early**."),
@@ -264,25 +259,13 @@ def figure(payload: dict):
     return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    inv = parse_invocation("train_cost", __doc__, TrainCostConfig, PRESETS, argv)
-    config = inv.config
-    t0 = time.time()
-    payload = {"config": {"preset": inv.preset, **asdict(config)}, "environment": environment(), "results": {}}
-    payload["command"] = inv.command
-    stem = inv.stem
-
-    def save(final: bool = False) -> None:
-        payload["complete"] = final
-        payload["environment"]["load_average_end"] = list(os.getloadavg())
-        payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
-        paths = write_results(stem, payload, markdown(payload, payload["command"]), figure(payload), Path(config.out_dir or DOCS_DIR))
-        if final:
-            print("wrote " + ", ".join(map(str, paths)))
-
+def measure(config: TrainCostConfig, results: dict, save: Callable[[], None]) -> None:
     for base in config.bases:
-        measure_base(base, config, payload["results"].setdefault(base, {}), save)
-    save(final=True)
+        measure_base(base, config, results.setdefault(base, {}), save)
+
+
+def main(argv: list[str] | None = None) -> None:
+    payload = run_benchmark("train_cost", __doc__, TrainCostConfig, PRESETS, argv, measure, markdown, figure)
     for what, ok, got in targets_check(payload["results"]):
         print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")
 

@@ -50,3 +50,25 @@ def test_one_training_step_and_deterministic_greedy_generation(smollm2, tmp_path
     plain = AutoModelForCausalLM.from_pretrained(save_merged(model, tokenizer, tmp_path / "merged")).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, adapted, atol=2e-4, rtol=1e-4)
+
+
+def test_llm_quality_benchmark_fills_and_saves_row_by_row(smollm2, tmp_path, monkeypatch):
+    from benchmarks import llm_quality as lq
+    from benchmarks.common import environment
+
+    monkeypatch.setattr("llm.models.load_base", lambda: smollm2)
+    config = lq.LLMQualityConfig(
+        methods=["sbora-fa", lq.PEFT_DORA], rank=4, steps=1, batch_size=1, train_size=2, test_size=2, eval_limit=1,
+        max_new_tokens=2, work_dir=str(tmp_path),
+    )
+    res: dict = {}
+    saved: list[list[str]] = []
+    lq.run(config, res, lambda: saved.append(list(res["methods"])))
+    assert saved == [["zero-shot"], ["zero-shot", "sbora-fa"], ["zero-shot", "sbora-fa", lq.PEFT_DORA]]  # a save per row
+    d_out = 576 + 192 + 192 + 576  # q, k, v, o per layer; d_in = 576 for each
+    assert res["methods"]["sbora-fa"]["trainable_params"] == 30 * 4 * d_out
+    assert res["methods"][lq.PEFT_DORA]["trainable_params"] == 30 * (4 * (4 * 576 + d_out) + d_out)  # LoRA + magnitudes
+    assert res["test_problems"] == 1 and all(row["total"] == 1 and row["accuracy"] in (0.0, 1.0) for row in res["methods"].values())
+    env = {**environment(), "load_average_end": [0.0, 0.0, 0.0]}
+    text = lq.markdown({"config": vars(config), "environment": env, "command": "cmd", "results": res, "seconds": 60, "cpu_seconds": 60})
+    assert f"| SBoRA-FA | {30 * 4 * d_out:,} |" in text and "partial" in text

@@ -53,6 +53,12 @@ class _StandardBasisCore(Core):
 MERGE_RATIO = 16
 
 
+def merges_weight(x: torch.Tensor, rank: int, W: torch.Tensor) -> bool:
+    """Whether BaseWithColumnBranch merges the branch into a copy of W for input x: tokens·r ≥
+    MERGE_RATIO·d_in, and W in full precision (s·B added to a half-precision W would round away)."""
+    return x.numel() // x.shape[-1] * rank >= MERGE_RATIO * x.shape[-1] and W.dtype in (torch.float32, torch.float64)
+
+
 class BaseWithColumnBranch(torch.autograd.Function):
     """y = x Wᵀ + b + c·x[..., I] Bᵀ as one autograd node, for a frozen base (W, b get no gradient).
 
@@ -64,7 +70,7 @@ class BaseWithColumnBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, B, indices, c: float):
         x_i = x.index_select(-1, indices)  # (..., r)
-        ctx.merge = x.numel() // x.shape[-1] * B.shape[1] >= MERGE_RATIO * x.shape[-1] and W.dtype in (torch.float32, torch.float64)
+        ctx.merge = merges_weight(x, B.shape[1], W)
         if ctx.merge:
             y = F.linear(x, W.index_add(1, indices, B, alpha=c), b)  # (..., d_out)
         else:
