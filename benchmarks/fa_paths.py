@@ -2,7 +2,8 @@
 
 ``AdaptedLinear`` trains an SBoRA-FA adapter through ``sbora.BaseWithColumnBranch``, which
 adds the branch in place (``addmm_`` into the base output, ``index_add_`` into the base's input
-gradient) or, on layers where tokens·r ≥ ``MERGE_RATIO``·d_in, merges s·B into a copy of W.
+gradient) or, on layers with many tokens per input feature (``sbora.merges_weight``), merges
+s·B into a copy of W.
 This script times, interleaved in the same rounds on the same captured layer inputs:
 
 - ``peft LoRA`` (the reference) and the ``floor`` of ``train_cost`` (a trainable zero bias);
@@ -10,7 +11,7 @@ This script times, interleaved in the same rounds on the same captured layer inp
   "base forward + backward", against which the bias floor itself is an overhead;
 - ``FA unfused``: the plain autograd path (``index_select`` + ``linear`` + in-place add);
 - ``FA in place``: the fused op, never merging;
-- ``FA shipped``: the fused op as shipped (merging where tokens·r ≥ MERGE_RATIO·d_in).
+- ``FA shipped``: the fused op as shipped (merging where ``merges_weight`` says so).
 
 Reported per variant: median CPU time of the layers' forward + backward + AdamW step, its
 ratio to peft LoRA's, and the overhead (t − t_f) / (t_peft − t_f) over the floor and over the
@@ -136,7 +137,7 @@ def markdown(payload: dict) -> str:
         "",
         f"Command: `{payload['command']}` — {env['date']}, {env['torch_threads']} torch thread(s), load average "
         f"{env['load_average'][0]:.1f} at the start, {env['load_average_end'][0]:.1f} at the end; torch {env['torch']}, "
-        f"peft {env['peft']}. Base {res['base']} ({res['layers']} adapted layers), MERGE_RATIO {res['merge_ratio']}. "
+        f"peft {env['peft']}. Base {res['base']} ({res['layers']} adapted layers), merge rule tokens·(r + {res['pass_ranks']}) ≥ {res['merge_ratio']}·d_in. "
         f"Run time {payload['seconds'] / 60:.1f} min.",
         "",
         "Forward + backward (input gradients included) of every adapted layer on the inputs the model gave it, plus the "
@@ -179,7 +180,7 @@ def figure(payload: dict):
 def measure(config: FAPathsConfig, results: dict, save: Callable[[], None]) -> None:
     base, loss_fn, targets = BUILDERS[config.base](TrainCostConfig(seed=config.seed))
     base.requires_grad_(False).train()
-    results.update(base=config.base, merge_ratio=sbora.MERGE_RATIO, ranks={})
+    results.update(base=config.base, merge_ratio=sbora.MERGE_RATIO, pass_ranks=sbora.PASS_RANKS, ranks={})
     for rank in config.ranks:
         results["ranks"][str(rank)] = measure_rank(base, loss_fn, targets, rank, config)
         results["layers"] = results["ranks"][str(rank)]["layers"]

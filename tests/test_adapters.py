@@ -29,7 +29,7 @@ from sbora_diffusion.adapters import (
     set_adapter_weight,
     unmerge,
 )
-from sbora_diffusion.adapters.sbora import MERGE_RATIO
+from sbora_diffusion.adapters.sbora import MERGE_RATIO, PASS_RANKS
 from sbora_diffusion.configuration import ConfigError, add_arguments, override, overrides_from_args
 
 METHOD_NAMES = sorted(METHODS)
@@ -246,7 +246,7 @@ def test_fa_backward_keeps_only_r_input_columns(tiny_model):
 def test_fa_fused_training_path(tiny_model, batch, tokens):
     """One adapter on a frozen float base trains through BaseWithColumnBranch: the same output and
     gradients as base + w·ΔY, only x[..., I] saved. Few tokens per input feature add the branch
-    in place; many merge it into a copy of W (MERGE_RATIO)."""
+    in place; many merge it into a copy of W (sbora.merges_weight)."""
     inject(tiny_model, AdapterConfig(method="sbora-fa", rank=R, targets=["to_out.0"]))
     layer = adapted_layers(tiny_model)["blocks.0.to_out.0"]  # 32 -> 24, with a bias
     core = layer.cores["default"]
@@ -257,7 +257,7 @@ def test_fa_fused_training_path(tiny_model, batch, tokens):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
     assert type(y.grad_fn).__name__ == "BaseWithColumnBranchBackward"
-    assert y.grad_fn.merge == (batch * tokens * R >= MERGE_RATIO * layer.in_features) == (tokens == 40)  # both paths run
+    assert y.grad_fn.merge == (batch * tokens * (R + PASS_RANKS) >= MERGE_RATIO * layer.in_features) == (tokens == 40)  # both paths run
     own = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
     assert [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in own] == [(batch, tokens, R)]
     g = torch.randn_like(y)

@@ -47,16 +47,21 @@ class _StandardBasisCore(Core):
         W.index_add_(self.axis, self.indices, (self.trained() * self.scale).to(W.dtype), alpha=weight)
 
 
-# Merge B into a copy of W (one d_out×d_in copy each way) when the branch's own matmuls, which
-# grow with tokens·r, would cost more: tokens·r ≥ MERGE_RATIO·d_in. Measured on CPU: merging wins
-# from about this ratio on (SD UNet 32×32-level layers, rank 64 at 16×16), loses well below it.
-MERGE_RATIO = 16
+# Where to merge s·B into a copy of W instead of adding the branch in place. Merging costs two
+# d_out×d_in weight copies per step; the in-place branch costs passes over y and g (on CPU as
+# much as ~PASS_RANKS ranks of matmul work) plus its r-wide matmuls, all ∝ tokens·d_out. So merge
+# when tokens·(r + PASS_RANKS) ≥ MERGE_RATIO·d_in: measured on CPU, merging wins from about there
+# (SD UNet 32×32-level layers at ranks 4-64, 16×16 at rank 64) and loses well below.
+PASS_RANKS = 16
+MERGE_RATIO = 32
 
 
 def merges_weight(x: torch.Tensor, rank: int, W: torch.Tensor) -> bool:
-    """Whether BaseWithColumnBranch merges the branch into a copy of W for input x: tokens·r ≥
-    MERGE_RATIO·d_in, and W in full precision (s·B added to a half-precision W would round away)."""
-    return x.numel() // x.shape[-1] * rank >= MERGE_RATIO * x.shape[-1] and W.dtype in (torch.float32, torch.float64)
+    """Whether BaseWithColumnBranch merges the branch into a copy of W for input x: tokens·(r +
+    PASS_RANKS) ≥ MERGE_RATIO·d_in, and W in full precision (s·B added to a half-precision W
+    would round away)."""
+    tokens = x.numel() // x.shape[-1]
+    return tokens * (rank + PASS_RANKS) >= MERGE_RATIO * x.shape[-1] and W.dtype in (torch.float32, torch.float64)
 
 
 class BaseWithColumnBranch(torch.autograd.Function):
