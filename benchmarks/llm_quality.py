@@ -124,7 +124,18 @@ def train_peft(method: str, config: LLMQualityConfig, base, tokenizer, train_set
 
 
 def _accuracy(scored: dict) -> dict:
-    return {"accuracy": scored["accuracy"], "correct": scored["correct"], "total": scored["total"], "samples": scored["samples"][:3]}
+    keep = ("accuracy", "correct", "total", "per_problem")
+    return {**{k: scored[k] for k in keep}, "samples": scored["samples"][:3]}
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float]:
+    """Accuracy difference a − b on the same problems, in points, and the half-width of its 95%
+    interval from the per-problem differences (normal approximation; paired, so problems both
+    get right or both get wrong add no noise)."""
+    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return 100 * mean, 100 * 1.96 * (var / len(d)) ** 0.5
 
 
 def run(config: LLMQualityConfig, res: dict, save: Callable[[], None]) -> None:
@@ -155,10 +166,11 @@ def targets_check(res: dict) -> list[tuple[str, bool, str]]:
     if "lora" not in rows or "sbora-fa" not in rows:
         return []
     lora, fa = rows["lora"], rows["sbora-fa"]
-    gap = 100 * (fa["accuracy"] - lora["accuracy"])
+    gap, half = paired_difference(fa["per_problem"], lora["per_problem"])
     share = fa["trainable_params"] / lora["trainable_params"]
     return [
-        ("SBoRA-FA accuracy within 1 point of LoRA's", gap >= -1.0, f"{100 * fa['accuracy']:.1f}% vs {100 * lora['accuracy']:.1f}% ({gap:+.1f})"),
+        ("SBoRA-FA accuracy within 1 point of LoRA's", gap >= -1.0,
+         f"{100 * fa['accuracy']:.1f}% vs {100 * lora['accuracy']:.1f}% ({gap:+.1f} ± {half:.1f} points, 95% paired interval)"),
         ("SBoRA-FA trainable parameters ≤ 55% of LoRA's", share <= 0.55, f"{share:.0%}"),
     ]
 
@@ -175,12 +187,15 @@ def markdown(payload: dict) -> str:
         f"{env['load_average'][0]:.1f} at the start, {env['load_average_end'][0]:.1f} at the end"
         + ("." if payload.get("complete") else "; **partial: the run was still going or stopped early**."),
         "",
-        "| method | # params | % of base | accuracy (%) | Δ vs LoRA | final train loss |",
+        "| method | # params | % of base | accuracy (%) | Δ vs LoRA (points, 95% paired) | final train loss |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     lora = res["methods"].get("lora")
     for m, row in res["methods"].items():
-        delta = f"{100 * (row['accuracy'] - lora['accuracy']):+.1f}" if lora and m != "zero-shot" else "—"
+        delta = "—"
+        if lora and m != "zero-shot":
+            diff, half = paired_difference(row["per_problem"], lora["per_problem"])
+            delta = f"{diff:+.1f} ± {half:.1f}"
         loss = f"{row['final_loss']:.3f}" if row.get("final_loss") is not None else "—"
         lines.append(
             f"| {LABELS[m]} | {row['trainable_params']:,} | {100 * row['trainable_params'] / res['base_parameters']:.3f} | "

@@ -101,6 +101,7 @@ def score(
         "accuracy": sum(correct) / len(examples),
         "correct": sum(correct),
         "total": len(examples),
+        "per_problem": correct,  # for paired comparisons of two models on the same problems
         "samples": [
             {"question": ex.input or ex.instruction, "answer": ex.answer, "generated": g, "correct": c}
             for ex, g, c in list(zip(examples, generated, correct))[:SAMPLES_KEPT]

@@ -106,3 +106,14 @@ def test_time_ratios_are_per_round_ratios_and_floor_overheads():
     assert fa["wall_ratio_median"] == 0.75 and fa["layer_ratio_median"] == 0.75
     assert fa["overhead_vs_peft"] == 0.5  # (0.75 - 0.5) / (1 - 0.5) in every round
     assert rows[REFERENCE]["overhead_vs_peft"] == 1.0 and rows[FLOOR]["overhead_vs_peft"] == 0.0
+
+
+def test_paired_difference_of_two_answer_sheets():
+    from benchmarks.llm_quality import paired_difference
+
+    diff, half = paired_difference([True, True, False, False], [True, False, False, False])
+    # per-problem differences (0, 1, 0, 0): mean 0.25, sample sd 0.5 -> 1.96 * 0.5 / sqrt(4)
+    assert diff == pytest.approx(25.0) and half == pytest.approx(100 * 1.96 * 0.25)
+    assert paired_difference([True] * 5, [True] * 5) == (0.0, 0.0)  # identical sheets: no noise
+    with pytest.raises(ValueError):
+        paired_difference([True], [True, False])  # not the same problems
