@@ -15,7 +15,8 @@ This script times, interleaved in the same rounds on the same captured layer inp
 
 Reported per variant: median CPU time of the layers' forward + backward + AdamW step, its
 ratio to peft LoRA's, and the overhead (t − t_f) / (t_peft − t_f) over the floor and over the
-bare base, per round, medians. Results: ``docs/benchmarks/fa_paths.{json,md,png}``.
+bare base, per round, medians. Results: ``docs/benchmarks/fa_paths.{json,md,png}``
+(``fa_paths_full.*`` with ``--preset full``).
 
     python -m benchmarks.fa_paths --preset quick
 """
@@ -64,7 +65,7 @@ class FAPathsConfig:
     layer_repeats: int = field(default=21, metadata={"help": "timed rounds (one layers-alone step per variant per round); medians"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default)"})
     seed: int = field(default=0, metadata={"help": "seed of the random base weights, inputs and adapter inits"})
-    out_dir: str = field(default="", metadata={"help": "where fa_paths.{json,md,png} go; empty: the repository's docs/benchmarks/"})
+    out_dir: str = field(default="", metadata={"help": "where fa_paths.{json,md,png} go (fa_paths_full.* for --preset full); empty: the repository's docs/benchmarks/"})
 
     def validate(self) -> None:
         if self.base not in BUILDERS:
