@@ -270,6 +270,12 @@ def capture_layer_inputs(variant: Variant, loss_fn: Callable[[nn.Module], torch.
     return inputs
 
 
+def random_cotangents(model: nn.Module, inputs: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Module path -> a seeded random output gradient (..., d_out) for each captured layer input."""
+    g = torch.Generator().manual_seed(seed)
+    return {p: torch.randn(*x.shape[:-1], model.get_submodule(p).base_layer.out_features, generator=g) for p, x in inputs.items()}
+
+
 def layer_step(variant: Variant, inputs: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
     """Forward + backward of the adapted layers alone (cotangents `grads`, input gradients
     included, as in training) and the optimizer step; appends its CPU time."""

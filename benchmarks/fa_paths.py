@@ -43,6 +43,7 @@ from .common import (
     clone_sharing_weights,
     interleaved_times,
     layer_step,
+    random_cotangents,
     run_benchmark,
 )
 from .train_cost import BUILDERS, TrainCostConfig
@@ -104,8 +105,7 @@ def build_variant(name: str, base: torch.nn.Module, rank: int, targets: list[str
 def measure_rank(base, loss_fn, targets: list[str], rank: int, config: FAPathsConfig) -> dict:
     variants = [build_variant(name, base, rank, targets, config.seed) for name in VARIANTS]
     inputs = capture_layer_inputs(variants[0], loss_fn)
-    g = torch.Generator().manual_seed(config.seed)
-    grads = {p: torch.randn(*x.shape[:-1], variants[0].model.get_submodule(p).base_layer.out_features, generator=g) for p, x in inputs.items()}
+    grads = random_cotangents(variants[0].model, inputs, config.seed)
 
     def step(v: Variant) -> None:
         with merge_ratio(float("inf") if v.name == "fa-in-place" else sbora.MERGE_RATIO):

@@ -45,6 +45,7 @@ from .common import (
     layer_step,
     measure_step,
     mib,
+    random_cotangents,
     run_benchmark,
     time_ratios,
     train_step,
@@ -137,8 +138,7 @@ def measure_base(name: str, config: TrainCostConfig, result: dict, save: Callabl
         counts = {v.name: measure_step(v, loss_fn) for v in tqdm(variants, desc=f"{name} r={rank} first step + counts")}
         interleaved_times(variants, lambda v: train_step(v, loss_fn), config.repeats, f"{name} r={rank} steps")
         inputs = capture_layer_inputs(variants[0], loss_fn)
-        g = torch.Generator().manual_seed(config.seed)
-        grads = {p: torch.randn(*x.shape[:-1], variants[0].model.get_submodule(p).base_layer.out_features, generator=g) for p, x in inputs.items()}
+        grads = random_cotangents(variants[0].model, inputs, config.seed)
         interleaved_times(variants, lambda v: layer_step(v, inputs, grads), config.layer_repeats, f"{name} r={rank} layers")
         times = time_ratios(variants)
         result["ranks"][str(rank)] = {m: {**counts[m], **times[m]} for m in methods}
