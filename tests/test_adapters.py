@@ -16,6 +16,7 @@ from sbora_diffusion.adapters import (
     AdaptedLinear,
     AdapterConfig,
     AdapterFileError,
+    active_adapters,
     adapted_layers,
     adapter_parameters,
     inject,
@@ -110,6 +111,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(method, tiny_model, tiny_inp
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_only_adapter_parameters_train_with_exact_count(method, tiny_model, tiny_input):
+    tiny_model.requires_grad_(False)  # freezing the base is the trainer's job, done once
     inject(tiny_model, config(method))
     randomize(tiny_model)
     tiny_model(tiny_input).square().sum().backward()
@@ -247,6 +249,7 @@ def test_fa_fused_training_path(tiny_model, batch, tokens):
     """One adapter on a frozen float base trains through BaseWithColumnBranch: the same output and
     gradients as base + w·ΔY, only x[..., I] saved. Few tokens per input feature add the branch
     in place; many merge it into a copy of W (sbora.merges_weight)."""
+    tiny_model.requires_grad_(False)
     inject(tiny_model, AdapterConfig(method="sbora-fa", rank=R, targets=["to_out.0"]))
     layer = adapted_layers(tiny_model)["blocks.0.to_out.0"]  # 32 -> 24, with a bias
     core = layer.cores["default"]
@@ -271,6 +274,7 @@ def test_fa_fused_training_path(tiny_model, batch, tokens):
 
 
 def test_fa_fusion_keeps_base_layer_hooks_and_dropout(tiny_model):
+    tiny_model.requires_grad_(False)
     inject(tiny_model, AdapterConfig(method="sbora-fa", rank=R, targets=["to_out.0"], dropout=0.5))
     layer = adapted_layers(tiny_model)["blocks.0.to_out.0"]
     randomize(tiny_model)
@@ -309,12 +313,228 @@ def test_weight_switch_and_remove(tiny_model, tiny_input):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_cores_follow_base_dtype(method, dtype, tiny_model, tiny_input):
+def test_cores_stay_float32_on_any_base(method, dtype, tiny_model, tiny_input):
+    """A bf16 adapter would lose a 1e-4 update to rounding: cores are float32 on every base."""
     tiny_model.to(dtype)
     inject(tiny_model, config(method))
     for layer in adapted_layers(tiny_model).values():
-        assert all(t.dtype == dtype for t in layer.cores["default"].parameters())
-    assert tiny_model(tiny_input.to(dtype)).dtype == dtype
+        assert all(t.dtype == torch.float32 for t in layer.cores["default"].parameters())
+    with torch.no_grad():
+        p = adapter_parameters(tiny_model)[-1]
+        before = p.clone()
+        p.add_(1e-4)  # a typical small optimizer update survives
+        assert (p - before).abs().min() > 5e-5
+    randomize(tiny_model)
+    y = tiny_model(tiny_input.to(dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_unmerge_restores_a_low_precision_base(method, dtype, tiny_model):
+    """SBoRA touches r columns/rows and puts them back bit-exactly; dense cores within one rounding of |ΔW|."""
+    tiny_model.to(dtype)
+    w0 = base_weights(tiny_model)
+    inject(tiny_model, config(method))
+    randomize(tiny_model)
+    for _ in range(3):  # swaps do not accumulate drift
+        merge(tiny_model)
+        assert any(not torch.equal(v, w0[k.replace("base_layer.", "")]) for k, v in base_weights(tiny_model).items())
+        unmerge(tiny_model)
+    for path, layer in adapted_layers(tiny_model).items():
+        w, ref = layer.base_layer.weight, w0[path + ".weight"]
+        if method in ("sbora-fa", "sbora-fb"):
+            assert torch.equal(w, ref), path
+        else:  # stated tolerance: 3 swaps x one rounding (relative eps of the dtype) of max|ΔW| + |W|
+            eps = torch.finfo(dtype).eps
+            bound = 3 * 2 * eps * (layer.cores["default"].delta_weight().abs().max() + ref.float().abs().max())
+            assert (w.float() - ref.float()).abs().max() <= bound, path
+
+
+def test_sbora_unmerge_is_exact_with_other_adapters_merged_between(tiny_model):
+    w0 = base_weights(tiny_model)
+    inject(tiny_model, config("sbora-fa", slot=0), name="a")
+    inject(tiny_model, config("sbora-fa", slot=1), name="b")
+    randomize(tiny_model, "a", seed=1)
+    randomize(tiny_model, "b", seed=2)
+    merge(tiny_model, "a")
+    merge(tiny_model, "b")
+    unmerge(tiny_model, "a")  # disjoint columns: a's are untouched by b, restored exactly
+    unmerge(tiny_model, "b")
+    for path, layer in adapted_layers(tiny_model).items():
+        assert torch.equal(layer.base_layer.weight, w0[path + ".weight"]), path
+
+
+# ---- exact LoRA factors --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 5)], ids=["2d", "3d", "4d"])
+def test_lora_factors_are_exact(method, shape, tiny_model):
+    inject(tiny_model, config(method, slot=1) if method in SLOTTED else config(method))
+    randomize(tiny_model)
+    for path, layer in adapted_layers(tiny_model).items():
+        core = layer.cores["default"]
+        A, B, s = core.lora_factors()
+        k = 2 * R if method == "difflora" else R
+        assert A.shape == (k, layer.in_features) and B.shape == (layer.out_features, k), path
+        assert torch.equal((B @ A) * s, core.delta_weight()), path  # ΔW = s·B·A, bit for bit
+        x = torch.randn(*shape, layer.in_features)
+        torch.testing.assert_close(core.delta(x), s * (x @ A.T @ B.T), atol=1e-5, rtol=1e-5)
+        if method in ("sbora-fa", "sbora-fb"):
+            one_hot = A if method == "sbora-fa" else B.T  # (r, dim) rows e_i at the slot's indices
+            assert torch.equal(one_hot.nonzero()[:, 1], core.indices) and torch.equal(one_hot.sum(1), torch.ones(R))
+        if method == "ortho":
+            assert torch.equal(A, core.A)
+
+
+# ---- orthogonal bases at any width ---------------------------------------------------
+
+
+@pytest.mark.parametrize("d_in", [10, 20, 33, 100, 320])
+def test_ortho_slots_are_orthogonal_at_any_width(d_in):
+    from sbora_diffusion.adapters.ortho import orthogonal_rows
+
+    r = min(5, d_in // 4)
+    rows = [orthogonal_rows(AdapterConfig(method="ortho", rank=r, slot=k), d_in, "layer") for k in range(4)]
+    for i in range(4):
+        torch.testing.assert_close(rows[i] @ rows[i].T, torch.eye(r), atol=1e-6, rtol=0)
+        for j in range(i):
+            assert (rows[i] @ rows[j].T).abs().max() < 1e-6, (d_in, i, j)
+
+
+def test_ortho_basis_is_the_same_in_another_process(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from sbora_diffusion.adapters.ortho import orthogonal_rows
+
+    code = (
+        "import sys; from safetensors.torch import save_file; from sbora_diffusion.adapters import AdapterConfig;"
+        "from sbora_diffusion.adapters.ortho import orthogonal_rows;"
+        "save_file({f'{d}/{k}': orthogonal_rows(AdapterConfig(method='ortho', rank=3, slot=k, seed=7), d, 'a.b') "
+        "for d in (20, 33) for k in range(3)}, sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "rows.safetensors")], check=True, cwd=tmp_path)
+    other = load_file(str(tmp_path / "rows.safetensors"))
+    assert len(other) == 6
+    for key, rows in other.items():
+        d, k = map(int, key.split("/"))
+        assert torch.equal(rows, orthogonal_rows(AdapterConfig(method="ortho", rank=3, slot=k, seed=7), d, "a.b")), key
+
+
+# ---- inject leaves other adapters alone; call-scoped selection ---------------------------
+
+
+def test_inject_leaves_earlier_adapters_trainable(tiny_model):
+    tiny_model.requires_grad_(False)
+    inject(tiny_model, config("sbora-fa", slot=0), name="a")
+    inject(tiny_model, config("sbora-fa", slot=1), name="b")
+    assert all(p.requires_grad for p in adapter_parameters(tiny_model, "a"))
+    assert all(p.requires_grad for p in adapter_parameters(tiny_model, "b"))
+    assert not any(p.requires_grad for n, p in tiny_model.named_parameters() if ".cores." not in n)
+    for p in adapter_parameters(tiny_model, "a"):
+        p.requires_grad_(False)
+    inject(tiny_model, config("lora"), name="c")
+    assert not any(p.requires_grad for p in adapter_parameters(tiny_model, "a"))  # frozen stays frozen too
+
+
+def two_concepts(model):
+    inject(model, config("sbora-fa", slot=0), name="a")
+    inject(model, config("lora"), name="b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+
+
+def test_active_adapters_scope_equals_the_switches(tiny_model, tiny_input):
+    base = tiny_model(tiny_input)
+    two_concepts(tiny_model)
+    both = tiny_model(tiny_input)
+    set_adapter_enabled(tiny_model, "b", False)
+    set_adapter_weight(tiny_model, "a", 0.3)
+    only_a = tiny_model(tiny_input)
+    set_adapter_enabled(tiny_model, "b", True)
+    set_adapter_weight(tiny_model, "a", 1.0)
+    with active_adapters(tiny_model, {"a": 0.3}):
+        assert torch.equal(tiny_model(tiny_input), only_a)
+        with active_adapters(tiny_model, []):  # innermost scope wins
+            assert torch.equal(tiny_model(tiny_input), base)
+        assert torch.equal(tiny_model(tiny_input), only_a)
+    assert torch.equal(tiny_model(tiny_input), both)  # nothing on the layers changed
+    assert all(layer.enabled == {"a": True, "b": True} for layer in adapted_layers(tiny_model).values())
+    with pytest.raises(ValueError, match="no adapter named 'c'.*it has: a, b"):
+        with active_adapters(tiny_model, ["c"]):
+            pass
+    merge(tiny_model, "a")
+    with pytest.raises(RuntimeError, match="'a' is merged"):
+        with active_adapters(tiny_model, ["b"]):
+            pass
+    with active_adapters(tiny_model, {"a": 1.0}):
+        torch.testing.assert_close(tiny_model(tiny_input), tiny_model(tiny_input))
+
+
+def test_active_adapters_are_per_thread(tiny_model, tiny_input):
+    import threading
+
+    two_concepts(tiny_model)
+    selections = [{"a": 1.0}, {"b": 0.5}, {"a": 0.7, "b": 1.0}, {}]
+    alone = []
+    for sel in selections:
+        with active_adapters(tiny_model, sel):
+            alone.append(tiny_model(tiny_input))
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(selections))}
+    barrier = threading.Barrier(len(selections))
+
+    def worker(i):
+        barrier.wait()
+        with active_adapters(tiny_model, selections[i]):
+            for _ in range(20):
+                results[i].append(tiny_model(tiny_input))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(selections))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # A leaked selection would move outputs by what one adapter does (> 1e-2 here); a new thread's
+    # first matmul may round differently in the last bit, so compare far below the former.
+    gaps = [(alone[i] - alone[j]).abs().max() for i in range(len(alone)) for j in range(i)]
+    assert min(gaps) > 1e-2
+    for i, outs in results.items():
+        assert len(outs) == 20, selections[i]
+        for y in outs:
+            torch.testing.assert_close(y, alone[i], atol=1e-5, rtol=0)
+
+
+def test_fa_dropout_keeps_only_r_columns_for_backward(tiny_model):
+    inject(tiny_model, AdapterConfig(method="sbora-fa", rank=R, targets=["to_q"], dropout=0.5))
+    layer = adapted_layers(tiny_model)["blocks.0.to_q"]
+    randomize(tiny_model)
+    layer.train()
+    x = torch.randn(3, 7, layer.in_features, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer.cores["default"].add_delta(torch.zeros(3, 7, layer.out_features), x, 1.0)
+    own = {t.untyped_storage().data_ptr() for t in layer.parameters()}
+    acts = [t for t in saved if t.untyped_storage().data_ptr() not in own and t.numel() > 1]
+    assert acts and all(t.shape[-1] == R for t in acts), [tuple(t.shape) for t in acts]  # mask and input: r wide
+    y.sum().backward()
+    assert x.grad is not None and 0 < (x.grad != 0).sum() <= 3 * 7 * R
+
+
+def test_fa_fused_op_refuses_double_backward(tiny_model):
+    tiny_model.requires_grad_(False)
+    inject(tiny_model, AdapterConfig(method="sbora-fa", rank=R, targets=["to_q"]))
+    layer = adapted_layers(tiny_model)["blocks.0.to_q"]
+    randomize(tiny_model)
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "BaseWithColumnBranchBackward"
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        gx.sum().backward()
 
 
 # ---- bad input: clear errors, nothing changed -------------------------------------------

@@ -3,6 +3,7 @@
 from .base import Core
 from .config import TARGET_PRESETS, AdapterConfig, load_adapter_config
 from .inject import (
+    active_adapters,
     adapted_layers,
     adapter_names,
     adapter_parameters,
@@ -27,6 +28,7 @@ __all__ = [
     "AdapterFile",
     "AdapterFileError",
     "Core",
+    "active_adapters",
     "adapted_layers",
     "adapter_names",
     "adapter_parameters",

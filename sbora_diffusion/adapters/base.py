@@ -3,14 +3,21 @@
 A core knows only shapes and tensors: it never imports diffusers or transformers. For a
 frozen base ``y = W x`` with ``W ∈ R^{d_out×d_in}`` it provides
 
-    delta(x)          -> ΔY = s·(ΔW x)   for x of shape (..., d_in)   # (..., d_out)
-    delta_weight()    -> ΔW·s            # (d_out, d_in), dense: for tests and export
-    merge_into(W, w)  :  W += w·s·ΔW     (in place; SBoRA touches only r columns/rows)
-    unmerge_from(W, w):  W -= w·s·ΔW
+    lora_factors()    -> (A, B, s) with ΔW = s·B·A exactly   # A (k, d_in), B (d_out, k)
+    delta(x)          -> ΔY = ΔW x'  for x of shape (..., d_in)   # (..., d_out)
+    delta_weight()    -> ΔW = s·B·A    # (d_out, d_in), dense: for tests and reports
+    merge_into(W, w)  :  W += w·ΔW     (in place; SBoRA touches only r columns/rows)
+    unmerge_from(W, w):  W -= w·ΔW     (SBoRA: restores the r columns/rows bit-exactly)
 
-where s = alpha/r (alpha/sqrt(r) with rsLoRA) and x is already the dropout-applied input.
-A core with ``fuses_base`` also provides ``fused_linear(x, base, w) = base(x) + w·ΔY`` as one
-op, which ``AdaptedLinear`` uses when it is the layer's only branch on a frozen float base.
+where s = alpha/r (alpha/sqrt(r) with rsLoRA) and x' = dropout(x) is the core's own dropout
+of the branch input (SBoRA-FA gathers its r columns first, then drops: the same per-element
+result, without a full-width copy kept for backward). ``lora_factors`` is the one exact view
+of every method as a LoRA: export, overlap reports and Delta-LoRA's compact file use it.
+
+Cores are float32 whatever the base's dtype (a 1e-4 update vanishes in bf16); inputs are
+cast to the core's dtype. A core with ``fuses_base`` also provides ``fused_linear(x, base, w)
+= base(x) + w·ΔY`` as one op, which ``AdaptedLinear`` uses when it is the layer's only branch
+on a frozen float base.
 """
 
 from __future__ import annotations
@@ -65,17 +72,23 @@ class Core(nn.Module):
             )
         self.config = config
         self.d_in, self.d_out, self.rank, self.scale = d_in, d_out, config.rank, config.scale
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     # LoRA-like cores have both factors of size r; SBoRA/ortho check their own dimension via slots.
     rank_bounded_by_both = True
     fuses_base = False
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
-        """ΔY / s. # (..., d_in) -> (..., d_out)"""
+        """ΔY / s, dropout included. # (..., d_in) -> (..., d_out)"""
+        raise NotImplementedError
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with ΔW = s·B·A exactly. # A (k, d_in), B (d_out, k)"""
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        A, B, s = self.lora_factors()
+        return (B @ A) * s  # (d_out, d_in)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.unscaled(x) * self.scale
@@ -86,6 +99,8 @@ class Core(nn.Module):
 
     @torch.no_grad()
     def merge_into(self, W: torch.Tensor, weight: float = 1.0) -> None:
+        # Dense ΔW: unmerge subtracts the same rounded tensor, so it restores W within one
+        # rounding of |ΔW| per entry (1e-6 relative in fp32; about |ΔW|·2⁻⁸ in bf16).
         W.add_(self.delta_weight().to(W.dtype), alpha=weight)
 
     @torch.no_grad()

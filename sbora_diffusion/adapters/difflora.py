@@ -34,7 +34,7 @@ class DiffLoRACore(Core):
         return self.B * signs  # (d_out, 2r) = B_cat
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.fused_B())  # (..., 2r) -> (..., d_out)
+        return F.linear(F.linear(self.dropout(x), self.A), self.fused_B())  # (..., 2r) -> (..., d_out)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.fused_B() @ self.A) * self.scale
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.A, self.fused_B(), self.scale  # rank 2r, τ folded into B

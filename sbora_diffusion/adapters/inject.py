@@ -7,7 +7,9 @@ diffusers UNet, the CLIP text encoder and transformers LLMs are just module tree
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterable, Iterator, Mapping
 
 from torch import nn
 
@@ -15,6 +17,7 @@ from ..configuration import ConfigError
 from .config import AdapterConfig
 from .layer import AdaptedLinear
 from .registry import METHODS
+from .scope import selection_scope
 
 
 def _linear_paths(model: nn.Module) -> dict[str, nn.Module]:
@@ -67,9 +70,10 @@ def inject(
 ) -> list[str]:
     """Add adapter `name` to every targeted linear layer of `model`; returns the wrapped paths.
 
-    Freezes every parameter of the model except those of the adapter just added (earlier
-    adapters stay as they were). `paths` (exact module paths) overrides the config's targets,
-    as when loading a file. Nothing is changed if anything is wrong.
+    Touches no other parameter: the base and earlier adapters keep their ``requires_grad``
+    (a trainer freezes the base itself, once, with ``model.requires_grad_(False)``). The new
+    cores are float32 whatever the base's dtype. `paths` (exact module paths) overrides the
+    config's targets, as when loading a file. Nothing is changed if anything is wrong.
     """
     config.validate()
     check_adapter_name(name)
@@ -95,12 +99,7 @@ def inject(
         if not isinstance(layer, AdaptedLinear):
             layer = AdaptedLinear(layer)
             replace_module(model, p, layer)
-        layer.add_core(name, cores[p], dropout=config.dropout, weight=weight)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for core in cores.values():
-        for param in core.parameters():
-            param.requires_grad_(True)
+        layer.add_core(name, cores[p], weight=weight)
     return list(paths)
 
 
@@ -146,6 +145,33 @@ def set_adapter_weight(model: nn.Module, name: str, weight: float) -> None:
 def set_adapter_enabled(model: nn.Module, name: str, enabled: bool) -> None:
     for layer in adapted_layers(model, name).values():
         layer.set_enabled(name, enabled)
+
+
+@contextlib.contextmanager
+def active_adapters(models: nn.Module | Iterable[nn.Module], selection: Mapping[str, float] | Iterable[str]) -> Iterator[None]:
+    """Run the block with exactly `selection` active ({name: weight}, or names at weight 1); see ``scope``.
+
+    `models` (one module or several, e.g. a UNet and its text encoder) are only read, to
+    check the names: an unknown name is a ValueError that lists the known ones. An empty
+    selection runs the bare base. A merged adapter cannot be switched per call: a selection
+    that leaves it out or changes its weight is refused.
+    """
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    chosen = dict(selection) if isinstance(selection, Mapping) else {n: 1.0 for n in selection}
+    layers = [layer for model in models for layer in adapted_layers(model).values()]
+    known = {n for layer in layers for n in layer.cores}
+    unknown = sorted(set(chosen) - known)
+    if unknown:
+        raise ValueError(f"no adapter named {', '.join(map(repr, unknown))} in this model; it has: {', '.join(sorted(known)) or 'none'}")
+    for layer in layers:
+        for name in layer.merged:
+            if chosen.get(name) != layer.weights[name]:
+                raise RuntimeError(
+                    f"adapter '{name}' is merged into the base weights at weight {layer.weights[name]}; "
+                    "unmerge it to select it per call, or keep it in the selection at that weight"
+                )
+    with selection_scope(chosen):
+        yield
 
 
 def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

@@ -1,9 +1,12 @@
 """AdaptedLinear: a frozen base linear layer plus any number of named adapter cores.
 
-    y = base_layer(x) + Σ_k weight_k · ΔY_k(dropout_k(x))   over enabled, unmerged cores k
+    y = base_layer(x) + Σ_k weight_k · ΔY_k(x)   over the active, unmerged cores k
 
-Each name is one concept or task. A core can be merged into the base weight (then it costs
-nothing at inference) and unmerged again; its weight (scale) and on/off switch are per name.
+Each name is one concept or task. Which cores are active, and at what weight, is the
+call's choice when a scope says so (``scope.active_adapters``: a context variable, so
+concurrent callers never see each other's selection); otherwise the per-name switch and
+weight stored here apply. A core can be merged into the base weight (then it costs nothing
+at inference) and unmerged again. Cores keep their own dtype (float32) on any base.
 Kept as a wrapper around ``base_layer`` rather than a parametrization, so the full weight is
 never rebuilt on a forward pass.
 """
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from .base import Core
+from .scope import current_selection
 
 
 class AdaptedLinear(nn.Module):
@@ -21,7 +25,6 @@ class AdaptedLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.cores = nn.ModuleDict()
-        self.dropouts = nn.ModuleDict()
         self.weights: dict[str, float] = {}
         self.enabled: dict[str, bool] = {}
         self.merged: set[str] = set()
@@ -43,19 +46,18 @@ class AdaptedLinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def add_core(self, name: str, core: Core, dropout: float = 0.0, weight: float = 1.0) -> None:
+    def add_core(self, name: str, core: Core, weight: float = 1.0, dtype: torch.dtype | None = None) -> None:
+        """Add `core` under `name`, on the base's device; it keeps its dtype (float32) unless `dtype` is given."""
         if name in self.cores:
             raise ValueError(f"this layer already has an adapter named '{name}'")
-        w = self.base_layer.weight
-        self.cores[name] = core.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
-        self.dropouts[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.cores[name] = core.to(device=self.base_layer.weight.device, dtype=dtype)
         self.weights[name] = weight
         self.enabled[name] = True
 
     def remove_core(self, name: str) -> None:
         if name in self.merged:
             self.unmerge(name)
-        del self.cores[name], self.dropouts[name], self.weights[name], self.enabled[name]
+        del self.cores[name], self.weights[name], self.enabled[name]
 
     def _check_unmerged(self, name: str, action: str) -> None:
         if name in self.merged:
@@ -89,8 +91,12 @@ class AdaptedLinear(nn.Module):
             )
         return w.data
 
-    def active(self) -> list[str]:
-        return [n for n in self.cores if self.enabled[n] and n not in self.merged]
+    def active(self) -> list[tuple[str, float]]:
+        """(name, weight) of the unmerged cores this call runs: the scope's selection, else the switches."""
+        selection = current_selection()
+        if selection is None:
+            return [(n, self.weights[n]) for n in self.cores if self.enabled[n] and n not in self.merged]
+        return [(n, w) for n, w in selection.items() if n in self.cores and n not in self.merged]
 
     def _fusable(self, name: str, x: torch.Tensor) -> bool:
         """Can base and branch run as the core's one fused op without changing what the layer does?"""
@@ -101,7 +107,7 @@ class AdaptedLinear(nn.Module):
             # a plain Linear whose forward nobody wraps or hooks (accelerate, quantizers, user hooks)
             and type(base) is nn.Linear and "forward" not in vars(base)
             and not (base._forward_hooks or base._forward_pre_hooks)
-            and not (self.training and isinstance(self.dropouts[name], nn.Dropout))
+            and not (self.training and isinstance(core.dropout, nn.Dropout))
             and not w.requires_grad and (b is None or not b.requires_grad)
             and x.dtype == w.dtype == next(core.parameters()).dtype
             and not torch.is_autocast_enabled(x.device.type)
@@ -109,15 +115,16 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active()
-        if len(active) == 1 and self._fusable(active[0], x):
-            return self.cores[active[0]].fused_linear(x, self.base_layer, self.weights[active[0]])
+        if len(active) == 1 and self._fusable(active[0][0], x):
+            name, weight = active[0]
+            return self.cores[name].fused_linear(x, self.base_layer, weight)
         y = self.base_layer(x)  # (..., d_out)
-        for name in active:
+        for name, weight in active:
             core = self.cores[name]
             # Full-precision adapters on a low-precision or quantized base compute in the core's
             # dtype; under autocast the matmuls pick their own dtype, so no copy is made.
             xa = x if torch.is_autocast_enabled(x.device.type) else x.to(next(core.parameters()).dtype)
-            y = core.add_delta(y, self.dropouts[name](xa), self.weights[name])
+            y = core.add_delta(y, xa, weight)
         return y
 
     def extra_repr(self) -> str:

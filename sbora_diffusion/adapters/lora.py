@@ -23,7 +23,7 @@ class LoRACore(Core):
         self.B = nn.Parameter(torch.zeros(d_out, config.rank))
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B)  # (..., r) -> (..., d_out)
+        return F.linear(F.linear(self.dropout(x), self.A), self.B)  # (..., r) -> (..., d_out)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.B @ self.A) * self.scale  # (d_out, d_in)
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.A, self.B, self.scale

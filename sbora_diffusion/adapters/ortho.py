@@ -11,7 +11,13 @@ and several concepts merge as the plain sum W + Σ s·B_i A_i. Q's columns are e
 (Haar measure), so taking slot k's block of consecutive columns is as random as taking
 permuted ones, and a thin QR of the first (k+1)·r columns of the seeded Gaussian yields
 exactly those columns of the full Q (Householder QR is column-causal) at O(d·m²) cost.
-The basis is stored in the adapter file, so loading never depends on re-deriving it.
+
+That needs G[:, :m] to be the same whatever m a slot draws. One seeded ``randn`` of m
+columns does not guarantee it: torch's CPU sampler fills sizes that are not a multiple of
+16 partly through another path, so the first columns of a draw depend on its size. Each
+column therefore has its own generator, seeded from (seed, path, column), and is always
+drawn at length d_in. The basis is also stored in the adapter file, so loading never
+depends on re-deriving it.
 """
 
 from __future__ import annotations
@@ -28,9 +34,8 @@ def orthogonal_rows(config: AdapterConfig, d_in: int, path: str) -> torch.Tensor
     """Slot k's r rows of the layer's shared orthogonal basis. # (r, d_in)"""
     check_slot(config, d_in, "basis vectors", path)
     m = (config.slot + 1) * config.rank
-    # Drawn row by row, so G[:, :m] is the same whatever m a slot needs.
-    G = torch.randn(m, d_in, generator=layer_generator(config.seed, path, "ortho-basis"), dtype=torch.float64).T
-    Q, R = torch.linalg.qr(G)  # (d_in, m)
+    columns = [torch.randn(d_in, generator=layer_generator(config.seed, path, f"ortho-basis/{j}"), dtype=torch.float64) for j in range(m)]
+    Q, R = torch.linalg.qr(torch.stack(columns, dim=1))  # (d_in, m)
     Q = Q * torch.sign(torch.diagonal(R))  # unique QR: positive diag(R)
     return Q[:, config.slot * config.rank : m].T.contiguous().float()
 
@@ -44,7 +49,7 @@ class OrthoCore(Core):
         self.B = nn.Parameter(torch.zeros(d_out, config.rank))
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B)  # (..., r) -> (..., d_out)
+        return F.linear(F.linear(self.dropout(x), self.A), self.B)  # (..., r) -> (..., d_out)
 
-    def delta_weight(self) -> torch.Tensor:
-        return (self.B @ self.A) * self.scale
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.A, self.B, self.scale

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .base import Core, slot_indices
 from .config import AdapterConfig
@@ -37,14 +38,40 @@ class _StandardBasisCore(Core):
     def trained(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def one_hot(self) -> torch.Tensor:
+        """The fixed factor as a dense one-hot matrix: (r, d_in) rows e_i (FA) or (d_out, r) columns e_j (FB)."""
+        t = self.trained()
+        dim = self.d_in if self.axis == 1 else self.d_out
+        eye = t.new_zeros(self.rank, dim)
+        eye[torch.arange(self.rank, device=t.device), self.indices] = 1.0
+        return eye if self.axis == 1 else eye.T
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        # s·B·A with a one-hot factor sums one non-zero product per entry: equal to delta_weight() bit for bit.
+        return (self.one_hot(), self.B, self.scale) if self.axis == 1 else (self.A, self.one_hot(), self.scale)
+
     def delta_weight(self) -> torch.Tensor:
         t = self.trained()
         return t.new_zeros(self.d_out, self.d_in).index_add_(self.axis, self.indices, t * self.scale)
 
     @torch.no_grad()
     def merge_into(self, W: torch.Tensor, weight: float = 1.0) -> None:
-        # Touches r columns (FA) or rows (FB) only: a sparse add, never a dense B@A.
+        """W += weight·ΔW in r columns (FA) or rows (FB) only: a sparse add, never a dense B@A.
+
+        The touched slices before and after are kept, so that ``unmerge_from`` can put the
+        original values back bit-exactly (any dtype) as long as nobody changed them since.
+        """
+        before = W.index_select(self.axis, self.indices)
         W.index_add_(self.axis, self.indices, (self.trained() * self.scale).to(W.dtype), alpha=weight)
+        self._merged = (before, W.index_select(self.axis, self.indices))
+
+    @torch.no_grad()
+    def unmerge_from(self, W: torch.Tensor, weight: float = 1.0) -> None:
+        saved, self._merged = getattr(self, "_merged", None), None
+        if saved is not None and torch.equal(W.index_select(self.axis, self.indices), saved[1]):
+            W.index_copy_(self.axis, self.indices, saved[0])
+        else:  # the slices changed since the merge (another adapter merged on top): subtract
+            W.index_add_(self.axis, self.indices, (self.trained() * self.scale).to(W.dtype), alpha=-weight)
 
 
 # Where to merge s·B into a copy of W instead of adding the branch in place. Merging costs two
@@ -86,6 +113,7 @@ class BaseWithColumnBranch(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second derivative through this op is refused with torch's clear error
     def backward(ctx, g):
         x_i, W, B, indices = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])  # (N, d_out)
@@ -114,7 +142,8 @@ class SBoRAFACore(_StandardBasisCore):
         return self.B  # (d_out, r), placed in columns I
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.index_select(-1, self.indices), self.B)  # (..., r) -> (..., d_out)
+        # Gather, then drop: autograd keeps only the r-wide columns, never a full-width mask or copy.
+        return F.linear(self.dropout(x.index_select(-1, self.indices)), self.B)  # (..., r) -> (..., d_out)
 
     def fused_linear(self, x: torch.Tensor, base: nn.Linear, weight: float) -> torch.Tensor:
         return BaseWithColumnBranch.apply(x, base.weight, base.bias, self.B, self.indices, weight * self.scale)
@@ -132,9 +161,9 @@ class SBoRAFBCore(_StandardBasisCore):
         return self.A  # (r, d_in), placed in rows J
 
     def unscaled(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.A)  # (..., r)
+        h = F.linear(self.dropout(x), self.A)  # (..., r)
         return h.new_zeros(*h.shape[:-1], self.d_out).index_add_(-1, self.indices, h)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
         # Scatter the r-wide update straight into the base output: no (..., d_out) delta tensor.
-        return y.index_add_(-1, self.indices, F.linear(x, self.A).to(y.dtype), alpha=weight * self.scale)
+        return y.index_add_(-1, self.indices, F.linear(self.dropout(x), self.A).to(y.dtype), alpha=weight * self.scale)
