@@ -25,6 +25,7 @@ returns ``{"output", "adapters": {name: file}, "interference": {"a+b": max over 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -96,9 +97,9 @@ def compose(config: ComposeConfig, model: PreTrainedModel | None = None, tokeniz
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    print(json.dumps(run_command(ComposeConfig, compose, "sbora-llm-compose", __doc__, argv), indent=2))
+def main(argv: list[str] | None = None) -> int:
+    return run_command(ComposeConfig, compose, "sbora-llm-compose", __doc__, argv, report=lambda r: print(json.dumps(r, indent=2)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -221,8 +221,11 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, example: Example) -> str:
     return tokenizer.apply_chat_template([_user_turn(example)], add_generation_prompt=True, tokenize=False)
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> dict[str, list[int]]:
-    """Token ids and labels: labels are IGNORE_INDEX on the prompt, the ids themselves on the answer."""
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, truncate: bool = False) -> dict[str, list[int]]:
+    """Token ids and labels: labels are IGNORE_INDEX on the prompt, the ids themselves on the answer.
+
+    An example longer than `max_length` is an error unless `truncate` (the answer is cut).
+    """
     prompt = prompt_text(tokenizer, example)
     full = tokenizer.apply_chat_template([_user_turn(example), {"role": "assistant", "content": example.output}], tokenize=False)
     if not full.startswith(prompt):
@@ -230,7 +233,10 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_len
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     if len(prompt_ids) >= max_length:
-        raise ValueError(f"a prompt has {len(prompt_ids)} tokens, more than max_length={max_length}; raise --max-length")
+        raise ValueError(f"a prompt has {len(prompt_ids)} tokens, more than max_length={max_length}; raise --max-length (within the model's context)")
+    if len(prompt_ids) + len(answer_ids) > max_length and not truncate:
+        raise ValueError(f"an example has {len(prompt_ids) + len(answer_ids)} tokens, more than max_length={max_length}: "
+                         "raise --max-length (within the model's context), or pass --truncate to cut such answers")
     ids = (prompt_ids + answer_ids)[:max_length]
     return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]}
 
@@ -238,8 +244,8 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_len
 class InstructionDataset(torch.utils.data.Dataset):
     """Examples tokenized once, up front (they are short)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_length: int):
-        self.items = [encode_example(tokenizer, ex, max_length) for ex in examples]
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_length: int, truncate: bool = False):
+        self.items = [encode_example(tokenizer, ex, max_length, truncate) for ex in examples]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -117,20 +117,14 @@ def load_base(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> tup
 
 # ---------------------------------------------------------------------------- devices and saving
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
-
-def make_accelerator(mixed_precision: str = "auto", cpu: bool = False, grad_accum: int = 1):
-    """An ``accelerate.Accelerator``; ``auto`` mixed precision is bf16 (else fp16) on CUDA and off on the CPU."""
-    from accelerate import Accelerator
-
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got '{mixed_precision}'")
-    if mixed_precision == "auto":
-        mixed_precision = "no"
-        if torch.cuda.is_available() and not cpu:
-            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_steps=grad_accum)
+def context_length(model: PreTrainedModel) -> int | None:
+    """The number of positions the model can attend over (None if its config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def compute_dtype(accelerator) -> torch.dtype:

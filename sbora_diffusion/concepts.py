@@ -6,18 +6,34 @@ with, and the validation and evaluation prompts. Prompt templates hold ``{token}
 hold ``{class_word}``. Relative folders in a YAML file are relative to the repository root
 (the folder that holds ``configs/``). A bare folder of images is a concept too: its name is
 the folder's name, the rest are the defaults below (override them on the command line).
+
+Any name a file system allows works: the display name is kept as given, and a safe internal
+name (``ConceptConfig.key``: ASCII letters, digits, ``_`` and ``-``, plus a short hash when the
+name had to change) names the adapter and the output folder, so a name never steers a path.
+
+Photos are decoded as a person sees them (``open_rgb``): EXIF orientation applied, colour
+profiles converted to sRGB, 16-bit images scaled (not clipped), transparency composited on
+white, palettes and CMYK converted; what cannot be shown faithfully is an error naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .configuration import CONFIG_DIR, ConfigError, from_dict, load_yaml, override, resolve_named_config
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".mpo")
+# Photo formats Pillow cannot decode here: named in an error instead of being skipped silently.
+UNSUPPORTED_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF", ".dng": "raw DNG", ".cr2": "raw CR2", ".cr3": "raw CR3",
+                        ".nef": "raw NEF", ".arw": "raw ARW", ".orf": "raw ORF", ".rw2": "raw RW2", ".raw": "raw", ".jxl": "JPEG XL"}
 PROJECT_ROOT = CONFIG_DIR.parent
 
 
@@ -63,6 +79,11 @@ class ConceptConfig:
         if "{token}" not in self.instance_prompt:
             raise ConceptError(f"instance_prompt '{self.instance_prompt}' must contain {{token}}")
 
+    @property
+    def key(self) -> str:
+        """The safe internal name: adapter name and output folder (see the module docstring)."""
+        return safe_name(self.name)
+
     def fill(self, template: str) -> str:
         """A prompt template with the token and class word put in."""
         return template.format(token=self.token, class_word=self.class_word)
@@ -77,26 +98,79 @@ class ConceptConfig:
         return f"put 3-20 photos of your {self.class_word} ({', '.join(IMAGE_SUFFIXES)}) in {self.instance_dir}{extra}"
 
 
+def safe_name(name: str) -> str:
+    """`name` itself when it is made of ASCII letters, digits, '_' and '-' (and is a usable adapter name),
+    else an ASCII transliteration plus 8 hex digits of the name's hash: unique per name, never a path."""
+    from .adapters.inject import check_adapter_name
+
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()).strip("_-")[:40]
+    try:
+        if slug == name:
+            check_adapter_name(slug)
+            return slug
+    except ValueError:
+        pass
+    return f"{slug or 'concept'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def image_files(folder: str | Path, what: str = "image folder", hint: str = "") -> list[Path]:
-    """Image files directly in `folder`, sorted by name; ConceptError if there are none."""
+    """Image files directly in `folder`, sorted by name; ConceptError if there are none, or if some
+    are photos in a format that cannot be decoded here (named, instead of being skipped)."""
     folder = Path(folder)
     hint = f": {hint}" if hint else ""
     if not str(folder) or not folder.is_dir():
         raise ConceptError(f"{what}: image folder {folder} does not exist{hint}")
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    unsupported = [p for p in files if p.suffix.lower() in UNSUPPORTED_SUFFIXES]
+    if unsupported:
+        names = ", ".join(p.name for p in unsupported[:5]) + (" ..." if len(unsupported) > 5 else "")
+        kinds = ", ".join(sorted({UNSUPPORTED_SUFFIXES[p.suffix.lower()] for p in unsupported}))
+        raise ConceptError(f"{what}: {names} in {folder}: {kinds} photos cannot be decoded here; convert them to JPEG or PNG "
+                           f"(any photo app exports them), or move them out of the folder")
+    found = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not found:
         raise ConceptError(f"{what}: no images in {folder}{hint}")
     return found
 
 
+_WHITE = (255, 255, 255)
+
+
 def open_rgb(path: Path) -> Image.Image:
-    """Decode one image fully (a truncated or corrupt file is a ConceptError naming it)."""
+    """Decode one image fully, as a person would see it, as 8-bit sRGB (see the module docstring).
+
+    A file that cannot be decoded faithfully (corrupt, truncated, floating-point pixels, an
+    unusable colour profile, too large) is a ConceptError that names it.
+    """
     try:
         with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            im.load()  # the first frame of an animation or multi-picture file
+            return _display_rgb(ImageOps.exif_transpose(im), path)
+    except ConceptError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, ImageCms.PyCMSError) as e:
         raise ConceptError(f"cannot read image {path} ({e}); replace or delete it") from None
+
+
+def _display_rgb(im: Image.Image, path: Path) -> Image.Image:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ConceptError(f"cannot read image {path}: 32-bit pixel values {a.min()}..{a.max()} have no known display range; save it as an 8- or 16-bit PNG")
+        im = Image.fromarray(np.rint(a / 257.0).astype(np.uint8), "L")  # 16-bit: scale, never clip
+    elif im.mode == "F":
+        raise ConceptError(f"cannot read image {path}: floating-point pixels (HDR or scientific data) have no known display range; save it as an 8- or 16-bit PNG or a JPEG")
+    icc = im.info.get("icc_profile")
+    if im.mode == "LAB":
+        im = ImageCms.applyTransform(im, ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"))
+    elif icc and im.mode in ("RGB", "RGBA", "CMYK", "L"):
+        out = "RGBA" if im.mode == "RGBA" else "RGB"
+        im = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"), outputMode=out)
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")  # palette and colour-key transparency too
+        canvas = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        im = Image.alpha_composite(canvas, rgba)
+    return im.convert("RGB")
 
 
 def _resolve_dir(value: str | None) -> str | None:
@@ -113,7 +187,8 @@ def load_concept(name_or_path: str | Path, **overrides) -> ConceptConfig:
     """
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
-        config = ConceptConfig(name=folder.resolve().name, instance_dir=str(folder), token=f"<{folder.resolve().name}1>")
+        name = folder.resolve().name
+        config = ConceptConfig(name=name, instance_dir=str(folder), token=f"<{safe_name(name).lower()}1>")
     elif ("/" in str(name_or_path) or "\\" in str(name_or_path)) and not folder.exists():
         raise ConceptError(f"{folder} does not exist: pass a folder of images, a concept YAML file, or a name from configs/concepts/")
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -66,7 +67,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
                 raise ValueError(value)
             return int(value)
         if inner is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"config field '{name}' must be a finite number, got {value!r}")
+            return number
         if inner is str:
             return str(value)
     except (TypeError, ValueError):
@@ -94,6 +98,28 @@ def override(config: T, data: dict[str, Any], source: str = "override") -> T:
     if validate is not None:
         validate()
     return new
+
+
+def check_fields(config: Any, ranges: dict[str, tuple]) -> None:
+    """Validate numeric fields: finite, and within ``(low, high[, "open"|"right-open"])`` (None: unbounded).
+
+    Bounds are inclusive unless marked: "open" excludes both ends, "right-open" the upper one.
+    The error names the field, its value and the allowed range.
+    """
+    for name, (low, high, *kind) in ranges.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        open_low = kind == ["open"]
+        open_high = kind in (["open"], ["right-open"])
+        too_low = low is not None and (value <= low if open_low else value < low)
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{low} {'<' if open_low else '<='} "
+            hi = "" if high is None else f" {'<' if open_high else '<='} {high}"
+            raise ConfigError(f"{name} must satisfy {lo}{name}{hi}, got {value}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -126,20 +152,37 @@ def resolve_named_config(kind: str, name_or_path: str | Path) -> Path:
     return candidate
 
 
+def shown_path(path: Path) -> str:
+    """A config path as the user would type it: relative to the repository when it lies there."""
+    path = Path(path).resolve()
+    return str(path.relative_to(CONFIG_DIR.parent)) if path.is_relative_to(CONFIG_DIR.parent) else str(path)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--field`` option per dataclass field, default None (= keep the YAML/dataclass value)."""
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), defaults: Any = None, source: str | None = None,
+    title: str | None = None,
+) -> None:
+    """One ``--field`` option per dataclass field, default None (= keep the YAML/dataclass value).
+
+    The help of each option shows the value the run will use: the field's value in `defaults`
+    (the config resolved from YAML for this command line), else the dataclass default, and
+    `source` says where it comes from (e.g. "configs/train/tiny.yaml").
+    """
     types_ = _field_types(cls)
-    group = parser.add_argument_group(f"{cls.__name__} fields (override the YAML config)")
+    values = defaults if defaults is not None else cls()
+    origin = f"; from {source}" if source else ""
+    group = parser.add_argument_group(title or f"{cls.__name__} fields (override the YAML config)")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         inner, _ = _unwrap_optional(types_[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        value = getattr(values, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else "none" if value is None else value
+        help_ = f"{f.metadata.get('help', '')} (default: {shown}{origin})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if inner is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sbora_diffusion.checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from sbora_diffusion.checkpoint import CheckpointError, capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 
 
 def test_checkpoint_roundtrip_prunes_and_restores_rng(tmp_path):
@@ -25,7 +25,8 @@ def test_checkpoint_roundtrip_prunes_and_restores_rng(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "step-00000030.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
-    state = load_checkpoint(tmp_path)  # the newest
+    state, path = load_checkpoint(tmp_path)  # the newest
+    assert path.name == "step-00000030.pt"
     assert state["step"] == 30 and torch.equal(state["trainable"]["w"], model.weight)
     opt2 = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters(), lr=0.1)
     opt2.load_state_dict(state["optimizer"])
@@ -37,7 +38,7 @@ def test_checkpoint_roundtrip_prunes_and_restores_rng(tmp_path):
 
 
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path)
     evil = tmp_path / "step-00000001.pt"
 
@@ -46,8 +47,8 @@ def test_checkpoint_errors(tmp_path):
             return (print, ("pwned",))
 
     evil.write_bytes(pickle.dumps({"step": 1, "x": Payload()}))
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(evil)
     (tmp_path / "step-00000002.pt").write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="may be corrupt"):
+    with pytest.raises(CheckpointError, match="no readable checkpoint.*may be corrupt"):
         load_checkpoint(tmp_path)

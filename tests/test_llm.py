@@ -19,7 +19,7 @@ from llm.data import IGNORE_INDEX, Example, arithmetic_split, encode_example, is
 from llm.evaluate import EvalConfig, evaluate
 from llm.models import BaseModelError, load_base
 from llm.quant import Int8Linear, dequantize_model, is_quantized, quantize_model
-from llm.train import StepBatches, TrainConfig, train
+from llm.train import TrainConfig, batch_indices, train
 from sbora_diffusion.adapters import adapter_parameters, inject, load_adapter, load_adapter_config, read_adapter
 from sbora_diffusion.configuration import ConfigError
 
@@ -116,12 +116,14 @@ def test_task_names_are_safe_adapter_names(task, name):
     assert data.task_name(task) == name
 
 
-def test_step_batches_resume_sees_the_same_batches():
-    full = list(StepBatches(10, 4, seed=3, start=0, stop=8))
-    assert list(StepBatches(10, 4, seed=3, start=5, stop=8)) == full[5:]
+def test_batches_are_a_pure_function_of_seed_and_index():
+    full = [batch_indices(10, 4, 3, k) for k in range(8)]
+    assert [batch_indices(10, 4, 3, k) for k in range(5, 8)] == full[5:]  # a resumed run sees the same batches
     flat = [i for b in full for i in b]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # whole epochs
-    assert full != list(StepBatches(10, 4, seed=4, start=0, stop=8))
+    assert full != [batch_indices(10, 4, 4, k) for k in range(8)]
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        batch_indices(3, 4, 0, 0)
 
 
 # ---------------------------------------------------------------------------- base models
@@ -141,11 +143,11 @@ def test_bad_bases_fail_fast_with_a_hint(tmp_path):
 
 def test_train_cli_writes_every_output_and_the_adapter_reloads(base_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    train_mod.main([
+    assert train_mod.main([
         "--base", str(base_dir), "--output-dir", str(out), "--steps", "3", "--batch-size", "2", "--train-size", "8", "--test-size", "3",
         "--rank", "4", "--lr", "0.05", "--warmup-steps", "0", "--max-length", "320", "--max-new-tokens", "4", "--log-every", "1",
         "--method", "sbora-fb", "--targets", "llama-mlp",
-    ])
+    ]) == 0
     assert "accuracy: adapted" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "config.yaml", "log.jsonl", "results.json", "results.md", "checkpoints"}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -171,44 +173,24 @@ def test_train_saves_loads_and_merges_to_a_plain_model(base_dir, tmp_path):
     torch.testing.assert_close(logits(plain), adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_resume_after_ctrl_c_matches_an_uninterrupted_run(base_dir, tmp_path, monkeypatch):
-    straight = train(tiny_config(base_dir, tmp_path / "a", eval=False))
-    calls = {"n": 0}
-    real_clip = train_mod.torch.nn.utils.clip_grad_norm_
-
-    def interrupt_at_third_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_clip(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", interrupt_at_third_step)
-    with pytest.raises(SystemExit, match="checkpoint saved at step 2"):
-        train(tiny_config(base_dir, tmp_path / "b", eval=False))
-    assert not (tmp_path / "b" / "adapter.safetensors").exists()
-    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-00000002.pt"]
-    monkeypatch.undo()
-    resumed = train(tiny_config(base_dir, tmp_path / "b", eval=False, resume=True))
-    assert resumed["steps"] == 4
-    a, b = read_adapter(straight["adapter"]).tensors, read_adapter(resumed["adapter"]).tensors
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(FileNotFoundError, match="train without --resume"):
-        train(tiny_config(base_dir, tmp_path / "c", resume=True))
-
-
 def test_jsonl_task_trains_and_evaluate_scores_base_and_adapter(base_dir, tmp_path):
     rows = [{"instruction": "Repeat the number", "input": str(i), "output": str(i)} for i in range(12)]
     task = write_jsonl(tmp_path / "echo.jsonl", rows)
     result = train(tiny_config(base_dir, tmp_path / "run", task=str(task), test_fraction=0.25, eval=False))
     assert Path(result["output_dir"]) == tmp_path / "run" and result["adapter_name"] == "echo"
-    evaluate_main(["--base", str(base_dir), "--adapter", result["adapter"], "--task", str(task), "--test-fraction", "0.25", "--max-new-tokens", "3", "--output-dir", str(tmp_path / "ev")])
-    report = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert evaluate_main(["--base", str(base_dir), "--adapter", result["adapter"], "--task", str(task), "--test-fraction", "0.25", "--max-new-tokens", "3", "--output-dir", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert report["n"] == 3 and report["task"] == "echo"
     base_only = evaluate(EvalConfig(base=str(base_dir), task=str(task), test_fraction=0.25, max_new_tokens=3, output_dir=str(tmp_path / "ev0")))
     assert base_only["adapted"] is None
     # Switching the adapter off really gives the base: same greedy generations.
     assert [s["generated"] for s in base_only["zero_shot"]["samples"]] == [s["generated"] for s in report["zero_shot"]["samples"]]
-    assert report["adapters"] == [result["adapter"]] and "| adapted |" in (tmp_path / "ev" / "results.md").read_text()
+    assert report["adapters"] == [result["adapter"]] and "| adapted |" in (tmp_path / "ev" / "evaluation.md").read_text()
+    # Evaluating into the training run's own folder writes beside its results, never over them.
+    trained = train(tiny_config(base_dir, tmp_path / "scored", task=str(task), test_fraction=0.25, max_new_tokens=3))
+    before = (tmp_path / "scored" / "results.json").read_bytes()
+    assert evaluate_main(["--base", str(base_dir), "--adapter", trained["adapter"], "--task", str(task), "--test-fraction", "0.25", "--max-new-tokens", "3"]) == 0
+    assert (tmp_path / "scored" / "results.json").read_bytes() == before and (tmp_path / "scored" / "evaluation.json").is_file()
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         evaluate(EvalConfig(base=str(base_dir), zero_shot=False))
     with pytest.raises(ConfigError, match="merging into a quantized base is refused"):
@@ -278,7 +260,7 @@ def test_two_task_adapters_in_different_slots_compose_without_interference(base_
         load_adapter(both, adapter, name=name)
     assert interference(both, "twice", "square") == 0.0
     unmerged = logits(both)
-    compose_main(["--base", str(base_dir), "--adapter", ",".join(tasks.values()), "--output", str(tmp_path / "composed")])
+    assert compose_main(["--base", str(base_dir), "--adapter", ",".join(tasks.values()), "--output", str(tmp_path / "composed")]) == 0
     report = json.loads((tmp_path / "composed" / "compose.json").read_text())
     assert report["interference"] == {"twice+square": 0.0} and set(report["adapters"]) == {"twice", "square"}
     merged = AutoModelForCausalLM.from_pretrained(report["output"]).eval()

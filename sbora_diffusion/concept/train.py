@@ -1,0 +1,341 @@
+r"""Single-concept training: personalize Stable Diffusion to one concept from a few photos.
+
+DreamBooth (Ruiz et al., 2023) with low-rank adapters instead of full fine-tuning, as in
+Mix-of-Show and the SBoRA paper: any adapter method of the registry on the UNet's attention
+(and optionally the CLIP text encoder), optionally a learned embedding for the concept's
+token (Textual-Inversion style, "new" or "rare" token), optional prior preservation with
+class images. The loss is in ``concept/loss.py``, the data in ``concept/data.py``; the loop
+(optimizer, schedule, precision, checkpoints, resume, Ctrl-C, logs) is the shared engine's.
+
+    python train_concept.py --concept robot --method sbora-fa          # embedded offline default
+    accelerate launch train_concept.py --concept dog --method sbora-fa \
+        --model /path/to/stable-diffusion-v1-5 --mixed-precision fp16
+
+Outputs in ``outputs/<concept>/<method>/`` (or ``--output-dir``): adapter.safetensors
+(+ adapter.text_encoder.safetensors), config.yaml (everything resolved), samples.png (base
+and adapted images side by side, labelled), log.jsonl, logs/ (tensorboard),
+validation/step-*.png, checkpoints/step-*.pt. Everything is checked before that folder is
+touched, and a run only replaces an earlier one with --overwrite (see ``rundir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..adapters import AdapterConfig, active_adapters, adapter_parameters, inject, load_adapter_config
+from ..cli import add_debug_flag, run_main
+from ..concept_adapter import save_concept_adapter
+from ..concepts import ConceptConfig, load_concept, safe_name
+from ..configuration import (
+    CONFIG_DIR,
+    ConfigError,
+    add_arguments,
+    check_fields,
+    from_dict,
+    load_yaml,
+    override,
+    overrides_from_args,
+    resolve_named_config,
+    shown_path,
+)
+from ..engine import Engine, EngineConfig, Micro
+from ..fileio import atomic_path, write_text
+from ..generate import render
+from ..grids import labelled_grid
+from ..models import DEFAULT_MODEL, load_pipeline
+from ..tokens import TOKEN_MODES, install_concept_tokens
+from .data import class_image_paths, load_images, sample_batch, tokenize
+from .loss import diffusion_loss
+
+
+@dataclass
+class TrainConfig(EngineConfig):
+    resolution: int | None = field(default=None, metadata={"help": "training/sampling resolution in pixels (none: the model's native size)"})
+    text_encoder_lr: float | None = field(default=None, metadata={"help": "learning rate of the text-encoder adapter (none: --lr)"})
+    token_lr: float = field(default=1e-3, metadata={"help": "learning rate of the concept's token embeddings"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, more compute"})
+    train_text_encoder: bool = field(default=False, metadata={"help": "also put adapters on the CLIP text encoder"})
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["clip-text"], metadata={"help": "targets of the text-encoder adapter (presets clip-text, clip-text-mlp, or suffixes)"})
+    token_mode: str = field(default="new", metadata={"help": "concept token embeddings: new (add the token, learn it), rare (learn an existing word's embedding), none (token stays plain text)"})
+    with_prior_preservation: bool = field(default=False, metadata={"help": "DreamBooth prior preservation with class images"})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the class-image loss"})
+    num_class_images: int = field(default=100, metadata={"help": "class images to use; missing ones are generated once with the base model and cached"})
+    prediction_type: str | None = field(default=None, metadata={"help": "epsilon or v_prediction (none: the scheduler config's)"})
+    snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-gamma loss weighting (5.0 is the paper's; none: off)"})
+    noise_offset: float = field(default=0.0, metadata={"help": "noise offset (e.g. 0.05; 0: off)"})
+    center_crop: bool = field(default=True, metadata={"help": "centre crop after resizing (else a random crop each time)"})
+    random_flip: bool = field(default=False, metadata={"help": "flip images horizontally at random (off: keeps asymmetric concepts right)"})
+    validation_steps: int = field(default=0, metadata={"help": "save a validation grid every N steps (0: only the final samples.png)"})
+    num_validation_images: int = field(default=2, metadata={"help": "images per validation prompt (seeds 0..N-1)"})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of validation, sample and class images"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance of validation, sample and class images"})
+
+    def validate(self) -> None:
+        super().validate()
+        check_fields(self, {
+            "resolution": (8, 4096), "text_encoder_lr": (0, None, "open"), "token_lr": (0, None), "prior_loss_weight": (0, None),
+            "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "validation_steps": (0, None),
+            "num_validation_images": (1, 64), "sample_steps": (1, 1000), "guidance_scale": (0, 100),
+        })
+        if self.resolution is not None and self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.token_mode not in TOKEN_MODES:
+            raise ConfigError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got '{self.token_mode}'")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ConfigError(f"prediction_type must be epsilon or v_prediction, got '{self.prediction_type}'")
+
+
+def train_config_path(name_or_path: str | None = None, model: str = DEFAULT_MODEL) -> Path:
+    """``configs/train/<name>.yaml`` (or a YAML path); without a name ``configs/train/<model>.yaml``
+    for an embedded base that has one (its own short settings), else ``configs/train/default.yaml``."""
+    if name_or_path is None:
+        name_or_path = model if (CONFIG_DIR / "train" / f"{model}.yaml").is_file() else "default"
+    return resolve_named_config("train", name_or_path)
+
+
+def load_train_config(name_or_path: str | None = None, model: str = DEFAULT_MODEL, **overrides) -> TrainConfig:
+    path = train_config_path(name_or_path, model)
+    return from_dict(TrainConfig, {**load_yaml(path), **overrides}, source=str(path))
+
+
+def method_label(method: str, adapter: AdapterConfig) -> str:
+    """The output folder's method part: the method name, or a safe form of a method YAML's file name."""
+    return adapter.method if method == adapter.method else safe_name(Path(method).stem)
+
+
+def default_output_dir(concept: ConceptConfig, label: str) -> Path:
+    return Path("outputs") / concept.key / label
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    adapter_path: Path
+    pipe: object
+    step: int
+    losses: list[float]
+    is_main_process: bool = True
+
+
+def set_up_adapters(pipe, concept: ConceptConfig, adapter: AdapterConfig, te_adapter: AdapterConfig | None, cfg: TrainConfig):
+    """Freeze the base, inject the adapters and token embeddings; return (named params, optimizer groups, tokens)."""
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        part.requires_grad_(False)
+    name = concept.key
+    inject(pipe.unet, adapter, name=name)
+    groups = [{"params": adapter_parameters(pipe.unet, name)}]
+    if te_adapter is not None:
+        inject(pipe.text_encoder, te_adapter, name=name)
+        groups.append({"params": adapter_parameters(pipe.text_encoder, name), "lr": cfg.text_encoder_lr or cfg.lr})
+    tokens = None
+    if cfg.token_mode != "none":
+        tokens = install_concept_tokens(pipe.tokenizer, pipe.text_encoder, concept.token, cfg.token_mode, init_word=concept.class_word)
+        groups.append({"params": [tokens.vectors], "lr": cfg.token_lr, "weight_decay": 0.0})
+    named = {f"{part}.{n}": p for part in ("unet", "text_encoder") for n, p in getattr(pipe, part).named_parameters() if p.requires_grad}
+    return named, groups, tokens
+
+
+def cast_frozen(pipe, dtype: torch.dtype) -> None:
+    """Frozen weights to the mixed-precision dtype; trainable ones stay fp32 (as diffusers' scripts)."""
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        for p in part.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+
+
+def check_resolution(pipe, res: int) -> None:
+    """The UNet halves the latent size once per down block: the resolution must divide evenly all the way."""
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    if res % multiple:
+        raise ConfigError(f"resolution {res} does not fit this model: it must be a multiple of {multiple} "
+                          f"(VAE factor {pipe.vae_scale_factor} x {2 ** (len(pipe.unet.config.down_block_types) - 1)} for the UNet's down blocks)")
+
+
+def base_prompt(prompt: str, concept: ConceptConfig) -> str:
+    """What the base model is asked beside the adapted one: the token replaced by the class word."""
+    from ..clip_score import replace_tokens, token_rules
+
+    return replace_tokens(prompt, token_rules(concept.token, concept.class_word))
+
+
+def sample_grid(pipe, concept: ConceptConfig, cfg: TrainConfig, res: int, autocast) -> object:
+    """Validation prompts (rows) x seeds, each as base model | adapted, labelled."""
+    prompts = [concept.fill(p) for p in concept.validation_prompts]
+    seeds = list(range(cfg.num_validation_images))
+    kwargs = dict(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, height=res, width=res)
+    for part in (pipe.unet, pipe.text_encoder):
+        part.eval()
+    with torch.no_grad(), autocast():
+        with active_adapters((pipe.unet, pipe.text_encoder), {}):
+            base = render(pipe, [base_prompt(p, concept) for p in prompts], seeds, desc="samples (base)", **kwargs)
+        adapted = render(pipe, prompts, seeds, desc="samples (adapted)", **kwargs)
+    n = len(seeds)
+    images = [im for r in range(len(prompts)) for s in range(n) for im in (base[r * n + s], adapted[r * n + s])]
+    labels = [f"{kind}, seed {s}" for s in seeds for kind in ("base", "adapted")]
+    return labelled_grid(images, rows=len(prompts), cols=2 * n, row_labels=prompts, col_labels=labels)
+
+
+def save_png(image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def resolved_config(model: str, method: str, concept, adapter, te_adapter, cfg) -> dict:
+    return {"model": model, "method": method, "concept": dataclasses.asdict(concept), "concept_key": concept.key,
+            "adapter": dataclasses.asdict(adapter), "text_encoder_adapter": dataclasses.asdict(te_adapter) if te_adapter else None,
+            "train": dataclasses.asdict(cfg)}
+
+
+def train(
+    concept: str | ConceptConfig, method: str = "sbora-fa", model: str = DEFAULT_MODEL, *,
+    train_config: TrainConfig | None = None, adapter_overrides: dict | None = None, concept_overrides: dict | None = None,
+    resume: bool | str = False, pipe=None, stop_event=None, on_step=None,
+) -> TrainResult:
+    """Train one concept adapter; see the module docstring. `pipe` (modified in place) skips loading
+    `model`; `stop_event` (a threading.Event) stops at the next step boundary like Ctrl-C;
+    `on_step(step, loss)` is called after every step (a progress display)."""
+    cfg = train_config or load_train_config(model=model)
+    # 1. Everything that can be wrong is checked before the output folder is touched.
+    concept = concept if isinstance(concept, ConceptConfig) else load_concept(concept, **(concept_overrides or {}))
+    instance_paths = concept.instance_images()
+    adapter = load_adapter_config(method, **(adapter_overrides or {}))
+    te_adapter = override(adapter, {"targets": cfg.text_encoder_targets}) if cfg.train_text_encoder else None
+    label = method_label(method, adapter)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(concept, label)
+    engine = Engine(cfg, out_dir, resume=resume, desc=f"train {concept.key}/{label}", stop_event=stop_event)
+    try:
+        pipe = pipe if pipe is not None else load_pipeline(model)
+        res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        check_resolution(pipe, res)
+        instance_images = load_images(instance_paths, res)
+        named, groups, tokens = set_up_adapters(pipe, concept, adapter, te_adapter, cfg)  # rank/target errors surface here
+        pipe.to(engine.device)
+        class_images = []
+        if cfg.with_prior_preservation:
+            # One process generates the missing class images (from the base: adapters off), the others then read them.
+            with engine.accelerator.main_process_first(), engine.accelerator.autocast(), active_adapters((pipe.unet, pipe.text_encoder), {}):
+                paths = class_image_paths(pipe, model, concept, cfg.num_class_images, res, cfg.sample_steps, cfg.guidance_scale)
+                class_images = load_images(paths, res)
+        cast_frozen(pipe, engine.weight_dtype)
+        train_te = te_adapter is not None or tokens is not None
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            if train_te:
+                te = pipe.text_encoder  # transformers 5 name; older releases only have gradient_checkpointing_enable
+                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+        from diffusers import DDPMScheduler
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **({"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}))
+        unet, text_encoder = engine.prepare(pipe.unet, pipe.text_encoder) if train_te else (*engine.prepare(pipe.unet), pipe.text_encoder)
+        fingerprint = {"adapter": dataclasses.asdict(adapter), "text_encoder_adapter": te_adapter and dataclasses.asdict(te_adapter),
+                       "token_mode": cfg.token_mode, "token": concept.token}
+        engine.setup(named, groups, fingerprint=fingerprint)
+        if engine.is_main:
+            write_text(engine.run_dir / "config.yaml", yaml.safe_dump(resolved_config(model, method, concept, adapter, te_adapter, cfg), sort_keys=False))
+
+        instance_ids = tokenize(pipe.tokenizer, concept.fill(concept.instance_prompt), cfg.batch_size)
+        class_ids = tokenize(pipe.tokenizer, concept.fill(concept.class_prompt), cfg.batch_size)
+
+        def loss_fn(micro: Micro) -> torch.Tensor:
+            pixels, ids = sample_batch(instance_images, class_images, instance_ids, class_ids, cfg.batch_size, res,
+                                       cfg.center_crop, cfg.random_flip, micro.generator)
+            return diffusion_loss(pipe.vae, noise_scheduler, unet, text_encoder, pixels.to(engine.device), ids, n_instance=cfg.batch_size,
+                                  gen=micro.generator, prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
+                                  noise_offset=cfg.noise_offset)
+
+        def after_step(step: int, loss: float) -> None:
+            if on_step is not None:
+                on_step(step, loss)
+            if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.steps and engine.is_main:
+                grid = sample_grid(pipe, concept, cfg, res, engine.accelerator.autocast)
+                save_png(grid, engine.run_dir / "validation" / f"step-{step:06d}.png")
+                engine.log_image("validation", grid, step)
+
+        state = engine.run(loss_fn, after_step)
+        adapter_path = out_dir / "adapter.safetensors"
+        if engine.is_main:
+            info = {"concept": concept.key, "display_name": concept.name, "method": label, "token": concept.token,
+                    "class_word": concept.class_word, "token_mode": cfg.token_mode, "eval_prompts": concept.eval_prompts,
+                    "validation_prompts": concept.validation_prompts, "steps": state.step}
+            save_concept_adapter(pipe, engine.run_dir / adapter_path.name, concept.key, base_model=str(model), info=info,
+                                 tokens=tokens, token_mode=cfg.token_mode)
+            save_png(sample_grid(pipe, concept, cfg, res, engine.accelerator.autocast), engine.run_dir / "samples.png")
+        engine.finish()
+    except BaseException:
+        engine.abort()
+        raise
+    for m in (pipe.unet, pipe.text_encoder):
+        m.eval()
+    return TrainResult(out_dir=out_dir, adapter_path=adapter_path, pipe=pipe, step=state.step, losses=state.losses,
+                       is_main_process=engine.is_main)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: every field an option; --help shows the values this command line will use.
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    pre = argparse.ArgumentParser(add_help=False)
+    for flag in ("--concept", "--method", "--model", "--config"):
+        pre.add_argument(flag)
+    known, _ = pre.parse_known_args(argv or [])
+    model, method = known.model or DEFAULT_MODEL, known.method or "sbora-fa"
+    p = argparse.ArgumentParser(prog="train_concept.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", required=True, help="concept name (configs/concepts/NAME.yaml), a concept YAML file, or a folder of images")
+    p.add_argument("--method", default="sbora-fa", help="adapter method: configs/methods/METHOD.yaml or a YAML path (default: sbora-fa)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: '{DEFAULT_MODEL}' (embedded, offline), a local diffusers folder, or a hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--config", default=None, help="training config: configs/train/NAME.yaml or a YAML path "
+                   "(default: configs/train/<model>.yaml for an embedded model that has one, else configs/train/default.yaml)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in the output folder from its newest checkpoint (or from the given step-N.pt file or folder); "
+                   "with a larger --steps it trains on, the schedule stretched over the new total")
+    add_debug_flag(p)
+    concept_cfg = concept_src = None
+    if known.concept:
+        try:
+            concept_cfg = load_concept(known.concept)
+            concept_src = f"concept '{known.concept}'"
+        except ConfigError:
+            pass
+    add_arguments(p, ConceptConfig, defaults=concept_cfg, source=concept_src or "the concept's YAML or folder; give --concept to see its values")
+    try:
+        path = resolve_named_config("methods", method)
+        add_arguments(p, AdapterConfig, skip=("method",), defaults=load_adapter_config(path), source=shown_path(path))
+    except ConfigError:
+        add_arguments(p, AdapterConfig, skip=("method",), source="the method's YAML")
+    try:
+        path = train_config_path(known.config, model)
+        add_arguments(p, TrainConfig, defaults=from_dict(TrainConfig, load_yaml(path), source=str(path)), source=shown_path(path))
+    except ConfigError:
+        add_arguments(p, TrainConfig, source="the training YAML")
+    return p
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser(argv).parse_args(argv)
+    cfg = load_train_config(args.config, args.model, **overrides_from_args(args, TrainConfig))
+    result = train(
+        args.concept, args.method, args.model, train_config=cfg,
+        adapter_overrides={k: v for k, v in overrides_from_args(args, AdapterConfig).items() if k != "method"},
+        concept_overrides=overrides_from_args(args, ConceptConfig), resume=args.resume,
+    )
+    if result.is_main_process:
+        print(f"done: {result.step} steps, final loss {result.losses[-1] if result.losses else float('nan'):.4f}\n"
+              f"  adapter  {result.adapter_path}\n  samples  {result.out_dir / 'samples.png'} (base | adapted, per prompt and seed)\n"
+              f"  generate python -m sbora_diffusion.generate --adapter {result.adapter_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
