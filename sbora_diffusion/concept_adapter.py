@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterFile, AdapterFileError, adapted_layers, load_adapter, read_adapter, remove, save_adapter
+from .adapters.io import sibling_file
 from .configuration import ConfigError
 from .tokens import ConceptTokenEmbedding, concept_token_extra, install_concept_tokens, resolve_token_ids
 
@@ -61,7 +62,8 @@ def load_concept_adapter(pipe, path: str | Path, name: str | None = None, weight
     file = read_adapter(path)
     info = file.extra
     name = name or info.get("concept") or "default"
-    te_file = read_adapter(path.parent / info["text_encoder_adapter"]) if info.get("text_encoder_adapter") else None
+    te_path = sibling_file(path, info["text_encoder_adapter"], "text-encoder adapter") if info.get("text_encoder_adapter") else None
+    te_file = read_adapter(te_path) if te_path else None
     vectors = file.extra_tensors.get(TOKEN_TENSOR)
     if vectors is not None and info.get("token_mode") == "rare":
         ids = resolve_token_ids(pipe.tokenizer, info["token"], "rare")
@@ -74,7 +76,7 @@ def load_concept_adapter(pipe, path: str | Path, name: str | None = None, weight
     load_adapter(pipe.unet, path, name=name, weight=weight, base_model=base_model)
     try:
         if te_file is not None:
-            load_adapter(pipe.text_encoder, path.parent / info["text_encoder_adapter"], name=name, weight=weight, base_model=base_model)
+            load_adapter(pipe.text_encoder, te_path, name=name, weight=weight, base_model=base_model)
         if vectors is not None:
             install_concept_tokens(pipe.tokenizer, pipe.text_encoder, info["token"], info["token_mode"], vectors=vectors)
     except (AdapterFileError, ConfigError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import ast
 import copy
 from pathlib import Path
@@ -607,7 +608,7 @@ def test_corrupt_and_foreign_files(tiny_model, tmp_path):
             self.blocks[0].to_q = torch.nn.Linear(24, 48, bias=False)
 
     wider = Wider()
-    with pytest.raises(AdapterFileError, match=r"blocks\.0\.to_q\.B: file has shape \(32, 4\), model needs \(48, 4\)"):
+    with pytest.raises(AdapterFileError, match=r"blocks\.0\.to_q\.B: file has torch.float32 \(32, 4\), model needs torch.float32 \(48, 4\)"):
         load_adapter(wider, good)
     assert_untouched(wider)
     other = torch.nn.Sequential(torch.nn.Linear(24, 24))
@@ -656,3 +657,54 @@ def test_cores_import_neither_diffusers_nor_transformers():
         for node in ast.walk(ast.parse(file.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] in ("diffusers", "transformers", "peft") for n in names), file.name
+
+
+def _tampered(good: Path, tmp_path: Path, name: str, change) -> Path:
+    """A copy of adapter file `good` with its tensors (and metadata) changed by `change(tensors, meta)`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors, meta)
+    out = tmp_path / name
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("index out of range", lambda t, m: t["blocks.0.to_q.indices"].__setitem__(0, 10_000), r"blocks\.0\.to_q\.indices: index 10000 is out of range"),
+    ("repeated index", lambda t, m: t["blocks.0.to_q.indices"].__setitem__(1, int(t["blocks.0.to_q.indices"][0])), "negative or repeated indices"),
+    ("negative index", lambda t, m: t["blocks.0.to_q.indices"].__setitem__(0, -1), "negative or repeated indices"),
+    ("NaN weight", lambda t, m: t["blocks.1.to_v.B"].__setitem__((0, 0), float("nan")), r"blocks\.1\.to_v\.B holds NaN"),
+    ("infinite weight", lambda t, m: t["blocks.1.to_v.B"].__setitem__((0, 0), float("inf")), "NaN or infinite"),
+    ("float indices", lambda t, m: t.__setitem__("blocks.0.to_q.indices", t["blocks.0.to_q.indices"].float()), "model needs torch.int64"),
+    ("modules not a list", lambda t, m: m.__setitem__("modules", '"blocks.0.to_q"'), "modules must be a list"),
+])
+def test_adapter_file_content_is_validated_before_the_model_changes(case, change, message, tiny_model, tmp_path):
+    inject(tiny_model, config("sbora-fa"))
+    randomize(tiny_model)
+    good = save_adapter(tiny_model, tmp_path / "good.safetensors")
+    bad = _tampered(good, tmp_path, "bad.safetensors", change)
+    target = TinyBlocks()
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(target, bad)
+    assert_untouched(target)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/te.safetensors", "..", 7])
+def test_metadata_never_names_a_file_outside_the_adapter_folder(name, tiny_pipe, tmp_path):
+    import copy as copy_
+
+    from sbora_diffusion.concept_adapter import load_concept_adapter, save_concept_adapter
+
+    pipe = copy_.deepcopy(tiny_pipe)
+    inject(pipe.unet, config("lora", rank=2), name="c")
+    inject(pipe.text_encoder, AdapterConfig(method="lora", rank=2, targets=["clip-text"]), name="c")
+    good = save_concept_adapter(pipe, tmp_path / "a" / "adapter.safetensors", "c", base_model="tiny", info={"concept": "c", "token": "<c1>"})
+    bad = _tampered(good, tmp_path / "a", "evil.safetensors", lambda t, m: m.__setitem__("extra", m["extra"].replace('"adapter.text_encoder.safetensors"', json.dumps(name))))
+    fresh = copy_.deepcopy(tiny_pipe)
+    with pytest.raises(AdapterFileError, match="plain file name|outside the adapter's folder"):
+        load_concept_adapter(fresh, bad)
+    assert_untouched(fresh.unet) and assert_untouched(fresh.text_encoder)

@@ -65,20 +65,12 @@ def adapter_names(model: nn.Module) -> list[str]:
     return sorted({n for m in adapted_layers(model).values() for n in m.cores})
 
 
-def inject(
-    model: nn.Module, config: AdapterConfig, name: str = "default", paths: list[str] | None = None, weight: float = 1.0
-) -> list[str]:
-    """Add adapter `name` to every targeted linear layer of `model`; returns the wrapped paths.
+def build_cores(model: nn.Module, config: AdapterConfig, paths: list[str] | None = None) -> dict[str, nn.Module]:
+    """One new core per targeted layer (`paths`, else the config's targets), without touching `model`.
 
-    Touches no other parameter: the base and earlier adapters keep their ``requires_grad``
-    (a trainer freezes the base itself, once, with ``model.requires_grad_(False)``). The new
-    cores are float32 whatever the base's dtype. `paths` (exact module paths) overrides the
-    config's targets, as when loading a file. Nothing is changed if anything is wrong.
+    Every error (unknown method, no match, rank or slot that does not fit) surfaces here.
     """
     config.validate()
-    check_adapter_name(name)
-    if name in adapter_names(model):
-        raise ValueError(f"the model already has an adapter named '{name}'; remove it first or pick another name")
     layers = _linear_paths(model)
     if paths is None:
         paths = match_targets(model, config)
@@ -91,16 +83,37 @@ def inject(
         raise ConfigError(f"{type(model).__name__} has no linear layer at {', '.join(missing[:5])}")
     core_cls = METHODS[config.method]
     cores = {}
-    for p in paths:  # build every core first: a rank/slot error must leave the model untouched
+    for p in paths:
         base = layers[p].base_layer if isinstance(layers[p], AdaptedLinear) else layers[p]
         cores[p] = core_cls(base.in_features, base.out_features, config, p)
-    for p in paths:
+    return cores
+
+
+def inject(
+    model: nn.Module, config: AdapterConfig, name: str = "default", paths: list[str] | None = None, weight: float = 1.0,
+    cores: dict[str, nn.Module] | None = None,
+) -> list[str]:
+    """Add adapter `name` to every targeted linear layer of `model`; returns the wrapped paths.
+
+    Touches no other parameter: the base and earlier adapters keep their ``requires_grad``
+    (a trainer freezes the base itself, once, with ``model.requires_grad_(False)``). The new
+    cores are float32 whatever the base's dtype. `paths` (exact module paths) overrides the
+    config's targets, as when loading a file; `cores` (from ``build_cores``, filled) are used
+    as given. Nothing is changed if anything is wrong.
+    """
+    check_adapter_name(name)
+    if name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter named '{name}'; remove it first or pick another name")
+    if cores is None:
+        cores = build_cores(model, config, paths)  # every core first: a rank/slot error leaves the model untouched
+    layers = _linear_paths(model)
+    for p, core in cores.items():
         layer = layers[p]
         if not isinstance(layer, AdaptedLinear):
             layer = AdaptedLinear(layer)
             replace_module(model, p, layer)
-        layer.add_core(name, cores[p], weight=weight)
-    return list(paths)
+        layer.add_core(name, core, weight=weight)
+    return list(cores)
 
 
 def remove(model: nn.Module, name: str) -> list[str]:

@@ -8,6 +8,12 @@ AdapterConfig as JSON: method, rank, alpha, targets, slot, seed, ...), modules (
 adapted paths), base_model, package_version, extra (JSON the trainer adds). The index sets
 of SBoRA (``*.indices``) and ortho's fixed basis (``*.A``) are tensors of the file, so a
 loaded adapter never depends on re-deriving them.
+
+Loading checks the content, not only the shapes, before the model changes at all: every
+module path exists, every tensor has the expected shape and dtype kind, every value is
+finite, index sets are unique and within the layer; a problem is an ``AdapterFileError``
+naming the key. ``sibling_file`` resolves a file name found in metadata (e.g. the
+text-encoder adapter) and refuses anything that is not a plain file name in the same folder.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from .. import __version__
 from ..configuration import ConfigError, from_dict
 from ..fileio import atomic_path
 from .config import AdapterConfig
-from .inject import adapted_layers, inject, remove
+from .inject import adapted_layers, build_cores, inject
 
 FORMAT = "sbora-adapter"
 FORMAT_VERSION = "1"
@@ -84,8 +90,30 @@ def save_adapter(
     return path
 
 
+def sibling_file(path: str | Path, name: object, what: str) -> Path:
+    """`name` (from an adapter's metadata) as a file next to `path`: a plain file name, never a path elsewhere."""
+    path = Path(path)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or "\\" in name:
+        raise AdapterFileError(f"{path}: its metadata names the {what} {name!r}, which is not a plain file name in the adapter's folder")
+    target = path.parent / name
+    if not target.resolve().is_relative_to(path.parent.resolve()):
+        raise AdapterFileError(f"{path}: its {what} {name!r} points outside the adapter's folder")
+    return target
+
+
+def check_values(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Every float tensor finite; index sets integer, non-negative and unique."""
+    for key, t in tensors.items():
+        if t.is_floating_point():
+            if not torch.isfinite(t).all():
+                raise AdapterFileError(f"{source}: tensor {key} holds NaN or infinite values; the adapter is broken (retrain it or use another file)")
+        elif key.endswith("indices"):
+            if t.ndim != 1 or t.numel() and (t.min() < 0 or t.unique().numel() != t.numel()):
+                raise AdapterFileError(f"{source}: index set {key} has negative or repeated indices; the file is corrupt")
+
+
 def read_adapter(path: str | Path) -> AdapterFile:
-    """Read and check an adapter file without touching any model."""
+    """Read and check an adapter file (format, metadata, finite values, index sets) without touching any model."""
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"no adapter file at {path}")
@@ -105,6 +133,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, json.JSONDecodeError, ConfigError) as e:
         raise AdapterFileError(f"{path} has broken metadata: {e}") from None
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules) or not isinstance(extra, dict):
+        raise AdapterFileError(f"{path} has broken metadata: modules must be a list of module paths and extra a mapping")
+    check_values(tensors, str(path))
     return AdapterFile(
         config=config,
         modules=modules,
@@ -121,7 +152,8 @@ def load_adapter(
 ) -> AdapterFile:
     """Inject adapter `name` from `path` into `model` with the file's weights and index sets.
 
-    Checks every module path and tensor shape first; on any mismatch the model is left as it
+    Builds and fills every core first and checks every module path, tensor shape and index
+    range; only when all of it fits is the model changed. Otherwise the model is left as it
     was and the error lists what does not fit.
     """
     file = read_adapter(path)
@@ -129,26 +161,29 @@ def load_adapter(
         warnings.warn(f"{path} was trained on '{file.base_model}', loading into '{base_model}'", stacklevel=2)
     origin = f" (trained on '{file.base_model}')" if file.base_model else ""
     try:
-        inject(model, file.config, name=name, paths=file.modules, weight=weight)
+        cores = build_cores(model, file.config, file.modules)
     except ConfigError as e:
         raise AdapterFileError(f"{path} does not fit this model{origin}: {e}") from None
-    problems, states, expected_keys = [], {}, set()
-    for p, layer in adapted_layers(model, name).items():
-        states[p] = {}
-        for k, t in layer.cores[name].state_dict().items():
-            expected_keys.add(f"{p}.{k}")
-            got = file.tensors.get(f"{p}.{k}")
+    problems, expected_keys = [], set()
+    for p, core in cores.items():
+        state = {}
+        for k, t in core.state_dict().items():
+            key = f"{p}.{k}"
+            expected_keys.add(key)
+            got = file.tensors.get(key)
             if got is None:
-                problems.append(f"{p}.{k}: missing from the file")
-            elif got.shape != t.shape:
-                problems.append(f"{p}.{k}: file has shape {tuple(got.shape)}, model needs {tuple(t.shape)}")
+                problems.append(f"{key}: missing from the file")
+            elif got.shape != t.shape or got.is_floating_point() != t.is_floating_point():
+                problems.append(f"{key}: file has {got.dtype} {tuple(got.shape)}, model needs {t.dtype} {tuple(t.shape)}")
+            elif k == "indices" and got.numel() and got.max() >= (core.d_in if getattr(core, "axis", 1) == 1 else core.d_out):
+                problems.append(f"{key}: index {int(got.max())} is out of range for a layer of width {core.d_in if core.axis == 1 else core.d_out}")
             else:
-                states[p][k] = got
+                state[k] = got
+        if len(state) == len(core.state_dict()):
+            core.load_state_dict(state)
     problems += [f"{k}: in the file but not part of any adapted layer" for k in sorted(set(file.tensors) - expected_keys)]
     if problems:
-        remove(model, name)
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise AdapterFileError(f"{path} does not fit this model{origin}:\n  {shown}")
-    for p, layer in adapted_layers(model, name).items():
-        layer.cores[name].load_state_dict(states[p])
+    inject(model, file.config, name=name, paths=file.modules, weight=weight, cores=cores)
     return file
