@@ -56,7 +56,7 @@ def _bitsandbytes():
     try:
         import bitsandbytes
     except ImportError:
-        raise ImportError("--quantize nf4 needs bitsandbytes: `pip install bitsandbytes`, or use --quantize int8") from None
+        raise ImportError("--quantize nf4 needs bitsandbytes: `pip install .[cuda]` (or `pip install bitsandbytes`), or use --quantize int8") from None
     return bitsandbytes
 
 

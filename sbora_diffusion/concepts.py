@@ -34,7 +34,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".t
 # Photo formats Pillow cannot decode here: named in an error instead of being skipped silently.
 UNSUPPORTED_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF", ".dng": "raw DNG", ".cr2": "raw CR2", ".cr3": "raw CR3",
                         ".nef": "raw NEF", ".arw": "raw ARW", ".orf": "raw ORF", ".rw2": "raw RW2", ".raw": "raw", ".jxl": "JPEG XL"}
-PROJECT_ROOT = CONFIG_DIR.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the repository (data/concepts/ lives there)
 
 
 class ConceptError(ConfigError):

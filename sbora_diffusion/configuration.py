@@ -20,8 +20,10 @@ import yaml
 
 T = TypeVar("T")
 
-# configs/ sits next to the package in the repository (installed editable, as the README does).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# One source of truth: configs/ at the repository's top. A built wheel carries a copy of it as
+# sbora_diffusion/configs/ (setup.py's build step), which a non-editable install reads instead.
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -146,16 +148,16 @@ def resolve_named_config(kind: str, name_or_path: str | Path) -> Path:
     if not candidate.is_file():
         known = sorted(f.stem for f in (CONFIG_DIR / kind).glob("*.yaml"))
         raise ConfigError(
-            f"unknown {kind[:-1] if kind.endswith('s') else kind} '{name_or_path}': no {candidate.relative_to(CONFIG_DIR.parent)}; "
+            f"unknown {kind[:-1] if kind.endswith('s') else kind} '{name_or_path}': no {shown_path(candidate)}; "
             f"known: {', '.join(known) or '(none)'}; or pass a path to a YAML file"
         )
     return candidate
 
 
 def shown_path(path: Path) -> str:
-    """A config path as the user would type it: relative to the repository when it lies there."""
+    """A config path as the user would type it: configs/<kind>/<name>.yaml for the shipped ones."""
     path = Path(path).resolve()
-    return str(path.relative_to(CONFIG_DIR.parent)) if path.is_relative_to(CONFIG_DIR.parent) else str(path)
+    return str(Path("configs") / path.relative_to(CONFIG_DIR)) if path.is_relative_to(CONFIG_DIR) else str(path)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
