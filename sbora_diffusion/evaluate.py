@@ -26,7 +26,8 @@ from pathlib import Path
 from . import clip_score
 from .adapters import AdapterFileError, read_adapter
 from .clip_score import ClipScoreError, ClipScorer
-from .configuration import ConfigError, add_arguments, from_dict, load_yaml, override, overrides_from_args, resolve_named_config, to_dict
+from .configuration import ConfigError, add_arguments, check_fields, from_dict, load_yaml, override, overrides_from_args, resolve_named_config, to_dict
+from .cli import add_debug_flag
 from .fileio import atomic_path, write_json, write_text
 
 RESULTS_NAME = "result.json"  # one per (concept, method) folder; `table` collects them
@@ -54,8 +55,7 @@ class ClipConfig:
     cache_dir: str | None = field(default="outputs/eval/cache", metadata={"help": "where reference-image embeddings are cached ('none' = no disk cache)"})
 
     def validate(self) -> None:
-        if self.clip_batch_size < 1:
-            raise ConfigError(f"clip_batch_size must be >= 1, got {self.clip_batch_size}")
+        check_fields(self, {"clip_batch_size": (1, 4096)})
 
 
 @dataclass
@@ -77,11 +77,8 @@ class RunConfig(ClipConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("num_prompts", "num_images", "steps", "gen_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.drift_images < 0:
-            raise ConfigError(f"drift_images must be >= 0, got {self.drift_images}")
+        check_fields(self, {"num_prompts": (1, None), "num_images": (1, 100_000), "steps": (1, 1000), "gen_batch_size": (1, 256),
+                            "guidance_scale": (0, 100), "height": (8, 8192), "width": (8, 8192), "drift_images": (0, 100_000)})
         if self.drift_images and not self.drift_prompts:
             raise ConfigError("drift_images > 0 needs drift_prompts (or set drift_images 0 to skip drift)")
 
@@ -342,17 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", help="rebuild results.{json,csv,md} from every <concept>/<method>/result.json")
     p.add_argument("--output-dir", default="outputs/eval", help="root folder of `run` (default: outputs/eval)")
     p.set_defaults(func=cmd_table)
+    for command in sub.choices.values():
+        add_debug_flag(command)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_main
+
+    def body(args_list: list[str]) -> int:
+        args = build_parser().parse_args(args_list)
         args.func(args)
-    except (ClipScoreError, ConfigError, AdapterFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 0
+
+    return run_main(body, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

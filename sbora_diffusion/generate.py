@@ -89,6 +89,8 @@ def parse_seeds(text: str) -> list[int]:
             seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
     except ValueError:
         raise ConfigError(f"--seeds expects integers like '0,1,2' or '0-3', got '{text}'") from None
+    if not seeds or len(seeds) > 100_000 or not all(0 <= s < 2**63 for s in seeds):
+        raise ConfigError(f"--seeds '{text}' gives {len(seeds)} seeds; give 1 to 100000 seeds, each in 0..2^63-1")
     return seeds
 
 
@@ -116,34 +118,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .adapters import AdapterFileError, read_adapter
+def check_options(args: argparse.Namespace) -> None:
+    """Every numeric option in range before anything is loaded or written."""
+    from .configuration import check_fields
+
+    check_fields(args, {"num_images": (1, 10_000), "steps": (1, 1000), "guidance_scale": (0, 100), "height": (8, 8192),
+                        "width": (8, 8192), "batch_size": (1, 256)})
+
+
+def _main(argv: list[str]) -> int:
+    from .adapters import read_adapter
     from .models import DEFAULT_MODEL, load_pipeline
 
     args = build_parser().parse_args(argv)
-    try:
-        info, base = {}, None
-        if args.adapter:
-            file = read_adapter(args.adapter)
-            info, base = file.extra, file.base_model
-        prompts = args.prompt or info.get("eval_prompts")
-        if not prompts:
-            raise ConfigError("no prompts: pass --prompt (repeatable), or an --adapter saved with eval prompts")
-        seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num_images))
-        device = args.device or default_device()
-        dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else None)
-        out = Path(args.out) if args.out else (Path(args.adapter).parent / "generated" if args.adapter else Path("outputs/generated"))
-        pipe = load_pipeline(args.model or base or DEFAULT_MODEL, adapter=args.adapter, device=device, dtype=dtype)
-        records = generate(
-            pipe, prompts, seeds, out, concept=info.get("concept"), method=info.get("method"), token=info.get("token"),
-            class_word=info.get("class_word"), steps=args.steps, guidance_scale=args.guidance_scale,
-            height=args.height, width=args.width, batch_size=args.batch_size,
-        )
-    except (ConfigError, AdapterFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_options(args)
+    info, base = {}, None
+    if args.adapter:
+        file = read_adapter(args.adapter)
+        info, base = file.extra, file.base_model
+    prompts = args.prompt or info.get("eval_prompts")
+    if not prompts:
+        raise ConfigError("no prompts: pass --prompt (repeatable), or an --adapter saved with eval prompts")
+    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num_images))
+    device = args.device or default_device()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else None)
+    out = Path(args.out) if args.out else (Path(args.adapter).parent / "generated" if args.adapter else Path("outputs/generated"))
+    pipe = load_pipeline(args.model or base or DEFAULT_MODEL, adapter=args.adapter, device=device, dtype=dtype)
+    records = generate(
+        pipe, prompts, seeds, out, concept=info.get("concept"), method=info.get("method"), token=info.get("token"),
+        class_word=info.get("class_word"), steps=args.steps, guidance_scale=args.guidance_scale,
+        height=args.height, width=args.width, batch_size=args.batch_size,
+    )
     print(f"wrote {len(records)} images and {out / 'manifest.jsonl'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_main
+
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,6 @@ class TrainConfig(EngineConfig):
             "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "validation_steps": (0, None),
             "num_validation_images": (1, 64), "sample_steps": (1, 1000), "guidance_scale": (0, 100),
         })
-        if self.resolution is not None and self.resolution % 8:
-            raise ConfigError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.token_mode not in TOKEN_MODES:
             raise ConfigError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got '{self.token_mode}'")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
@@ -151,11 +149,9 @@ def cast_frozen(pipe, dtype: torch.dtype) -> None:
 
 
 def check_resolution(pipe, res: int) -> None:
-    """The UNet halves the latent size once per down block: the resolution must divide evenly all the way."""
-    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
-    if res % multiple:
-        raise ConfigError(f"resolution {res} does not fit this model: it must be a multiple of {multiple} "
-                          f"(VAE factor {pipe.vae_scale_factor} x {2 ** (len(pipe.unet.config.down_block_types) - 1)} for the UNet's down blocks)")
+    """Images become latents through the VAE: the resolution must be a multiple of its factor."""
+    if res % pipe.vae_scale_factor:
+        raise ConfigError(f"resolution {res} does not fit this model: it must be a multiple of {pipe.vae_scale_factor} (its VAE's factor)")
 
 
 def base_prompt(prompt: str, concept: ConceptConfig) -> str:
