@@ -70,13 +70,14 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             return int(value)
         if inner is float:
             number = float(value)
-            if not math.isfinite(number):
-                raise ConfigError(f"config field '{name}' must be a finite number, got {value!r}")
-            return number
+            if math.isfinite(number):
+                return number
         if inner is str:
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config field '{name}' expects {getattr(inner, '__name__', inner)}, got {value!r}") from None
+    if inner is float:
+        raise ConfigError(f"config field '{name}' must be a finite number, got {value!r}")
     return value
 
 

@@ -315,3 +315,98 @@ def test_gpt2_conv1d_layers_are_adapted_and_merged_back_to_conv1d(tmp_path):
     adapted = logits(base)
     assert not torch.allclose(adapted, reference, atol=1e-4)
     torch.testing.assert_close(logits(merged), adapted, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- reliability
+
+
+def cli_args(base_dir, out, *extra):
+    return ["--base", str(base_dir), "--output-dir", str(out), "--steps", "3", "--batch-size", "2", "--train-size", "8",
+            "--test-size", "2", "--rank", "4", "--lr", "0.05", "--warmup-steps", "0", "--max-length", "320", "--max-new-tokens", "4",
+            "--no-eval", *extra]
+
+
+def test_a_second_run_is_refused_and_a_longer_resume_trains_on(base_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_mod.main(cli_args(base_dir, out, "--lr-schedule", "cosine")) == 0
+    adapter = (out / "adapter.safetensors").read_bytes()
+    capsys.readouterr()
+    assert train_mod.main(cli_args(base_dir, out)) == 2
+    assert "already holds a run" in capsys.readouterr().err and (out / "adapter.safetensors").read_bytes() == adapter
+    assert train_mod.main(cli_args(base_dir, out, "--lr-schedule", "cosine", "--steps", "5", "--resume")) == 0
+    assert "resumed from step 3" in capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [1, 2, 3, 4, 5] and log[3]["lr"] > 0  # the schedule now spans 5 steps: not stuck at 0
+    assert read_adapter(out / "adapter.safetensors").extra["steps"] == 5
+
+
+@pytest.mark.parametrize("seed", [2, 5])
+def test_ctrl_c_at_a_random_point_resumes_bit_exactly(seed, base_dir, tmp_path, monkeypatch):
+    import os
+    import random
+    import signal
+
+    from sbora_diffusion.engine import TrainingInterrupted
+
+    straight = train(tiny_config(base_dir, tmp_path / "a", eval=False, grad_accum=2))
+    k, calls = random.Random(seed).randrange(8), []
+    real = train_mod.collate
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "collate", interrupting)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(tiny_config(base_dir, tmp_path / "b", eval=False, grad_accum=2))
+    assert info.value.step == k // 2 + 1 < 4
+    monkeypatch.undo()
+    resumed = train(tiny_config(base_dir, tmp_path / "b", eval=False, grad_accum=2), resume=True)
+    a, b = read_adapter(straight["adapter"]).tensors, read_adapter(resumed["adapter"]).tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qsbora_runs_are_resolved_recorded_and_kept_apart(base_dir, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    result = train(tiny_config(base_dir, None, quantize="auto", eval=False, output_dir=None))
+    assert result["quantize"] == "int8" and Path(result["output_dir"]) == Path("outputs/llm/arithmetic/sbora-fa-int8")
+    assert "quantized to int8" in capsys.readouterr().err
+    assert yaml.safe_load((Path(result["output_dir"]) / "config.yaml").read_text())["train"]["quantize"] == "int8"
+    plain = train(tiny_config(base_dir, None, eval=False, output_dir=None))
+    assert Path(plain["output_dir"]) == Path("outputs/llm/arithmetic/sbora-fa")
+
+
+def test_sequences_are_checked_against_the_models_context(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    short = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=len(tok), n_positions=64))
+    with pytest.raises(ConfigError, match="max-length 320 exceeds the model's context of 64 positions"):
+        train(tiny_config(tmp_path, tmp_path / "gpt2", targets=["c_attn"], eval=False), model=short, tokenizer=tok)
+    assert not (tmp_path / "gpt2").exists()
+    llama = tiny_llama(tok)
+    llama.config.max_position_embeddings = 400
+    with pytest.raises(ConfigError, match="with --max-new-tokens 300 it exceeds the model's context of 400"):
+        train(tiny_config(tmp_path, tmp_path / "llama", max_new_tokens=300), model=llama, tokenizer=tok)
+    rows = [{"instruction": "Repeat", "input": "x", "output": "y" * 400} for _ in range(8)]
+    task = write_jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(ValueError, match="more than max_length=320.*--truncate"):
+        train(tiny_config(tmp_path, tmp_path / "long", task=str(task), eval=False), model=tiny_llama(tok), tokenizer=tok)
+    assert not (tmp_path / "long").exists()
+    result = train(tiny_config(tmp_path, tmp_path / "long", task=str(task), eval=False, truncate=True), model=tiny_llama(tok), tokenizer=tok)
+    assert result["steps"] == 4
+
+
+def test_llm_help_shows_the_values_the_run_will_use(capsys):
+    with pytest.raises(SystemExit):
+        train_mod.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 100; from configs/llm/train.yaml)" in text and "(default: 48; from configs/llm/train.yaml)" in text
+    assert "(default: None)" not in text
+    with pytest.raises(SystemExit):
+        train_mod.main(["--config", "qsbora", "--help"])
+    assert "(default: auto; from configs/llm/qsbora.yaml)" in " ".join(capsys.readouterr().out.split())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import json
 
 import numpy as np
@@ -270,3 +271,93 @@ def test_two_concepts_load_side_by_side(tiny_pipe, concept_dir, tmp_path):
     with pytest.raises(AdapterFileError, match="already"):  # the same concept twice
         load_concept_adapter(pipe, paths["cat"], name="cat-again")
     assert adapter_names(pipe.unet) == ["car", "cat"]  # the failed load took its UNet adapter out again
+
+
+# ---- reliability through the real command line -------------------------------------------------
+
+
+def cli(concept_dir, out, *extra):
+    return ["--concept", str(concept_dir), "--output-dir", str(out), "--steps", "2", "--resolution", "32", "--rank", "2",
+            "--sample-steps", "1", "--num-validation-images", "1", "--checkpoint-every", "1", *extra]
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and ".partial" not in p.parts and p.name != ".lock"}
+
+
+def test_a_second_run_never_replaces_the_first_unless_asked(concept_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli(concept_dir, out)) == 0
+    first = files_of(out)
+    assert main(cli(concept_dir, out, "--lr", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err and "--output-dir" in err
+    assert files_of(out) == first
+    assert main(cli(concept_dir, out, "--lr", "nan")) == 2 and "finite" in capsys.readouterr().err
+    assert main(cli(concept_dir, out, "--lr=-1e-3", "--overwrite")) == 2 and "0 < lr" in capsys.readouterr().err
+    assert files_of(out) == first
+    assert main(cli(concept_dir, out, "--lr", "0.5", "--overwrite")) == 0
+    assert files_of(out)[Path("adapter.safetensors")] != first[Path("adapter.safetensors")]
+    # --resume names a checkpoint file of another run: continues from it into this folder.
+    assert main(cli(concept_dir, tmp_path / "other", "--steps", "3", "--resume", str(out / "checkpoints" / "step-00000002.pt"))) == 0
+    assert [json.loads(line)["step"] for line in (tmp_path / "other" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_ctrl_c_at_a_random_point_resumes_bit_exactly(seed, tiny_pipe, concept_dir, tmp_path, monkeypatch):
+    import os
+    import random
+    import signal
+
+    import sbora_diffusion.concept.train as tc
+    from sbora_diffusion.engine import TrainingInterrupted
+
+    cfg = dict(steps=4, grad_accum=2, checkpoint_every=0)
+    straight = train(concept(concept_dir), "sbora-fa", train_config=quick(tmp_path / "a", **cfg), pipe=copy.deepcopy(tiny_pipe))
+    k, calls = random.Random(seed).randrange(8), []
+    real = tc.diffusion_loss
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k + 1:
+            os.kill(os.getpid(), signal.SIGINT)  # in the middle of a step's micro-batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "diffusion_loss", interrupting)
+    try:  # Ctrl-C during the last step finishes the run; earlier, it stops at the step's end
+        finished = train(concept(concept_dir), "sbora-fa", train_config=quick(tmp_path / "b", **cfg), pipe=copy.deepcopy(tiny_pipe))
+        assert k // 2 + 1 == 4
+    except TrainingInterrupted as e:
+        assert e.step == k // 2 + 1 < 4 and not (tmp_path / "b" / "adapter.safetensors").exists()
+        monkeypatch.undo()
+        finished = train(concept(concept_dir), "sbora-fa", train_config=quick(tmp_path / "b", **cfg), pipe=copy.deepcopy(tiny_pipe), resume=True)
+    a, b = read_adapter(straight.adapter_path), read_adapter(finished.adapter_path)
+    assert all(torch.equal(a.tensors[t], b.tensors[t]) for t in a.tensors)
+    assert torch.equal(a.extra_tensors["token_embeddings"], b.extra_tensors["token_embeddings"])
+
+
+def test_help_shows_the_values_the_run_will_use(capsys):
+    with pytest.raises(SystemExit):
+        main(["--concept", "robot", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 60; from configs/train/tiny.yaml)" in text  # --steps of the embedded default base
+    assert "(default: 0.001; from configs/train/tiny.yaml)" in text  # --lr
+    assert "(default: <robot1>; from concept 'robot')" in text and "(default: toy; from concept 'robot')" in text
+    assert "(default: 16; from configs/methods/sbora-fa.yaml)" in text
+    with pytest.raises(SystemExit):
+        main(["--concept", "robot", "--config", "default", "--help"])
+    assert "(default: 400; from configs/train/default.yaml)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_any_concept_folder_name_trains_into_a_safe_folder(tiny_pipe, concept_dir, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "mein Hündchen"
+    shutil.copytree(concept_dir, folder)
+    monkeypatch.chdir(tmp_path)
+    result = train(str(folder), "sbora-fa", train_config=quick(tmp_path, output_dir=None), adapter_overrides={"rank": 2},
+                   pipe=copy.deepcopy(tiny_pipe))
+    key = result.out_dir.parts[-2]
+    assert result.out_dir == Path("outputs") / key / "sbora-fa" and key.isascii() and " " not in key
+    info = read_adapter(result.adapter_path).extra
+    assert info["display_name"] == "mein Hündchen" and info["concept"] == key
