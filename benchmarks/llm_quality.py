@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -78,7 +77,7 @@ def train_ours(method: str, config: LLMQualityConfig, base, tokenizer) -> dict:
 
     summary = train(
         TrainConfig(
-            method=method, rank=config.rank, alpha=float(config.rank), dropout=0.0, seed=config.seed, steps=config.steps,
+            method=method, rank=config.rank, alpha=float(config.rank), dropout=0.0, seed=config.seed, train_seed=config.seed, steps=config.steps,
             batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps, train_size=config.train_size,
             test_size=config.test_size, eval_limit=config.eval_limit, max_new_tokens=config.max_new_tokens,
             zero_shot=False, cpu=True, checkpoint_every=0, output_dir=str(Path(config.work_dir) / method),
@@ -95,7 +94,7 @@ def train_peft(method: str, config: LLMQualityConfig, base, tokenizer, train_set
 
     from llm.data import InstructionDataset, collate
     from llm.evaluate import score
-    from llm.train import StepBatches, TrainConfig
+    from llm.train import TrainConfig, batch_indices
 
     defaults = TrainConfig()
     model = clone_sharing_weights(base)
@@ -104,13 +103,10 @@ def train_peft(method: str, config: LLMQualityConfig, base, tokenizer, train_set
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=defaults.weight_decay)
     scheduler = get_scheduler(defaults.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
     dataset = InstructionDataset(tokenizer, train_set, defaults.max_length)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(len(dataset), config.batch_size, config.seed, 0, config.steps),
-        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
-    )
     model.train()
     losses = []
-    for batch in tqdm(loader, total=config.steps, desc=f"train {method}"):
+    for k in tqdm(range(config.steps), desc=f"train {method}"):
+        batch = collate([dataset[i] for i in batch_indices(len(dataset), config.batch_size, config.seed, k)], pad_id=tokenizer.pad_token_id)
         loss = model(**batch).loss  # mean over the batch's answer tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, defaults.max_grad_norm)
