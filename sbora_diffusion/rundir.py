@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .checkpoint import list_checkpoints
 from .configuration import ConfigError
-from .fileio import write_text
+from .fileio import remove_stale_temp_files, write_text
 
 PARTIAL = ".partial"
 LOCK = ".lock"
@@ -110,6 +110,8 @@ class RunDir:
         if source_run != self.staging and self.staging.exists():
             shutil.rmtree(self.staging)  # an older interrupted attempt that this run does not continue
         self.staging.mkdir(exist_ok=True)
+        for folder in (self.staging, self.staging / "checkpoints"):
+            remove_stale_temp_files(folder)  # what writes cut short by a crash left behind
         if source_run is not None:
             log = source_run / LOG
             kept = []
