@@ -30,11 +30,11 @@ import warnings
 from dataclasses import dataclass, field
 from itertools import combinations
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora_diffusion.adapters import adapted_layers
+from sbora_diffusion.adapters.overlap import interference as layer_interference
 from sbora_diffusion.configuration import ConfigError
 from sbora_diffusion.fileio import write_json
 
@@ -58,19 +58,11 @@ class ComposeConfig:
             raise ConfigError(f"{len(self.weight)} weights for {len(self.adapter)} adapters; give one weight per adapter or none")
 
 
-@torch.no_grad()
 def interference(model: nn.Module, a: str, b: str) -> float:
-    """Largest per-layer interference of adapters `a` and `b` over the layers both adapt (see module docstring)."""
-    worst = 0.0
-    for layer in adapted_layers(model, a).values():
-        if b not in layer.cores:
-            continue
-        da, db = layer.cores[a].delta_weight(), layer.cores[b].delta_weight()  # (d_out, d_in) each
-        norm = da.norm() * db.norm()
-        if norm > 0:
-            cross = torch.minimum((da @ db.T).norm(), (da.T @ db).norm())
-            worst = max(worst, (cross / norm).item())
-    return worst
+    """Largest per-layer interference of adapters `a` and `b` over the layers both adapt (see module docstring;
+    the one measure of ``adapters.overlap``, from the factors)."""
+    layers = adapted_layers(model, a).values()
+    return max((layer_interference(layer.cores[a], layer.cores[b]) for layer in layers if b in layer.cores), default=0.0)
 
 
 def compose(config: ComposeConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
