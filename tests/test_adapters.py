@@ -45,7 +45,10 @@ EXPECTED_TRAINABLE = {
     "sbora-fb": lambda d_in, d_out, r: r * d_in,
     "ortho": lambda d_in, d_out, r: r * d_out,
     "difflora": lambda d_in, d_out, r: 2 * r * (d_in + d_out) + 1,
+    "custom-diffusion": lambda d_in, d_out, r: d_in * d_out,
 }
+# Inner dimension k of lora_factors() (A is k x d_in, B is d_out x k).
+FACTOR_RANK = {"difflora": lambda d_in, r: 2 * r, "custom-diffusion": lambda d_in, r: d_in}
 
 
 def config(method: str, **kw) -> AdapterConfig:
@@ -377,7 +380,7 @@ def test_lora_factors_are_exact(method, shape, tiny_model):
     for path, layer in adapted_layers(tiny_model).items():
         core = layer.cores["default"]
         A, B, s = core.lora_factors()
-        k = 2 * R if method == "difflora" else R
+        k = FACTOR_RANK.get(method, lambda d_in, r: r)(layer.in_features, R)
         assert A.shape == (k, layer.in_features) and B.shape == (layer.out_features, k), path
         assert torch.equal((B @ A) * s, core.delta_weight()), path  # ΔW = s·B·A, bit for bit
         x = torch.randn(*shape, layer.in_features)

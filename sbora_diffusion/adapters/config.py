@@ -11,6 +11,7 @@ from ..configuration import ConfigError, from_dict, load_yaml, override, resolve
 TARGET_PRESETS: dict[str, list[str]] = {
     "sd-unet": ["to_q", "to_k", "to_v", "to_out.0"],
     "sd-unet-full": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    "sd-unet-cross-kv": ["attn2.to_k", "attn2.to_v"],  # Custom Diffusion's trained projections
     "clip-text": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "clip-text-mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -20,7 +21,7 @@ TARGET_PRESETS: dict[str, list[str]] = {
 
 @dataclass
 class AdapterConfig:
-    method: str = field(default="sbora-fa", metadata={"help": "adapter method: lora, sbora-fa, sbora-fb, ortho, difflora"})
+    method: str = field(default="sbora-fa", metadata={"help": "adapter method: lora, sbora-fa, sbora-fb, ortho, difflora, custom-diffusion"})
     rank: int = field(default=16, metadata={"help": "rank r: indices per layer (SBoRA/ortho) or inner dimension (LoRA)"})
     alpha: float = field(default=16.0, metadata={"help": "scale numerator: s = alpha/r (alpha/sqrt(r) with --rslora)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter branch's input only"})

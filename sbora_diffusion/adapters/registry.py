@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Core
+from .dense import DenseCore
 from .difflora import DiffLoRACore
 from .lora import LoRACore
 from .ortho import OrthoCore
@@ -14,4 +15,5 @@ METHODS: dict[str, type[Core]] = {
     "sbora-fb": SBoRAFBCore,
     "ortho": OrthoCore,
     "difflora": DiffLoRACore,
+    "custom-diffusion": DenseCore,
 }
