@@ -49,6 +49,12 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     inner, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         return None
+    if dataclasses.is_dataclass(inner):  # a nested config (e.g. one entry of a list in YAML)
+        if isinstance(value, inner):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{name}' expects a mapping of {inner.__name__} fields, got {value!r}")
+        return from_dict(inner, value, source=f"config field '{name}'")
     origin = typing.get_origin(inner)
     try:
         if origin in (list, tuple):
@@ -74,6 +80,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
                 return number
         if inner is str:
             return str(value)
+    except ConfigError:
+        raise  # already says what is wrong (a nested config, a non-finite number)
     except (TypeError, ValueError):
         raise ConfigError(f"config field '{name}' expects {getattr(inner, '__name__', inner)}, got {value!r}") from None
     if inner is float:
