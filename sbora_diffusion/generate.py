@@ -67,15 +67,22 @@ def generate(pipe, prompts: list[str], seeds: list[int], out_dir, *, concept=Non
     filled = [fill_prompt(p, token, class_word) for p in prompts]
     images = render(pipe, filled, list(seeds), steps=steps, guidance_scale=guidance_scale, height=height,
                     width=width, batch_size=batch_size)
+    return save_images(images, filled, list(seeds), out_dir, concept=concept, method=method, token=token, class_word=class_word)
+
+
+def save_images(images: list, prompts: list[str], seeds: list[int], out_dir, **fields) -> list[dict]:
+    """Write prompt-major `images` as ``<out>/<prompt#>-<slug>/<seed>.png`` plus ``manifest.jsonl``; return the records.
+
+    Each record holds image (relative to `out_dir`), prompt and seed, then `fields` (the same for every image).
+    """
     out_dir = Path(out_dir)
     records = []
     for k, image in enumerate(images):
-        pi, seed = divmod(k, len(seeds))
-        rel = Path(f"{pi:03d}-{_slug(filled[pi])}") / f"{seeds[seed]:05d}.png"
+        pi, si = divmod(k, len(seeds))
+        rel = Path(f"{pi:03d}-{_slug(prompts[pi])}") / f"{seeds[si]:05d}.png"
         with atomic_path(out_dir / rel) as tmp:
             image.save(tmp, format="PNG")
-        records.append({"image": rel.as_posix(), "prompt": filled[pi], "seed": int(seeds[seed]), "concept": concept,
-                        "method": method, "token": token, "class_word": class_word})
+        records.append({"image": rel.as_posix(), "prompt": prompts[pi], "seed": int(seeds[si]), **fields})
     write_text(out_dir / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return records
 
