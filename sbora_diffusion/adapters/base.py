@@ -106,3 +106,17 @@ class Core(nn.Module):
     @torch.no_grad()
     def unmerge_from(self, W: torch.Tensor, weight: float = 1.0) -> None:
         self.merge_into(W, -weight)
+
+    @torch.no_grad()
+    def scale_(self, factor: float) -> None:
+        """ΔW ← factor·ΔW in place (DiffoRA folds a module's gate into its adapter with this).
+
+        ΔW = s·B·A is linear in each factor, so scaling the one that is this core's own trained
+        tensor scales ΔW: B for LoRA, ortho, SBoRA-FA; A for SBoRA-FB and DiffLoRA (τ is in B).
+        """
+        A, B, _ = self.lora_factors()
+        for factor_tensor in (B, A):
+            if any(factor_tensor is p for p in self.parameters()):
+                factor_tensor.mul_(factor)
+                return
+        raise NotImplementedError(f"{type(self).__name__}: neither factor of lora_factors() is its trained tensor; give it its own scale_")

@@ -34,6 +34,8 @@ class AdapterConfig:
     slot: int = field(default=0, metadata={"help": "slot k: SBoRA/ortho take indices P[k*r:(k+1)*r], disjoint across slots"})
     seed: int = field(default=0, metadata={"help": "seed of the per-layer index permutation (same seed => composable slots)"})
     tau: float = field(default=0.5, metadata={"help": "DiffLoRA: initial weight of the negative branch (learnable)"})
+    delta: bool = field(default=False, metadata={"help": "Delta-LoRA: the core plus the telescoped update of the frozen weights "
+                                                         "(adapters/delta.py; set by the trainers' --delta, on in delta-lora.yaml)"})
 
     @property
     def scale(self) -> float:
@@ -56,6 +58,9 @@ class AdapterConfig:
             raise ConfigError(f"slot must be >= 0, got {self.slot}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.delta and self.dropout > 0:
+            raise ConfigError(f"Delta-LoRA needs dropout 0 on the adapter branch (W follows the branch's updates, as in the paper), "
+                              f"got dropout {self.dropout}: pass --dropout 0")
         if not self.targets and not self.target_regex:
             raise ConfigError("no targets: give module-path suffixes, a preset, or target_regex")
 

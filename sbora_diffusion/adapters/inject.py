@@ -15,6 +15,7 @@ from torch import nn
 
 from ..configuration import ConfigError
 from .config import AdapterConfig
+from .delta import delta_core_class
 from .layer import AdaptedLinear
 from .registry import METHODS
 from .scope import selection_scope
@@ -82,6 +83,8 @@ def build_cores(model: nn.Module, config: AdapterConfig, paths: list[str] | None
     if missing:
         raise ConfigError(f"{type(model).__name__} has no linear layer at {', '.join(missing[:5])}")
     core_cls = METHODS[config.method]
+    if config.delta:
+        core_cls = delta_core_class(core_cls)  # the same core plus Delta-LoRA's telescoped update
     cores = {}
     for p in paths:
         base = layers[p].base_layer if isinstance(layers[p], AdaptedLinear) else layers[p]
@@ -116,11 +119,17 @@ def inject(
     return list(cores)
 
 
-def remove(model: nn.Module, name: str) -> list[str]:
-    """Take adapter `name` out (unmerging it first); wrappers left empty become plain layers again."""
+def remove(model: nn.Module, name: str, paths: Iterable[str] | None = None) -> list[str]:
+    """Take adapter `name` out (of the layers at `paths` only, if given; unmerging it first); wrappers left empty become plain layers again."""
     layers = adapted_layers(model, name)
     if not layers:
         raise ValueError(f"the model has no adapter named '{name}'; it has: {', '.join(adapter_names(model)) or 'none'}")
+    if paths is not None:
+        paths = list(paths)
+        missing = [p for p in paths if p not in layers]
+        if missing:
+            raise ValueError(f"adapter '{name}' is not at {', '.join(missing[:5])}")
+        layers = {p: layers[p] for p in paths}
     for p, layer in layers.items():
         layer.remove_core(name)
         if not layer.cores:
