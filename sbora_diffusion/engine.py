@@ -30,9 +30,10 @@ What it owns (HF Trainer / accelerate's examples, in one small place):
 
 **Procedures** (Delta-LoRA, DiffoRA selection) change how training runs, once for both
 trainers: an object with any of ``setup(engine)``, ``after_optimizer_step(engine, step)``,
-``log_values()``, ``state_dict()`` / ``load_state_dict(state)``; it may call
-``engine.add_parameters`` and ``engine.drop_parameters`` mid-run. Its state goes into every
-checkpoint.
+``log_values()``, ``state_dict()`` / ``load_state_dict(state, engine)``, ``fingerprint()``
+(its options: part of the run's fingerprint, so a resume with other ones is refused); it may
+call ``engine.add_parameters`` and ``engine.drop_parameters`` mid-run. Its state goes into
+every checkpoint.
 """
 
 from __future__ import annotations
@@ -246,8 +247,9 @@ class Engine:
         """
         cfg = self.cfg
         self.named_params = dict(named_params)
-        self.fingerprint = json.loads(json.dumps(fingerprint or {}))
         self.procedures = list(procedures)
+        options = {type(p).__name__: p.fingerprint() for p in self.procedures if hasattr(p, "fingerprint")}
+        self.fingerprint = json.loads(json.dumps({**(fingerprint or {}), **options}))
         for proc in self.procedures:
             if hasattr(proc, "setup"):
                 proc.setup(self)
