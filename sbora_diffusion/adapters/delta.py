@@ -61,6 +61,16 @@ class DeltaLoRAMixin:
         self.delta_lambda.fill_(lam)
         self._lambda = float(lam)
 
+    @torch.no_grad()
+    def weight_shift(self) -> float:
+        """‖λ·s·(B A − B_K A_K)‖_F: how far the frozen weight has moved, from the factors' Gram matrices
+        (‖M N‖² = Σ (MᵀM) ∘ (N Nᵀ), no d_out×d_in product)."""
+        if not self._lambda:
+            return 0.0
+        A, B, s = super().lora_factors()
+        M, N = torch.cat([B, -self.B_K], dim=1), torch.cat([A, self.A_K])  # (d_out, 2k), (2k, d_in)
+        return abs(self._lambda * s) * float(((M.T @ M) * (N @ N.T)).sum().clamp(min=0).sqrt())
+
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
         """(sg(B A) − B_K A_K) x as one rank-2k product. # (..., d_in) -> (..., d_out)"""
         A, B, _ = super().lora_factors()
