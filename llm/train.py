@@ -39,10 +39,11 @@ import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sbora_diffusion.adapters import AdapterConfig, adapter_parameters, inject, load_adapter_config, save_adapter
+from sbora_diffusion.adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, load_adapter_config, save_adapter
 from sbora_diffusion.configuration import ConfigError, check_fields, to_dict
-from sbora_diffusion.engine import Engine, EngineConfig, Micro
+from sbora_diffusion.engine import Engine, Micro
 from sbora_diffusion.fileio import write_text
+from sbora_diffusion.procedures import ProcedureConfig, adapter_metadata, build_procedures
 
 from .cli import run_command
 from .data import InstructionDataset, collate, load_task, prompt_text, task_name
@@ -52,14 +53,14 @@ from .quant import QUANT_MODES, resolve_mode
 
 
 @dataclass
-class TrainConfig(EngineConfig):
+class TrainConfig(ProcedureConfig):
     base: str = field(default=DEFAULT_BASE, metadata={"help": f"base model: '{DEFAULT_BASE}' (embedded SmolLM2-135M-Instruct GGUF), a local folder or .gguf file, or a hub id"})
     task: str = field(default="arithmetic", metadata={"help": "'arithmetic' (built-in word problems) or a JSONL file with instruction/input/output"})
     eval_data: str | None = field(default=None, metadata={"help": "JSONL test file (none: the task's fixed test split)"})
     train_size: int = field(default=2000, metadata={"help": "arithmetic: number of training problems"})
     test_size: int = field(default=200, metadata={"help": "arithmetic: number of test problems of the fixed split"})
     test_fraction: float = field(default=0.1, metadata={"help": "JSONL task without eval_data: fraction held out for testing"})
-    method: str = field(default="sbora-fa", metadata={"help": "adapter method (configs/methods/<method>.yaml): lora, sbora-fa, sbora-fb, ortho, difflora"})
+    method: str = field(default="sbora-fa", metadata={"help": "adapter method (configs/methods/<method>.yaml): lora, sbora-fa, sbora-fb, ortho, difflora, delta-lora"})
     rank: int | None = field(default=None, metadata={"help": "adapter rank (none: the method's YAML)"})
     alpha: float | None = field(default=None, metadata={"help": "adapter scale numerator, s = alpha/r (none: the method's YAML)"})
     dropout: float | None = field(default=None, metadata={"help": "dropout on the adapter branch (none: the method's YAML)"})
@@ -89,14 +90,15 @@ class TrainConfig(EngineConfig):
     def adapter_config(self) -> AdapterConfig:
         """``configs/methods/<method>.yaml`` with this run's overrides (targets default to the llama preset)."""
         fields = ("rank", "alpha", "dropout", "targets", "slot", "seed")
-        return load_adapter_config(self.method, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None})
+        return self.adapter_with_procedures(load_adapter_config(self.method, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}))
 
     def resolved_output_dir(self) -> Path:
-        """``outputs/llm/<task>/<method>``; quantized runs apart in ``<method>-<int8|nf4>``."""
+        """``outputs/llm/<task>/<method>`` (``-delta``/``-diffora`` added for --delta/--select); quantized runs apart in ``<method>-<int8|nf4>``."""
         if self.output_dir:
             return Path(self.output_dir)
         mode = resolve_mode(self.quantize)
-        return Path("outputs") / "llm" / task_name(self.task) / (self.method if mode == "none" else f"{self.method}-{mode}")
+        method = self.label_with_procedures(self.method, load_adapter_config(self.method))
+        return Path("outputs") / "llm" / task_name(self.task) / (method if mode == "none" else f"{method}-{mode}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -150,11 +152,12 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
         dataset = InstructionDataset(tokenizer, train_set, config.max_length, truncate=config.truncate)
         check_context(model, tokenizer, config, dataset, test_set)
         model.requires_grad_(False)
-        wrapped = inject(model, adapter_config, name=name)
+        inject(model, adapter_config, name=name)
         (prepared,) = engine.prepare(model)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         fingerprint = {"adapter": to_dict(adapter_config), "adapter_name": name, "quantize": quantize}
-        engine.setup(named, [{"params": adapter_parameters(model, name)}], fingerprint=fingerprint)
+        procedures = build_procedures(config, adapter_config, {"": model}, name)
+        engine.setup(named, [{"params": adapter_parameters(model, name)}], fingerprint=fingerprint, procedures=procedures)
         resolved = {**to_dict(config), "quantize": quantize, "output_dir": str(out)}
         if engine.is_main:
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump({"train": resolved, "adapter": to_dict(adapter_config)}, sort_keys=False))
@@ -167,8 +170,9 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
         state = engine.run(loss_fn)
         summary = {
             "output_dir": str(out), "adapter": str(out / "adapter.safetensors"), "adapter_name": name, "steps": state.step,
-            "final_loss": state.losses[-1] if state.losses else None, "trainable_params": sum(p.numel() for p in named.values()),
-            "adapted_layers": len(wrapped), "quantize": quantize, "results": None, "merged": None,
+            "final_loss": state.losses[-1] if state.losses else None,
+            "trainable_params": sum(p.numel() for p in engine.named_params.values()),  # after a DiffoRA cut: the kept modules
+            "adapted_layers": len(adapted_layers(model, name)), "quantize": quantize, "results": None, "merged": None,
         }
         if engine.is_main:
             summary.update(_finish(config, resolved, model, tokenizer, engine, name, state.step, test_set))
@@ -183,7 +187,7 @@ def _finish(config: TrainConfig, resolved: dict, model, tokenizer, engine: Engin
     """Save the adapter, score it beside the base, and save the merged model if asked (main process, into .partial/)."""
     out, run_dir = config.resolved_output_dir(), engine.run_dir
     save_adapter(model, run_dir / "adapter.safetensors", name=name, base_model=config.base,
-                 extra={"task": task_name(config.task), "steps": step, "train_config": resolved})
+                 extra={"task": task_name(config.task), "steps": step, "train_config": resolved, **adapter_metadata(engine.procedures)})
     results = None
     if config.eval and test_set:
         with engine.accelerator.autocast():

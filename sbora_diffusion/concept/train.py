@@ -45,18 +45,19 @@ from ..configuration import (
     resolve_named_config,
     shown_path,
 )
-from ..engine import Engine, EngineConfig, Micro
+from ..engine import Engine, Micro
 from ..fileio import atomic_path, write_text
 from ..generate import render
 from ..grids import labelled_grid
 from ..models import DEFAULT_MODEL, load_pipeline
+from ..procedures import ProcedureConfig, adapter_metadata, build_procedures
 from ..tokens import TOKEN_MODES, install_concept_tokens
 from .data import class_image_paths, load_images, sample_batch, tokenize
 from .loss import diffusion_loss
 
 
 @dataclass
-class TrainConfig(EngineConfig):
+class TrainConfig(ProcedureConfig):
     resolution: int | None = field(default=None, metadata={"help": "training/sampling resolution in pixels (none: the model's native size)"})
     text_encoder_lr: float | None = field(default=None, metadata={"help": "learning rate of the text-encoder adapter (none: --lr)"})
     token_lr: float = field(default=1e-3, metadata={"help": "learning rate of the concept's token embeddings"})
@@ -202,8 +203,9 @@ def train(
     concept = concept if isinstance(concept, ConceptConfig) else load_concept(concept, **(concept_overrides or {}))
     instance_paths = concept.instance_images()
     adapter = load_adapter_config(method, **(adapter_overrides or {}))
+    label = cfg.label_with_procedures(method_label(method, adapter), adapter)
+    adapter = cfg.adapter_with_procedures(adapter)
     te_adapter = override(adapter, {"targets": cfg.text_encoder_targets}) if cfg.train_text_encoder else None
-    label = method_label(method, adapter)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(concept, label)
     engine = Engine(cfg, out_dir, resume=resume, desc=f"train {concept.key}/{label}", stop_event=stop_event)
     try:
@@ -232,7 +234,8 @@ def train(
         unet, text_encoder = engine.prepare(pipe.unet, pipe.text_encoder) if train_te else (*engine.prepare(pipe.unet), pipe.text_encoder)
         fingerprint = {"adapter": dataclasses.asdict(adapter), "text_encoder_adapter": te_adapter and dataclasses.asdict(te_adapter),
                        "token_mode": cfg.token_mode, "token": concept.token}
-        engine.setup(named, groups, fingerprint=fingerprint)
+        procedures = build_procedures(cfg, adapter, {"unet": pipe.unet, **({"text_encoder": pipe.text_encoder} if te_adapter else {})}, concept.key)
+        engine.setup(named, groups, fingerprint=fingerprint, procedures=procedures)
         if engine.is_main:
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump(resolved_config(model, method, concept, adapter, te_adapter, cfg), sort_keys=False))
 
@@ -259,7 +262,7 @@ def train(
         if engine.is_main:
             info = {"concept": concept.key, "display_name": concept.name, "method": label, "token": concept.token,
                     "class_word": concept.class_word, "token_mode": cfg.token_mode, "eval_prompts": concept.eval_prompts,
-                    "validation_prompts": concept.validation_prompts, "steps": state.step}
+                    "validation_prompts": concept.validation_prompts, "steps": state.step, **adapter_metadata(procedures)}
             save_concept_adapter(pipe, engine.run_dir / adapter_path.name, concept.key, base_model=str(model), info=info,
                                  tokens=tokens, token_mode=cfg.token_mode)
             save_png(sample_grid(pipe, concept, cfg, res, engine.accelerator.autocast), engine.run_dir / "samples.png")
@@ -303,9 +306,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_arguments(p, ConceptConfig, defaults=concept_cfg, source=concept_src or "the concept's YAML or folder; give --concept to see its values")
     try:
         path = resolve_named_config("methods", method)
-        add_arguments(p, AdapterConfig, skip=("method",), defaults=load_adapter_config(path), source=shown_path(path))
+        add_arguments(p, AdapterConfig, skip=("method", "delta"), defaults=load_adapter_config(path), source=shown_path(path))
     except ConfigError:
-        add_arguments(p, AdapterConfig, skip=("method",), source="the method's YAML")
+        add_arguments(p, AdapterConfig, skip=("method", "delta"), source="the method's YAML")
     try:
         path = train_config_path(known.config, model)
         add_arguments(p, TrainConfig, defaults=from_dict(TrainConfig, load_yaml(path), source=str(path)), source=shown_path(path))
@@ -319,7 +322,7 @@ def _main(argv: list[str]) -> int:
     cfg = load_train_config(args.config, args.model, **overrides_from_args(args, TrainConfig))
     result = train(
         args.concept, args.method, args.model, train_config=cfg,
-        adapter_overrides={k: v for k, v in overrides_from_args(args, AdapterConfig).items() if k != "method"},
+        adapter_overrides={k: v for k, v in overrides_from_args(args, AdapterConfig).items() if k not in ("method", "delta")},  # --delta: TrainConfig's
         concept_overrides=overrides_from_args(args, ConceptConfig), resume=args.resume,
     )
     if result.is_main_process:
