@@ -1,0 +1,632 @@
+r"""Multi-concept composition: several trained concepts in one image, without retraining (DESIGN.md §4).
+
+    python -m sbora_diffusion.compose --config configs/compositions/robot_duck.yaml [--field value ...]
+
+Concepts trained with one seed in different slots (``train_concept.py --slot k``) change
+disjoint columns (SBoRA-FA), rows (SBoRA-FB) or orthogonal basis rows (ortho) of every
+weight, so the composed model W + Σ_k w_k·ΔW_k applies each concept's update as if it were
+alone. ``Composer`` puts N concept adapters (UNet and text-encoder adapters plus learned token
+embeddings) onto one base, each with a weight, and
+
+- refuses, before the model changes and with what to do, a concept trained on another base
+  model, tokens that clash (two concepts claiming one token), a name used twice, and
+  adapters whose shapes do not fit the base;
+- reports the overlap of every pair per layer from ``lora_factors()`` (``adapters.overlap``:
+  0 for disjoint slots, shared SBoRA indices, ‖A_i A_jᵀ‖ through the B's for ortho/LoRA) and
+  warns about pairs above ``overlap_threshold``;
+- runs **unmerged** (default: the cores stay beside the base and each call chooses the
+  concepts and weights, ``adapters.active_adapters``; switching never reloads or touches the
+  base, and threads may render different compositions on one model at once) or **merged**
+  (W += w_k·ΔW_k: for SBoRA a sparse add to r columns/rows; ``unmerge`` restores the base
+  bit-exactly);
+- samples regionally (``regional.py``): each concept in its box or mask with its own prompt,
+  the global prompt elsewhere.
+
+**Fusion** says how the concepts' updates combine: ``fusion: sum`` is the plain sum above. A
+fusion is an entry of ``FUSIONS``: given the composer and {concept: weight}, it returns the
+selection the composition runs (a fusion that builds its own fused adapter adds it to the
+pipeline and selects it; regions still use each concept's own cores).
+
+The composition YAML (``configs/compositions/*.yaml``; every scalar field is also an option)::
+
+    prompt: "a photo of <robot1> toy and <duck1> toy on the beach"   # the global prompt
+    model: tiny                  # optional; default: the base the concepts were trained on
+    concepts:
+      - concept: robot           # its adapter: <outputs>/robot/sbora-fa/adapter.safetensors
+        method: sbora-fa         #   (or adapter: PATH)
+        slot: 0                  # the slot it was trained in (checked)
+        weight: 1.0
+        region: [0.0, 0.0, 0.5, 1.0]        # optional box x0, y0, x1, y1 (fractions), or mask: PNG
+        prompt: "a photo of <robot1> toy"   # its regional prompt (default: a photo of {token} {class_word})
+      - concept: duck
+        slot: 1
+        region: [0.5, 0.0, 1.0, 1.0]
+    seeds: [0, 1, 2, 3]
+
+Writes ``<out>/<prompt#>-<slug>/<seed>.png``, ``<out>/manifest.jsonl`` (as ``generate``: image,
+prompt, seed, plus the concepts, mode and fusion) and ``<out>/overlap.json`` (the per-layer report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import re
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .adapters import AdapterFileError, active_adapters, adapted_layers, read_adapter, remove, set_adapter_weight
+from .adapters import merge as merge_adapter
+from .adapters import unmerge as unmerge_adapter
+from .adapters.inject import check_adapter_name
+from .adapters.overlap import overlap_rows
+from .cli import add_debug_flag, run_main
+from .concept_adapter import TOKEN_TENSOR, load_concept_adapter
+from .configuration import (
+    ConfigError,
+    add_arguments,
+    check_fields,
+    from_dict,
+    load_yaml,
+    overrides_from_args,
+    resolve_named_config,
+    shown_path,
+)
+from .fileio import write_json
+from .generate import default_device, save_images
+from .regional import RegionalPrompt, RegionError, box_mask, image_mask, install_regional_processors, parse_box, regional_sampling
+from .tokens import install_concept_tokens, resolve_token_ids
+
+ADAPTER_FILE = "adapter.safetensors"
+MODES = ("unmerged", "merged")
+DEFAULT_OVERLAP_THRESHOLD = 1e-3  # above float32 round-off of orthogonal bases (~1e-7), far below real overlaps (~0.03+)
+REGIONAL_PROMPT = "a photo of {token} {class_word}"
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# HF fast tokenizers are not safe to call from two threads at once ("Already borrowed"): one at a time.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+class CompositionError(ConfigError):
+    """Concepts that cannot be composed as asked; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+@dataclass
+class ConceptSpec:
+    """One concept of a composition YAML."""
+
+    concept: str = field(default="", metadata={"help": "the trained concept: its adapter is <outputs>/<concept>/<method>/adapter.safetensors"})
+    method: str = field(default="sbora-fa", metadata={"help": "the method folder the concept was trained into"})
+    adapter: str | None = field(default=None, metadata={"help": "the adapter file itself (instead of concept and method)"})
+    name: str | None = field(default=None, metadata={"help": "the concept's name in this composition (default: the one it was trained as)"})
+    slot: int | None = field(default=None, metadata={"help": "the slot it was trained in (checked against the file)"})
+    weight: float = field(default=1.0, metadata={"help": "scale of its update w_k (0..4)"})
+    region: list[float] | None = field(default=None, metadata={"help": "box x0, y0, x1, y1 as fractions of the image (regional sampling)"})
+    mask: str | None = field(default=None, metadata={"help": "mask image (white = the region) instead of a box"})
+    prompt: str | None = field(default=None, metadata={"help": "its regional prompt (default: 'a photo of {token} {class_word}')"})
+
+    def validate(self) -> None:
+        if not self.concept and not self.adapter:
+            raise CompositionError("every entry of concepts needs concept: NAME (a trained concept under outputs/) or adapter: FILE")
+        for what, value in (("concept", self.concept), ("method", self.method)):
+            if value and not _NAME.fullmatch(value):
+                raise CompositionError(f"{what} '{value}' is not a folder name under outputs/ (letters, digits, '_' or '-'); give adapter: FILE instead")
+        check_fields(self, {"weight": (0, 4), "slot": (0, None)})
+        if self.region is not None and self.mask:
+            raise CompositionError(f"concept '{self.concept or self.adapter}' has both region and mask: give one of them")
+        if self.region is not None:
+            parse_box(self.region)
+
+    def label(self) -> str:
+        return self.name or self.concept or Path(self.adapter).parent.parent.name
+
+
+@dataclass
+class CompositionConfig:
+    prompt: str = field(default="", metadata={"help": "the global prompt (the whole image); may hold the concepts' tokens"})
+    concepts: list[ConceptSpec] = field(default_factory=list, metadata={"help": "the concepts (YAML only)"})
+    name: str = field(default="composition", metadata={"help": "the composition's name: default output folder <outputs>/compositions/<name>"})
+    negative_prompt: str = field(default="", metadata={"help": "negative prompt (classifier-free guidance)"})
+    model: str | None = field(default=None, metadata={"help": "base model: embedded name, diffusers folder or hub id (none: the concepts' base)"})
+    outputs: str = field(default="outputs", metadata={"help": "the folder trained concepts live in (<concept>/<method>/adapter.safetensors)"})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "one image per seed (comma-separated)"})
+    steps: int = field(default=50, metadata={"help": "DDIM steps"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    height: int | None = field(default=None, metadata={"help": "image height (none: the model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width (none: the model's)"})
+    batch_size: int = field(default=4, metadata={"help": "images per pipeline call"})
+    mode: str = field(default="unmerged", metadata={"help": "unmerged (cores beside the base, chosen per call) or merged (added into the weights)"})
+    fusion: str = field(default="sum", metadata={"help": "how the concepts' updates combine: sum (W + sum of w_k dW_k)"})
+    overlap_threshold: float = field(default=DEFAULT_OVERLAP_THRESHOLD, metadata={"help": "warn about a pair of concepts whose per-layer interference exceeds this (0..1)"})
+    out: str | None = field(default=None, metadata={"help": "output folder (none: <outputs>/compositions/<name>)"})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (none: cuda if available)"})
+    dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (none: float16 on CUDA, else float32)"})
+
+    def validate(self) -> None:
+        check_fields(self, {"steps": (1, 1000), "guidance_scale": (0, 100), "height": (8, 4096), "width": (8, 4096),
+                            "batch_size": (1, 64), "overlap_threshold": (0, 1)})
+        if self.mode not in MODES:
+            raise CompositionError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.fusion not in FUSIONS:
+            raise CompositionError(f"fusion must be one of {', '.join(FUSIONS)}, got '{self.fusion}'")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise CompositionError(f"dtype must be float32, float16 or bfloat16, got '{self.dtype}'")
+        if not _NAME.fullmatch(self.name):
+            raise CompositionError(f"name '{self.name}' must be made of letters, digits, '_' or '-' (it names the output folder)")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise CompositionError(f"seeds must be one or more non-negative integers, got {self.seeds}")
+        if self.mode == "merged" and any(c.region is not None or c.mask for c in self.concepts):
+            raise CompositionError("regions need mode: unmerged (each region runs only its concept's adapters)")
+
+
+def load_composition(name_or_path: str | Path, **overrides) -> CompositionConfig:
+    """``configs/compositions/NAME.yaml`` (or a YAML path), then field overrides; `name` defaults to the file's name."""
+    path = resolve_named_config("compositions", name_or_path)
+    data = load_yaml(path)
+    data.setdefault("name", path.stem)
+    config = from_dict(CompositionConfig, {**data, **overrides}, source=str(path))
+    if not config.concepts:
+        raise CompositionError(f"{path} lists no concepts: add a concepts: list (see configs/compositions/)")
+    return config
+
+
+def adapter_path(spec: ConceptSpec, outputs: str | Path) -> Path:
+    """The adapter file of `spec`; a missing one is an error with the command that trains it."""
+    path = Path(spec.adapter).expanduser() if spec.adapter else Path(outputs) / spec.concept / spec.method / ADAPTER_FILE
+    if not path.is_file():
+        slot = f" --slot {spec.slot}" if spec.slot is not None else ""
+        how = (f"train it first: python train_concept.py --concept {spec.concept} --method {spec.method}{slot}"
+               if spec.concept else "check the path")
+        raise CompositionError(f"concept '{spec.label()}': no adapter file at {path}; {how} (or set adapter: to its file)")
+    return path
+
+
+def find_concepts(outputs: str | Path) -> dict[str, Path]:
+    """'<concept>/<method>' -> adapter file, for every concept trained into `outputs` (the trainer's layout).
+
+    Only plain names (letters, digits, '_', '-') and files that really lie inside `outputs`
+    (no link out of it) are listed.
+    """
+    root = Path(outputs).resolve()
+    found: dict[str, Path] = {}
+    if not root.is_dir():
+        return found
+    for concept_dir in sorted(root.iterdir()):
+        if not (concept_dir.is_dir() and _NAME.fullmatch(concept_dir.name)):
+            continue
+        for method_dir in sorted(concept_dir.iterdir()):
+            file = method_dir / ADAPTER_FILE
+            if _NAME.fullmatch(method_dir.name) and file.is_file() and file.resolve().is_relative_to(root):
+                found[f"{concept_dir.name}/{method_dir.name}"] = file
+    return found
+
+
+# ------------------------------------------------------------------------------------ composer
+
+
+@dataclass
+class LoadedConcept:
+    """A concept put onto the composer's pipeline, as its adapter file describes it."""
+
+    name: str  # the adapter name in the pipeline
+    path: Path
+    concept: str  # the name it was trained as
+    method: str
+    token: str | None
+    class_word: str | None
+    token_mode: str
+    slot: int
+    seed: int
+    base_model: str | None
+    weight: float
+    vectors: torch.Tensor | None = field(default=None, repr=False)  # (n, D) learned token embeddings
+    claims: frozenset = frozenset()  # token pieces (new tokens) or ids (rare tokens) it owns
+
+    def regional_prompt(self) -> str:
+        return REGIONAL_PROMPT.format(token=self.token or "", class_word=self.class_word or "").strip()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "concept": self.concept, "method": self.method, "token": self.token,
+                "class_word": self.class_word, "slot": self.slot, "weight": self.weight, "adapter": str(self.path)}
+
+
+@dataclass
+class Region:
+    """A concept's region for ``Composer.render``: a box (fractions) or a mask picture, and its prompt."""
+
+    concept: str
+    box: str | Sequence[float] | None = None
+    mask: Image.Image | None = None
+    prompt: str | None = None
+
+
+def _same_base(a: str | None, b: str | None) -> bool:
+    """One base model named two ways (a relative and an absolute path) is still one base."""
+    if not a or not b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+class Composer:
+    """Concepts on one Stable Diffusion pipeline, composed per call (see the module docstring).
+
+    ``load``, ``unload``, ``merge`` and ``unmerge`` change the model: call them while no
+    ``render`` runs (the app holds its model lock). ``render`` itself changes nothing shared,
+    so several threads may render at once.
+    """
+
+    def __init__(self, pipe, overlap_threshold: float = DEFAULT_OVERLAP_THRESHOLD):
+        self.pipe = pipe
+        self.overlap_threshold = overlap_threshold
+        self.concepts: dict[str, LoadedConcept] = {}
+        self.merged: dict[str, float] = {}
+        # What the text side looked like before any concept: unloading rebuilds the tokens from it.
+        self._tokenizer = copy.deepcopy(pipe.tokenizer)
+        self._table = pipe.text_encoder.get_input_embeddings()
+        self._pairs: dict[tuple[str, str], list[dict]] = {}
+        install_regional_processors(pipe.unet)
+
+    @property
+    def parts(self) -> tuple:
+        return self.pipe.unet, self.pipe.text_encoder
+
+    @property
+    def base_model(self) -> str | None:
+        return getattr(self.pipe, "base_model_id", None)
+
+    # -- loading --------------------------------------------------------------------------
+
+    def load(self, path: str | Path, name: str | None = None, weight: float = 1.0, slot: int | None = None) -> LoadedConcept:
+        """Put the concept adapter at `path` onto the pipeline as `name` (default: its trained name).
+
+        Everything is checked first (file, name, base model, slot, tokens, shapes); on any
+        error the pipeline is left as it was.
+        """
+        path = Path(path)
+        file = read_adapter(path)
+        info = file.extra
+        name = name or info.get("concept") or path.parent.parent.name
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise CompositionError(f"{path}: {e}") from None
+        if name in self.concepts:
+            raise CompositionError(f"two concepts are named '{name}': give one of them another name (name: in the YAML)")
+        for other in [self.base_model] + [c.base_model for c in self.concepts.values()]:
+            if not _same_base(file.base_model, other):
+                raise CompositionError(
+                    f"concept '{name}' ({path}) was trained on base model '{file.base_model}', but this composition runs on "
+                    f"'{other}': compose concepts of one base (model: {file.base_model}), or retrain '{name}' on '{other}'"
+                )
+        if slot is not None and file.config.slot != slot:
+            raise CompositionError(f"concept '{name}' ({path}) was trained in slot {file.config.slot}, the composition says slot {slot}: "
+                                   f"fix slot: in the YAML, or retrain it with --slot {slot}")
+        vectors = file.extra_tensors.get(TOKEN_TENSOR)
+        mode = info.get("token_mode", "none") if vectors is not None else "none"
+        token = info.get("token")
+        claims = self._claims(token, mode)
+        for other in self.concepts.values():
+            if claims & other.claims:
+                raise CompositionError(
+                    f"concepts '{other.name}' and '{name}' both claim token '{token}' (learned embeddings for the same "
+                    f"{'pieces' if mode == 'new' else 'word ids'}): compose only one of them, or retrain one with another --token"
+                )
+        try:
+            load_concept_adapter(self.pipe, path, name=name, weight=weight)
+        except (AdapterFileError, ConfigError) as e:
+            raise CompositionError(f"concept '{name}' cannot join this composition: {e}; train it on this base model "
+                                   f"({self.base_model or 'the pipeline given'})") from None
+        concept = LoadedConcept(
+            name=name, path=path, concept=info.get("concept") or name, method=info.get("method") or file.config.method,
+            token=token, class_word=info.get("class_word"), token_mode=mode, slot=file.config.slot, seed=file.config.seed,
+            base_model=file.base_model, weight=weight, vectors=vectors, claims=claims,
+        )
+        self.concepts[name] = concept
+        return concept
+
+    def _claims(self, token: str | None, mode: str) -> frozenset:
+        if not token or mode == "none":
+            return frozenset()
+        if mode == "new":
+            pieces = frozenset(p.lower() for p in token.split())
+            vocab = self._tokenizer.get_vocab()
+            taken = sorted(p for p in pieces if p in vocab)
+            if taken:
+                raise CompositionError(f"token '{token}' clashes with the base model's own vocabulary ({', '.join(taken)}); retrain the concept with another --token")
+            return pieces
+        return frozenset(resolve_token_ids(self._tokenizer, token, "rare"))
+
+    def unload(self, name: str) -> None:
+        """Take concept `name` off the pipeline: its adapters, and its token (the others' tokens are rebuilt)."""
+        if name not in self.concepts:
+            raise CompositionError(f"no concept named '{name}' is loaded; loaded: {', '.join(self.concepts) or 'none'}")
+        if self.merged:
+            raise CompositionError("the composition is merged into the weights: unmerge it before unloading a concept")
+        for model in self.parts:
+            if adapted_layers(model, name):
+                remove(model, name)
+        concept = self.concepts.pop(name)
+        self._pairs = {k: v for k, v in self._pairs.items() if name not in k}
+        if concept.vectors is not None:
+            tokenizer = copy.deepcopy(self._tokenizer)
+            te = self.pipe.text_encoder
+            te.set_input_embeddings(self._table)
+            for c in self.concepts.values():
+                if c.vectors is not None:
+                    install_concept_tokens(tokenizer, te, c.token, c.token_mode, vectors=c.vectors)
+            self.pipe.tokenizer = tokenizer
+
+    def selection(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+        """{concept: weight}: `weights` checked against the loaded concepts (default: all, at their load weights)."""
+        if weights is None:
+            return {n: c.weight for n, c in self.concepts.items()}
+        unknown = sorted(set(weights) - set(self.concepts))
+        if unknown:
+            raise CompositionError(f"no concept named {', '.join(map(repr, unknown))} is loaded; loaded: {', '.join(self.concepts) or 'none'}")
+        return dict(weights)
+
+    # -- overlap --------------------------------------------------------------------------
+
+    def overlap(self, names: Sequence[str] | None = None) -> OverlapReport:
+        """Per-layer interference of every pair of `names` (default: all loaded), from the cores' factors."""
+        names = list(self.selection({n: 1.0 for n in names} if names is not None else None))
+        rows = []
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                key = (a, b)
+                if key not in self._pairs:
+                    self._pairs[key] = overlap_rows(dict(zip(("unet", "text_encoder"), self.parts)), [a, b])
+                rows += self._pairs[key]
+        return OverlapReport(rows, self.overlap_threshold, {n: self.concepts[n] for n in names})
+
+    # -- merged mode ----------------------------------------------------------------------
+
+    def merge(self, weights: Mapping[str, float] | None = None) -> None:
+        """Add w_k·ΔW_k of each concept into the base weights (SBoRA: r columns/rows each)."""
+        if self.merged:
+            raise CompositionError("a composition is already merged: unmerge it first")
+        selection = self.selection(weights)
+        for name, w in selection.items():
+            for model in self.parts:
+                set_adapter_weight(model, name, w)
+                merge_adapter(model, name)
+            self.merged[name] = w
+
+    def unmerge(self) -> None:
+        """Take the merged concepts out again, last first: SBoRA restores the base bit-exactly."""
+        for name in reversed(list(self.merged)):
+            for model in self.parts:
+                unmerge_adapter(model, name)
+        self.merged = {}
+
+    # -- sampling -------------------------------------------------------------------------
+
+    def _encode(self, prompt: str, negative: str, cfg: bool, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, T, D) embeddings of `prompt` (and of `negative` with guidance) under the current selection."""
+        with _TOKENIZER_LOCK:
+            return self.pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt=negative)
+
+    def _region(self, region: Region, selection: dict[str, float], height: int, width: int, negative: str, cfg: bool,
+                device) -> RegionalPrompt:
+        concept = self.concepts.get(region.concept)
+        if concept is None or region.concept not in selection:
+            raise RegionError(f"a region names concept '{region.concept}', which is not part of this composition "
+                              f"({', '.join(selection) or 'none'})")
+        if (region.box is None) == (region.mask is None):
+            raise RegionError(f"the region of '{region.concept}' needs a box or a mask (one of them)")
+        mask = box_mask(region.box, height, width) if region.box is not None else image_mask(region.mask, height, width)
+        own = {region.concept: selection[region.concept]}
+        with active_adapters(self.parts, own):
+            cond, uncond = self._encode(region.prompt or concept.regional_prompt(), negative, cfg, device)
+        return RegionalPrompt(selection=own, cond=cond, uncond=uncond, mask=mask.to(device))
+
+    @torch.no_grad()
+    def render(self, prompt: str, seeds: Sequence[int], weights: Mapping[str, float] | None = None, *,
+               regions: Sequence[Region] = (), negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
+               height: int | None = None, width: int | None = None, batch_size: int = 4) -> list[Image.Image]:
+        """One image per seed of `prompt` with the concepts `weights` ({name: weight}; default all) active.
+
+        Image k uses seed k through its own CPU generator, as ``generate.render``. With
+        `regions`, each concept of a region acts only there (``regional.py``). In merged mode
+        `weights` must be the merged ones.
+        """
+        selection = self.selection(weights)
+        if regions and self.merged:
+            raise RegionError("regional sampling needs unmerged concepts (each region runs only its own): unmerge first")
+        pipe = self.pipe
+        scale = pipe.vae_scale_factor
+        height = height or pipe.unet.config.sample_size * scale
+        width = width or pipe.unet.config.sample_size * scale
+        if height % 8 or width % 8:
+            raise CompositionError(f"height and width must be multiples of 8, got {height}x{width}")
+        cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
+        device = pipe._execution_device
+        # A pipeline keeps per-call state (its scheduler's timesteps, guidance settings): each call
+        # gets its own shallow copy with its own scheduler; the models themselves are shared.
+        call = copy.copy(pipe)
+        call.scheduler = copy.deepcopy(pipe.scheduler)
+        call.set_progress_bar_config(disable=True)
+        images: list[Image.Image] = []
+        with active_adapters(self.parts, selection):
+            cond, uncond = self._encode(prompt, negative_prompt, cfg, device)
+            prompts = [self._region(r, selection, height, width, negative_prompt, cfg, device) for r in regions]
+            scope = regional_sampling(pipe.unet, prompts, (height // scale, width // scale), cfg) if prompts else contextlib.nullcontext()
+            with scope:
+                for i in range(0, len(seeds), batch_size):
+                    chunk = list(seeds[i : i + batch_size])
+                    n = len(chunk)
+                    out = call(
+                        prompt_embeds=cond.repeat(n, 1, 1), negative_prompt_embeds=uncond.repeat(n, 1, 1) if cfg else None,
+                        generator=[torch.Generator().manual_seed(int(s)) for s in chunk], num_inference_steps=steps,
+                        guidance_scale=guidance_scale, height=height, width=width,
+                    )
+                    images += out.images
+        return images
+
+
+class OverlapReport:
+    """Per-layer interference rows (``adapters.overlap.overlap_rows``) and their summary per pair of concepts."""
+
+    def __init__(self, rows: list[dict], threshold: float, concepts: Mapping[str, LoadedConcept]):
+        self.rows, self.threshold, self.concepts = rows, threshold, dict(concepts)
+
+    def pairs(self) -> list[dict]:
+        """Per pair: the worst layer, how many layers exceed the threshold, shared SBoRA indices (if comparable)."""
+        out: dict[tuple[str, str], dict] = {}
+        for row in self.rows:
+            s = out.setdefault(row["pair"], {"pair": "+".join(row["pair"]), "layers": 0, "above": 0, "max_interference": 0.0,
+                                             "worst_layer": None, "shared_indices": None})
+            s["layers"] += 1
+            s["above"] += row["interference"] > self.threshold
+            if row["interference"] >= s["max_interference"]:
+                s["max_interference"], s["worst_layer"] = row["interference"], f"{row['part']}.{row['layer']}"
+            if row["shared_indices"] is not None:
+                s["shared_indices"] = (s["shared_indices"] or 0) + row["shared_indices"]
+        return list(out.values())
+
+    def warnings(self) -> list[str]:
+        messages = []
+        for s in self.pairs():
+            if s["above"]:
+                a, b = s["pair"].split("+")
+                ca, cb = self.concepts[a], self.concepts[b]
+                why = (f"slot {ca.slot} twice" if (ca.slot, ca.seed) == (cb.slot, cb.seed) else
+                       f"seeds {ca.seed} and {cb.seed}" if ca.seed != cb.seed else f"{ca.method} and {cb.method}")
+                shared = f", {s['shared_indices']} shared indices" if s["shared_indices"] else ""
+                messages.append(
+                    f"concepts {a} and {b} overlap on {s['above']} of {s['layers']} layers (interference up to "
+                    f"{s['max_interference']:.3g} at {s['worst_layer']}{shared}; {why}): train them with the same --seed in "
+                    "different --slot values of sbora-fa, sbora-fb or ortho for a clean composition"
+                )
+        return messages
+
+    def to_json(self) -> dict:
+        return {"threshold": self.threshold, "pairs": self.pairs(),
+                "layers": [{**r, "pair": "+".join(r["pair"])} for r in self.rows]}
+
+
+# ------------------------------------------------------------------------------------ fusion
+
+
+def sum_fusion(composer: Composer, weights: dict[str, float]) -> dict[str, float]:
+    """The plain sum W + Σ_k w_k·ΔW_k: every concept's own cores at its weight."""
+    return dict(weights)
+
+
+# fusion name -> fuse(composer, {concept: weight}) -> the selection the composition runs.
+FUSIONS: dict[str, Callable[[Composer, dict[str, float]], dict[str, float]]] = {"sum": sum_fusion}
+
+
+# ------------------------------------------------------------------------------------ command
+
+
+def compose(config: CompositionConfig, pipe=None) -> dict:
+    """Load the concepts of `config`, check them, render the composition and write its files; returns a summary.
+
+    `pipe` (changed in place: the concepts are added to it) skips loading the base model.
+    """
+    config.validate()
+    if not config.concepts:
+        raise CompositionError("a composition needs at least one concept")
+    paths = [adapter_path(spec, config.outputs) for spec in config.concepts]
+    masks = {}
+    for spec in config.concepts:
+        if spec.mask:
+            try:
+                with Image.open(spec.mask) as im:
+                    im.load()
+                    masks[spec.label()] = im.copy()
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise RegionError(f"concept '{spec.label()}': cannot read mask {spec.mask} ({e}); give a black-and-white PNG") from None
+    if pipe is None:
+        from .models import load_pipeline
+
+        bases = {read_adapter(p).base_model for p in paths} - {None}
+        model = config.model or (bases.pop() if len(bases) == 1 else None)
+        if model is None:
+            raise CompositionError(f"the concepts were trained on different base models ({', '.join(sorted(bases))}): "
+                                   "compose concepts of one base, or set model:")
+        device = config.device or default_device()
+        dtype = getattr(torch, config.dtype) if config.dtype else (torch.float16 if device.startswith("cuda") else None)
+        pipe = load_pipeline(model, device=device, dtype=dtype)
+    composer = Composer(pipe, overlap_threshold=config.overlap_threshold)
+    weights = {}
+    for spec, path in zip(config.concepts, paths):
+        concept = composer.load(path, name=spec.name, weight=spec.weight, slot=spec.slot)
+        weights[concept.name] = spec.weight
+    report = composer.overlap(list(weights))
+    for message in report.warnings():
+        warnings.warn(message, stacklevel=2)
+    selection = FUSIONS[config.fusion](composer, weights)
+    names = list(weights)
+    regions = [Region(concept=n, box=spec.region, mask=masks.get(spec.label()), prompt=spec.prompt)
+               for n, spec in zip(names, config.concepts) if spec.region is not None or spec.mask]
+    if config.mode == "merged":
+        composer.merge(selection)
+    try:
+        images = composer.render(config.prompt, config.seeds, selection, regions=regions, negative_prompt=config.negative_prompt,
+                                 steps=config.steps, guidance_scale=config.guidance_scale, height=config.height,
+                                 width=config.width, batch_size=config.batch_size)
+    finally:
+        composer.unmerge()
+    out = Path(config.out) if config.out else Path(config.outputs) / "compositions" / config.name
+    described = []
+    for n, spec in zip(names, config.concepts):
+        region = {"region": spec.region} if spec.region is not None else {"mask": spec.mask} if spec.mask else {}
+        described.append({**composer.concepts[n].describe(), **region, **({"prompt": spec.prompt} if spec.prompt else {})})
+    records = save_images(images, [config.prompt], list(config.seeds), out, negative_prompt=config.negative_prompt,
+                          concepts=described, mode=config.mode, fusion=config.fusion, base_model=composer.base_model)
+    write_json(out / "overlap.json", report.to_json())
+    return {"out": str(out), "images": len(records), "concepts": names, "overlap": report.pairs(), "warnings": report.warnings()}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    p = argparse.ArgumentParser(prog="sbora-compose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="composition YAML: a name from configs/compositions/ or a path")
+    add_debug_flag(p)
+    defaults = source = None
+    if known.config:
+        with contextlib.suppress(ConfigError):
+            path = resolve_named_config("compositions", known.config)
+            defaults, source = load_composition(path), shown_path(path)
+    add_arguments(p, CompositionConfig, skip=("concepts",), defaults=defaults, source=source or "the --config YAML")
+    return p
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser(argv).parse_args(argv)
+    config = load_composition(args.config, **overrides_from_args(args, CompositionConfig))
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        result = compose(config)
+    for pair in result["overlap"]:
+        print(f"overlap {pair['pair']}: max interference {pair['max_interference']:.3g} over {pair['layers']} layers"
+              + (f", {pair['shared_indices']} shared indices" if pair["shared_indices"] is not None else ""))
+    print(f"wrote {result['images']} images, {Path(result['out']) / 'manifest.jsonl'} and {Path(result['out']) / 'overlap.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Regionally controllable sampling (as in Mix-of-Show): each concept acts only inside its region.
+
+    install_regional_processors(pipe.unet)                  # once, before sampling
+    with active_adapters(parts, {"robot": 1.0, "duck": 1.0}), \
+            regional_sampling(pipe.unet, regions, latent_size=(16, 16), cfg=True):
+        pipe(prompt_embeds=..., negative_prompt_embeds=..., ...)   # the global prompt
+
+Every cross-attention layer of the UNet then runs once for the global prompt (under the
+caller's selection: the whole composition) and once per region, with that region's prompt
+embeddings and only that region's concept active (a nested call-scoped selection,
+``adapters.scope``: the same cores, no second implementation of any method). The outputs are
+blended per position by the region masks, pooled to the layer's resolution, at every level
+of the UNet:
+
+    out = Σ_k m_k·attn_k + (1 − Σ_k m_k)·attn_global      (m_k scaled down where regions overlap: Σ_k m_k ≤ 1)
+
+so the global prompt rules outside the regions. Self-attention, the ResNet blocks and the
+text encoder of the global prompt run as usual under the caller's selection. One region over
+the whole image, with the global prompt and the composition's one concept, is exactly plain
+composition: m = 1, and the global term (weight 0) is not even computed.
+
+The regions live in a ContextVar, like the adapter selection: the processors are installed
+once and shared by every thread, each call reads its own thread's regions, and outside
+``regional_sampling`` a processor passes straight through to the one it wraps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .adapters.scope import selection_scope
+from .configuration import ConfigError
+
+
+class RegionError(ConfigError):
+    """A region (box or mask) cannot be used; the message says what to give instead."""
+
+
+@dataclass(frozen=True)
+class RegionalPrompt:
+    """One region: its concept's selection, its prompt's embeddings and its mask."""
+
+    selection: Mapping[str, float]  # the adapters active inside the region, e.g. {"robot": 1.0}
+    cond: torch.Tensor  # (1, T, D): the regional prompt's embeddings, encoded under `selection`
+    uncond: torch.Tensor | None  # (1, T, D): the negative prompt's, when sampling with classifier-free guidance
+    mask: torch.Tensor  # (H, W) in [0, 1], the image's aspect at any resolution (pooled to each layer's)
+
+    def context(self, batch: int, cfg: bool) -> torch.Tensor:
+        """Encoder states laid out like the pipeline's: [negative × n; prompt × n] with guidance, else prompt × batch."""
+        if not cfg:
+            return self.cond.expand(batch, -1, -1)
+        half = batch // 2
+        return torch.cat([self.uncond.expand(half, -1, -1), self.cond.expand(half, -1, -1)])
+
+
+class _Regions:
+    """The regions of one sampling call, and their blending weights per layer resolution (cached)."""
+
+    def __init__(self, regions: Sequence[RegionalPrompt], latent_size: tuple[int, int], cfg: bool):
+        self.regions, self.latent_size, self.cfg = list(regions), latent_size, cfg
+        self.masks = torch.stack([r.mask.float() for r in self.regions])  # (R, H, W)
+        self._levels: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[bool], bool]] = {}
+
+    def level_size(self, positions: int) -> tuple[int, int]:
+        """(h, w) of a layer with `positions` tokens: the latent halved (rounding up, like the UNet) until it fits."""
+        h, w = self.latent_size
+        while h * w > positions:
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if h * w != positions:
+            raise RegionError(f"a cross-attention layer with {positions} positions does not fit latents of {self.latent_size}; "
+                              "pass the height and width the pipeline samples at")
+        return h, w
+
+    def level(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[bool], bool]:
+        """(R, h, w) region weights, (h, w) global weight, which regions touch this level, whether the global term does."""
+        if size not in self._levels:
+            m = F.adaptive_avg_pool2d(self.masks[None], size)[0]  # (R, h, w): the share of each cell a region covers
+            total = m.sum(0)  # (h, w)
+            m = m / total.clamp_min(1.0)  # overlapping regions share a cell instead of over-counting it
+            rest = (1.0 - m.sum(0)).clamp_min(0.0)
+            self._levels[size] = (m, rest, [bool(x.any()) for x in m], bool(rest.any()))
+        return self._levels[size]
+
+
+_REGIONS: ContextVar[_Regions | None] = ContextVar("sbora_regions", default=None)
+
+
+class RegionalAttnProcessor:
+    """Wraps a diffusers attention processor: regional cross-attention inside ``regional_sampling``, else the wrapped one."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    # The same signature as diffusers' AttnProcessor2_0, so Attention.forward hands over the same arguments.
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        state = _REGIONS.get()
+        if state is None or encoder_hidden_states is None or not attn.is_cross_attention:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        batch = hidden_states.shape[0]
+        # (B, N, C) from a transformer block, or (B, C, h, w) for a spatial attention block
+        size = tuple(hidden_states.shape[-2:]) if hidden_states.ndim == 4 else state.level_size(hidden_states.shape[1])
+        weights, rest, touched, global_needed = state.level(size)
+        shape = (1, 1, *size) if hidden_states.ndim == 4 else (1, size[0] * size[1], 1)
+        out = None
+        if global_needed:
+            out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            out = out * rest.to(out).view(shape)
+        for region, w, hit in zip(state.regions, weights, touched):
+            if not hit:
+                continue
+            context = region.context(batch, state.cfg)
+            if context.shape[0] != encoder_hidden_states.shape[0]:
+                raise RegionError(f"regional prompts were prepared for {'guided' if state.cfg else 'unguided'} sampling, "
+                                  f"but this call has {encoder_hidden_states.shape[0]} prompt rows for {batch} latents")
+            with selection_scope(region.selection):
+                part = self.inner(attn, hidden_states, context, attention_mask, temb, *args, **kwargs)
+            part = part * w.to(part).view(shape)
+            out = part if out is None else out + part
+        return out
+
+
+def install_regional_processors(unet) -> None:
+    """Wrap every attention processor of `unet` (once; idempotent). Outside ``regional_sampling`` nothing changes.
+
+    Call it while no forward pass runs (when a composition is set up): it replaces processors.
+    """
+    processors = unet.attn_processors
+    if not all(isinstance(p, RegionalAttnProcessor) for p in processors.values()):
+        unet.set_attn_processor({k: p if isinstance(p, RegionalAttnProcessor) else RegionalAttnProcessor(p) for k, p in processors.items()})
+
+
+@contextlib.contextmanager
+def regional_sampling(unet, regions: Sequence[RegionalPrompt], latent_size: tuple[int, int], cfg: bool) -> Iterator[None]:
+    """Within the block, this thread's UNet calls blend `regions` into every cross-attention layer (module docstring).
+
+    `latent_size` is the (h, w) of the latents sampled; `cfg` whether the pipeline runs
+    classifier-free guidance (then every region needs its `uncond`).
+    """
+    if not all(isinstance(p, RegionalAttnProcessor) for p in unet.attn_processors.values()):
+        raise RuntimeError("the UNet has no regional attention processors: call install_regional_processors(unet) before sampling")
+    if not regions:
+        raise RegionError("regional sampling needs at least one region")
+    shapes = {tuple(r.mask.shape) for r in regions}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise RegionError(f"region masks must all be 2-D and of one size, got {sorted(shapes)}")
+    if cfg and any(r.uncond is None for r in regions):
+        raise RegionError("classifier-free guidance needs each region's negative-prompt embeddings (uncond)")
+    token = _REGIONS.set(_Regions(regions, latent_size, cfg))
+    try:
+        yield
+    finally:
+        _REGIONS.reset(token)
+
+
+# ----------------------------------------------------------------------------------- masks
+
+
+def parse_box(value: str | Sequence[float]) -> tuple[float, float, float, float]:
+    """A box as four fractions x0, y0, x1, y1 of the image's width and height ('0, 0, 0.5, 1' is the left half)."""
+    what = "a region box must be four numbers x0, y0, x1, y1 with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of the image's width and height, e.g. '0, 0, 0.5, 1' for the left half)"
+    try:
+        parts = [float(v) for v in (value.replace(",", " ").split() if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        raise RegionError(f"{what}; got {value!r}") from None
+    if len(parts) != 4 or not all(math.isfinite(v) for v in parts):
+        raise RegionError(f"{what}; got {value!r}")
+    x0, y0, x1, y1 = parts
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise RegionError(f"{what}; got {value!r}")
+    return x0, y0, x1, y1
+
+
+def box_mask(box: str | Sequence[float], height: int, width: int) -> torch.Tensor:
+    """(height, width) mask of a box: each pixel holds the share of it the box covers (exactly 1 inside)."""
+    x0, y0, x1, y1 = parse_box(box)
+
+    def coverage(lo: float, hi: float, n: int) -> torch.Tensor:
+        cells = torch.arange(n, dtype=torch.float64)
+        return (torch.minimum(cells + 1, torch.tensor(hi * n)) - torch.maximum(cells, torch.tensor(lo * n))).clamp(0, 1)
+
+    mask = (coverage(y0, y1, height)[:, None] * coverage(x0, x1, width)[None, :]).float()  # (H, W)
+    return _nonempty(mask, f"box {x0, y0, x1, y1}")
+
+
+def image_mask(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """(height, width) mask from a picture: white is inside, black outside, greys in between.
+
+    Any image mode: 16-bit and 32-bit greys are scaled to their range, transparent pixels
+    count as outside (painted strokes on a clear canvas are the region), EXIF rotation applies.
+    """
+    try:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            a = np.asarray(image, dtype=np.float64)
+            peak = 65535.0 if image.mode.startswith("I;16") else max(float(a.max()), 1.0)
+            image = Image.fromarray(np.clip(np.rint(a / peak * 255), 0, 255).astype(np.uint8), "L")
+        rgba = image.convert("RGBA")
+    except (OSError, ValueError) as e:
+        raise RegionError(f"cannot use this picture as a mask ({e}); save it as a black-and-white PNG") from None
+    grey = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
+    mask = torch.from_numpy(np.asarray(grey.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0)
+    return _nonempty(mask, "mask image")
+
+
+def _nonempty(mask: torch.Tensor, what: str) -> torch.Tensor:
+    if not mask.any():
+        raise RegionError(f"the {what} covers no part of the image; draw or give a larger region")
+    return mask
