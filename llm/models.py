@@ -190,29 +190,18 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
     The folder is written next to its final place and renamed at the end, so an error never
     leaves half a model behind. `model` is changed in place (its adapters are merged away).
     """
-    import shutil
-    import tempfile
-
     from sbora_diffusion.adapters import merge_and_unload
+    from sbora_diffusion.fileio import atomic_folder
 
     from .quant import dequantize_model
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     dequantize_model(model)
     merge_and_unload(model)
     _linear_to_conv1d(model)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def load_adapters(model: PreTrainedModel, paths: list[str], weights: list[float] | None = None, base: str | None = None) -> dict[str, str]:

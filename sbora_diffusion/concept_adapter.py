@@ -10,7 +10,8 @@ One file per model part, in the foundation's adapter format (``adapters/io.py``)
     adapter.text_encoder.safetensors   the text-encoder adapter, only when it was trained; the
                                        main file names it in ``extra.text_encoder_adapter``
 
-``load_concept_adapter(pipe, "adapter.safetensors")`` restores all of it.
+``load_concept_adapter(pipe, "adapter.safetensors")`` restores all of it. It also takes a
+diffusers or kohya LoRA file (``adapters/formats.py``): its UNet and text-encoder parts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterFile, AdapterFileError, adapted_layers, load_adapter, read_adapter, remove, save_adapter
+from .adapters.formats import lora_parts
 from .adapters.io import sibling_file
 from .configuration import ConfigError
 from .tokens import ConceptTokenEmbedding, concept_token_extra, install_concept_tokens, resolve_token_ids
@@ -62,7 +64,10 @@ def load_concept_adapter(pipe, path: str | Path, name: str | None = None, weight
     file = read_adapter(path)
     info = file.extra
     name = name or info.get("concept") or "default"
-    te_path = sibling_file(path, info["text_encoder_adapter"], "text-encoder adapter") if info.get("text_encoder_adapter") else None
+    if info.get("text_encoder_adapter"):
+        te_path = sibling_file(path, info["text_encoder_adapter"], "text-encoder adapter")
+    else:  # an imported diffusers/kohya LoRA keeps its text-encoder part in the same file
+        te_path = path if "text_encoder" in lora_parts(file) else None
     te_file = read_adapter(te_path) if te_path else None
     vectors = file.extra_tensors.get(TOKEN_TENSOR)
     if vectors is not None and info.get("token_mode") == "rare":

@@ -3,8 +3,8 @@
 The data goes to a temporary file next to the target, is flushed to disk (fsync), renamed
 over the target, and the folder entry is flushed too; so after a power loss the target is
 either the old file or the whole new one, never a renamed but empty file. Temporary files
-are named ``.<name>.<random>.tmp``; ``remove_stale_temp_files`` clears those a killed
-process left behind.
+are named ``.<name>.<random>.tmp`` (folders too: ``atomic_folder`` publishes a whole folder
+the same way); ``remove_stale_temp_files`` clears those a killed process left behind.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; it takes the place of `path` only if the block succeeds.
+
+    An earlier `path` (file or folder) is moved aside first and deleted once the new folder
+    is in place, so a failure at any point leaves either the old or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an output folder is meant to be shared
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")) / path.name
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
+
+
 def _fsync(path: str | Path) -> None:
     """Flush a file's (or a folder's entries') data to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -48,11 +85,14 @@ def _fsync(path: str | Path) -> None:
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the ``.*.tmp`` files that interrupted atomic writes left in `folder`; returns them."""
+    """Delete the ``.*.tmp`` files (and folders) that interrupted atomic writes left in `folder`; returns them."""
     folder = Path(folder)
     stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale
 
 

@@ -12,8 +12,15 @@ loaded adapter never depends on re-deriving them.
 Loading checks the content, not only the shapes, before the model changes at all: every
 module path exists, every tensor has the expected shape and dtype kind, every value is
 finite, index sets are unique and within the layer; a problem is an ``AdapterFileError``
-naming the key. ``sibling_file`` resolves a file name found in metadata (e.g. the
-text-encoder adapter) and refuses anything that is not a plain file name in the same folder.
+naming the key. Modules whose config differs from the adapter's (an imported LoRA's
+per-module ranks and alphas) are listed in the ``module_configs`` metadata.
+
+Standard LoRA files (diffusers, kohya, peft; ``formats.py``) are read too, recognized by
+their keys: ``read_adapter`` returns their LoRA cores under the file's module names, and
+``load_adapter`` fits them to the model (the UNet or text-encoder part) first.
+
+``sibling_file`` resolves a file name found in metadata (e.g. the text-encoder adapter) and
+refuses anything that is not a plain file name in the same folder.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class AdapterFile:
     base_model: str | None = None
     package_version: str | None = None
     extra: dict = field(default_factory=dict)
+    format: str = FORMAT  # or "diffusers", "kohya", "peft": an imported LoRA file
+    module_configs: dict[str, AdapterConfig] = field(default_factory=dict)  # modules whose config differs from `config`
 
 
 def save_adapter(
@@ -67,14 +76,16 @@ def save_adapter(
     layers = adapted_layers(model, name)
     if not layers:
         raise ValueError(f"the model has no adapter named '{name}' to save")
-    tensors, config = {}, None
+    tensors, configs = {}, {}
     for p, layer in layers.items():
         core = layer.cores[name]
-        config = core.config
+        configs[p] = core.config
         for k, t in core.state_dict().items():
             tensors[f"{p}.{k}"] = t.detach().cpu().contiguous()
     for k, t in (extra_tensors or {}).items():
         tensors[EXTRA + k] = t.detach().cpu().contiguous()
+    config = next(iter(configs.values()))
+    module_configs = {p: dataclasses.asdict(c) for p, c in configs.items() if c != config}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -83,6 +94,7 @@ def save_adapter(
         "base_model": base_model or "",
         "package_version": __version__,
         "extra": json.dumps(extra or {}),
+        **({"module_configs": json.dumps(module_configs)} if module_configs else {}),
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -113,8 +125,17 @@ def check_values(tensors: dict[str, torch.Tensor], source: str) -> None:
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
-    """Read and check an adapter file (format, metadata, finite values, index sets) without touching any model."""
+    """Read and check an adapter file (format, metadata, finite values, index sets) without touching any model.
+
+    Also reads a diffusers, kohya or peft LoRA file, or a peft adapter folder (see ``formats``).
+    """
+    from .formats import PEFT_WEIGHTS, read_lora_file  # late import: formats builds on this module
+
     path = Path(path)
+    if path.is_dir():
+        if not (path / PEFT_WEIGHTS).is_file():
+            raise AdapterFileError(f"{path} is a folder without {PEFT_WEIGHTS}; pass an adapter file, or a peft adapter folder saved with safetensors")
+        path = path / PEFT_WEIGHTS
     if not path.is_file():
         raise AdapterFileError(f"no adapter file at {path}")
     try:
@@ -124,14 +145,23 @@ def read_adapter(path: str | Path) -> AdapterFile:
     except Exception as e:  # safetensors raises several types for truncated/garbled files
         raise AdapterFileError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from None
     if meta.get("format") != FORMAT:
-        raise AdapterFileError(f"{path} is a safetensors file but not an adapter of this toolkit (format={meta.get('format')!r})")
+        check_values(tensors, str(path))
+        imported = read_lora_file(path, tensors, meta)
+        if imported is None:
+            raise AdapterFileError(
+                f"{path} is a safetensors file but not an adapter of this toolkit (format={meta.get('format')!r}), "
+                "nor a diffusers, kohya or peft LoRA file"
+            )
+        return imported
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(f"{path} has adapter format version {meta.get('format_version')}; this toolkit reads {FORMAT_VERSION}")
     try:
         config = from_dict(AdapterConfig, json.loads(meta["config"]), source=f"{path} metadata")
         modules = json.loads(meta["modules"])
         extra = json.loads(meta.get("extra", "{}"))
-    except (KeyError, json.JSONDecodeError, ConfigError) as e:
+        overrides = json.loads(meta.get("module_configs", "{}"))
+        module_configs = {p: from_dict(AdapterConfig, c, source=f"{path} metadata ({p})") for p, c in overrides.items()}
+    except (KeyError, json.JSONDecodeError, ConfigError, AttributeError, TypeError) as e:
         raise AdapterFileError(f"{path} has broken metadata: {e}") from None
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules) or not isinstance(extra, dict):
         raise AdapterFileError(f"{path} has broken metadata: modules must be a list of module paths and extra a mapping")
@@ -144,6 +174,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
         base_model=meta.get("base_model") or None,
         package_version=meta.get("package_version"),
         extra=extra,
+        module_configs=module_configs,
     )
 
 
@@ -157,11 +188,20 @@ def load_adapter(
     was and the error lists what does not fit.
     """
     file = read_adapter(path)
+    if file.format != FORMAT:
+        from .formats import fit_to_model
+
+        file = fit_to_model(file, model, str(path))
     if base_model and file.base_model and base_model != file.base_model:
         warnings.warn(f"{path} was trained on '{file.base_model}', loading into '{base_model}'", stacklevel=2)
     origin = f" (trained on '{file.base_model}')" if file.base_model else ""
     try:
-        cores = build_cores(model, file.config, file.modules)
+        groups: dict[str, tuple[AdapterConfig, list[str]]] = {}  # one build per distinct config
+        for p in file.modules:
+            config = file.module_configs.get(p, file.config)
+            groups.setdefault(json.dumps(dataclasses.asdict(config), sort_keys=True), (config, []))[1].append(p)
+        built = {p: c for config, paths in groups.values() for p, c in build_cores(model, config, paths).items()}
+        cores = {p: built[p] for p in file.modules}
     except ConfigError as e:
         raise AdapterFileError(f"{path} does not fit this model{origin}: {e}") from None
     problems, expected_keys = [], set()
