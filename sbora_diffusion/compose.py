@@ -250,7 +250,7 @@ class Region:
     prompt: str | None = None
 
 
-def _same_base(a: str | None, b: str | None) -> bool:
+def same_base(a: str | None, b: str | None) -> bool:
     """One base model named two ways (a relative and an absolute path) is still one base."""
     if not a or not b:
         return True
@@ -304,7 +304,7 @@ class Composer:
         if name in self.concepts:
             raise CompositionError(f"two concepts are named '{name}': give one of them another name (name: in the YAML)")
         for other in [self.base_model] + [c.base_model for c in self.concepts.values()]:
-            if not _same_base(file.base_model, other):
+            if not same_base(file.base_model, other):
                 raise CompositionError(
                     f"concept '{name}' ({path}) was trained on base model '{file.base_model}', but this composition runs on "
                     f"'{other}': compose concepts of one base (model: {file.base_model}), or retrain '{name}' on '{other}'"

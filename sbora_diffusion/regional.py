@@ -188,8 +188,7 @@ def box_mask(box: str | Sequence[float], height: int, width: int) -> torch.Tenso
         cells = torch.arange(n, dtype=torch.float64)
         return (torch.minimum(cells + 1, torch.tensor(hi * n)) - torch.maximum(cells, torch.tensor(lo * n))).clamp(0, 1)
 
-    mask = (coverage(y0, y1, height)[:, None] * coverage(x0, x1, width)[None, :]).float()  # (H, W)
-    return _nonempty(mask, f"box {x0, y0, x1, y1}")
+    return (coverage(y0, y1, height)[:, None] * coverage(x0, x1, width)[None, :]).float()  # (H, W)
 
 
 def image_mask(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -208,7 +207,8 @@ def image_mask(image: Image.Image, height: int, width: int) -> torch.Tensor:
     except (OSError, ValueError) as e:
         raise RegionError(f"cannot use this picture as a mask ({e}); save it as a black-and-white PNG") from None
     grey = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
-    mask = torch.from_numpy(np.asarray(grey.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0)
+    # BOX: each pixel gets the share of the picture it covers, as box_mask and the per-layer pooling do
+    mask = torch.from_numpy(np.asarray(grey.resize((width, height), Image.BOX), dtype=np.float32) / 255.0)
     return _nonempty(mask, "mask image")
 
 
