@@ -61,9 +61,10 @@ class _StandardBasisCore(Core):
         The touched slices before and after are kept, so that ``unmerge_from`` can put the
         original values back bit-exactly (any dtype) as long as nobody changed them since.
         """
-        before = W.index_select(self.axis, self.indices)
-        W.index_add_(self.axis, self.indices, (self.trained() * self.scale).to(W.dtype), alpha=weight)
-        self._merged = (before, W.index_select(self.axis, self.indices))
+        before = W.index_select(self.axis, self.indices)  # (d_out, r) columns I (FA) or (r, d_in) rows J (FB)
+        after = before.add((self.trained() * self.scale).to(W.dtype), alpha=weight)
+        W.index_copy_(self.axis, self.indices, after)  # one gather and one scatter: the slices are strided for FA
+        self._merged = (before, after)
 
     @torch.no_grad()
     def unmerge_from(self, W: torch.Tensor, weight: float = 1.0) -> None:
