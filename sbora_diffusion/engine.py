@@ -162,6 +162,9 @@ def make_accelerator(mixed_precision: str, cpu: bool, grad_accum: int = 1, loggi
     from accelerate.utils import ProjectConfiguration
 
     AcceleratorState._reset_state(reset_partial_state=False)
+    # Without CUDA the run is a CPU run, also under torchrun / accelerate launch: accelerate
+    # sets up its multi-process CPU backend (gloo) only when told cpu=True.
+    cpu = cpu or not torch.cuda.is_available()
     kwargs = {}
     if logging_dir is not None:
         kwargs = dict(log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(logging_dir.parent), logging_dir=str(logging_dir)))
@@ -486,12 +489,17 @@ class Engine:
 
     def finish(self) -> Path:
         """Publish the run's files (those written into ``run_dir`` included) into the output folder."""
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+        self.accelerator.wait_for_everyone()  # every process done writing
+        out = self.folder.publish()
+        self.accelerator.wait_for_everyone()  # the files are in place for every process (end_training then ends the group)
         self.close()
-        self.accelerator.wait_for_everyone()
-        return self.folder.publish()
+        return out
 
     def close(self) -> None:
-        """End logging; the output folder's lock is released by ``finish`` or ``abort``."""
+        """End logging and accelerate's trackers and process group; the folder's lock is released by ``finish`` or ``abort``."""
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None

@@ -46,8 +46,10 @@ def toy_train(cfg: EngineConfig, resume=False, procedures=(), on_loss=None, stop
     except BaseException:
         engine.abort()
         raise
-    return {"weights": load_file(str(Path(out) / "weights.safetensors")), "losses": state.losses, "out": Path(out), "engine": engine}
+    weights = load_file(str(Path(out) / "weights.safetensors"))
+    return {"weights": weights, "losses": state.losses, "out": Path(out), "engine": engine}
 
 
 if __name__ == "__main__":
-    toy_train(toy_config(sys.argv[1], steps=int(sys.argv[2]), checkpoint_every=0))
+    run = toy_train(toy_config(sys.argv[1], steps=int(sys.argv[2]), checkpoint_every=0))
+    print(f"process {run['engine'].accelerator.process_index} of {run['engine'].accelerator.num_processes}")

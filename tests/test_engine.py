@@ -62,6 +62,7 @@ def test_schedule_is_the_same_on_two_processes(tmp_path):
            str(Path(__file__).parent / "engine_toy.py"), str(tmp_path / "two"), "8"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split("\n")[:-1]) == ["process 0 of 2", "process 1 of 2"]  # really two processes, one group
     log = log_of(tmp_path / "two")
     assert [r["step"] for r in log] == list(range(1, 9))
     assert [r["lr"] for r in log] == pytest.approx(expected_lrs(8, 2, 0.05), abs=1e-12)  # reaches 0 at the end, never climbs back
