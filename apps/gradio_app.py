@@ -5,8 +5,9 @@ r"""The multi-concept app: compose trained concepts in one image, and train new 
 **Generate**: the base model; every concept trained into the outputs folder (the trainer's
 ``<concept>/<method>/adapter.safetensors``) with its sample image, token and class word, an
 on/off switch, a weight and an optional region (a typed box, or a sketch on a canvas) with
-its own prompt; a prompt box that takes the tokens; seed, steps, guidance and the number of
-images; a gallery with the generation time and the overlap report of the chosen concepts.
+its own prompt; a prompt box that takes the tokens; seed, steps, guidance, the number of
+images and the fusion (plain sum, or Mix-of-Show's gradient fusion); a gallery with the
+generation time and the overlap report of the chosen concepts.
 **Train**: 3-20 photos (or one of the shipped example concepts), a name and class word,
 method, rank and slot (the next free slot proposed); training runs in a background worker
 with a live progress bar and loss curve, and the new concept appears in Generate when done.
@@ -259,11 +260,13 @@ class Studio:
 
     def generate(self, prompt: str, concepts: dict, regions: dict | None = None, region_prompts: dict | None = None,
                  negative_prompt: str = "", seed: int = 0, steps: int = 25, guidance_scale: float = 7.5,
-                 num_images: int = 1, masks: dict | None = None) -> tuple[list[tuple[Image.Image, int]], dict]:
+                 num_images: int = 1, masks: dict | None = None, fusion: str = "sum") -> tuple[list[tuple[Image.Image, int]], dict]:
         """Images of `prompt` with `concepts` ({id: weight}) active; returns [(image, seed)] and an info dict.
 
         A concept's region is a box in `regions` ({id: [x0, y0, x1, y1]} or "x0, y0, x1, y1") or a
         picture in `masks` ({id: PIL image}, white = inside), with its prompt in `region_prompts`.
+        `fusion` is a name of ``compose.FUSIONS``: sum, or gradient (fitted once per set of
+        concepts, weights and sampler settings, then reused).
         """
         cfg = self.config
         all_cards = self.cards()
@@ -284,6 +287,8 @@ class Studio:
         steps = int(_number(steps, "steps", 1, cfg.max_steps, integer=True))
         n = int(_number(num_images, "number of images", 1, cfg.max_images, integer=True))
         guidance = _number(guidance_scale, "guidance", 0.0, 30.0)
+        if fusion not in FUSIONS:
+            raise AppInputError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         prompt, negative = _text(prompt, "prompt"), _text(negative_prompt, "negative prompt")
         cards = [all_cards[cid] for cid in chosen]
         if not prompt.strip():
@@ -296,18 +301,19 @@ class Studio:
         with self.model_lock:
             self._ensure_loaded(cards)
             weights = {all_cards[cid].adapter_name: w for cid, w in chosen.items()}
-            selection = FUSIONS["sum"](self.composer, weights)
+            render = dict(negative_prompt=negative, steps=steps, guidance_scale=guidance)
+            selection = FUSIONS[fusion](self.composer, weights, **render)
+            fused = [self.composer.fused[n].summary() for n in selection if n in self.composer.fused]
             report = self.composer.overlap(list(weights))
             regional = [Region(concept=all_cards[cid].adapter_name, box=boxes.get(cid), mask=masks.get(cid) if cid not in boxes else None,
                                prompt=_text(region_prompts.get(cid), "regional prompt") or None)
                         for cid in chosen if cid in boxes or cid in masks]
-            images = self.composer.render(prompt, seeds, selection, regions=regional, negative_prompt=negative, steps=steps,
-                                          guidance_scale=guidance, batch_size=n)
+            images = self.composer.render(prompt, seeds, selection, regions=regional, batch_size=n, **render)
         ids = {all_cards[cid].adapter_name: cid for cid in chosen}
         pairs = [{**p, "pair": "+".join(ids[x] for x in p["pair"].split("+"))} for p in report.pairs()]
         info = {"seconds": round(time.perf_counter() - start, 2), "prompt": prompt, "seeds": seeds, "concepts": chosen,
                 "regions": {cid: list(boxes[cid]) if cid in boxes else "sketch" for cid in chosen if cid in boxes or cid in masks}, "overlap": pairs, "warnings": report.warnings(),
-                "overlap_threshold": report.threshold, "model": self.config.model}
+                "overlap_threshold": report.threshold, "model": self.config.model, "fusion": fusion, "fused": fused[0] if fused else None}
         return list(zip(images, seeds)), info
 
     def save_images(self, images: list[tuple[Image.Image, int]]) -> list[Path]:
@@ -479,6 +485,10 @@ def overlap_markdown(info: dict) -> str:
                   "| concepts | max interference | layers above | shared indices |", "|---|---|---|---|"]
         lines += [f"| {p['pair']} | {p['max_interference']:.3g} | {p['above']} of {p['layers']} | "
                   f"{'-' if p['shared_indices'] is None else p['shared_indices']} |" for p in info["overlap"]]
+    if info["fused"]:
+        f = info["fused"]
+        lines += ["", f"Gradient fusion of {f['layers']} layers ({f['seconds']:.1f} s): mean relative output error on the concepts' own "
+                      f"inputs {f['sum_error']:.3g} with the plain sum, {f['fused_error']:.3g} fused."]
     if info["regions"]:
         lines += ["", "Regions: " + ", ".join(f"{cid} {'sketch' if r == 'sketch' else tuple(r)}" for cid, r in info["regions"].items())]
     lines += [f"\n⚠️ {_escape(w)}" for w in info["warnings"]]
@@ -499,11 +509,13 @@ def build_ui(studio: Studio) -> gr.Blocks:
     @shown_in_page
     def api_generate(prompt: str, concepts: dict[str, float], regions: dict[str, list[float]] | None = None,
                      region_prompts: dict[str, str] | None = None, negative_prompt: str = "", seed: int = 0, steps: int = 25,
-                     guidance_scale: float = 7.5, num_images: int = 1) -> tuple[list[FileData], dict]:
+                     guidance_scale: float = 7.5, num_images: int = 1, fusion: str = "sum") -> tuple[list[FileData], dict]:
         """Generate images with trained concepts. concepts: {"<concept>/<method>": weight}; regions: {id: [x0, y0, x1, y1]}
-        as fractions of the image (regional sampling) with optional region_prompts: {id: prompt}. Returns the PNG files
-        and an info dict (seconds, seeds, overlap report, warnings)."""
-        images, info = studio.generate(prompt, concepts, regions, region_prompts, negative_prompt, seed, steps, guidance_scale, num_images)
+        as fractions of the image (regional sampling) with optional region_prompts: {id: prompt}; fusion: sum (plain sum
+        of the updates) or gradient (Mix-of-Show's gradient fusion). Returns the PNG files and an info dict (seconds,
+        seeds, overlap report, warnings, fusion errors)."""
+        images, info = studio.generate(prompt, concepts, regions, region_prompts, negative_prompt, seed, steps, guidance_scale, num_images,
+                                       fusion=fusion)
         return [FileData(path=str(p)) for p in studio.save_images(images)], info
 
     @shown_in_page
@@ -539,6 +551,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         steps = gr.Slider(1, cfg.max_steps, value=min(25, cfg.max_steps), step=1, label="Steps")
                         guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
                         count = gr.Slider(1, cfg.max_images, value=1, step=1, label="Images")
+                    fusion = gr.Radio(list(FUSIONS), value="sum", label="Fusion (sum: the updates added; gradient: Mix-of-Show's fused weights, "
+                                                                     "fitted once per set of concepts and settings)", elem_id="fusion")
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     gallery = gr.Gallery(label="Images", columns=4, height=320, interactive=False, elem_id="gallery")
                     info = gr.Markdown(elem_id="info")
@@ -571,11 +585,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                            key=f"rp-{card.id}")
                         controls += [on, weight, box, sketch, region_prompt]
                     ids = [c.id for c in cards]
-                    go.click(functools.partial(ui_generate, ids), inputs=[prompt, negative, seed, steps, guidance, count, *controls],
+                    go.click(functools.partial(ui_generate, ids), inputs=[prompt, negative, seed, steps, guidance, count, fusion, *controls],
                              outputs=[gallery, info], api_visibility="private", concurrency_id="generate", concurrency_limit=1)
 
         @shown_in_page
-        def ui_generate(ids, prompt_, negative_, seed_, steps_, guidance_, count_, *values):
+        def ui_generate(ids, prompt_, negative_, seed_, steps_, guidance_, count_, fusion_, *values):
             concepts, boxes, sketches, rprompts = {}, {}, {}, {}
             for i, cid in enumerate(ids):
                 on, weight, box, sketch, rp = values[5 * i : 5 * i + 5]
@@ -587,7 +601,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         sketches[cid] = _sketch_mask(sketch)
                     if rp and rp.strip():
                         rprompts[cid] = rp
-            images, data = studio.generate(prompt_, concepts, boxes, rprompts, negative_, seed_, steps_, guidance_, count_, masks=sketches)
+            images, data = studio.generate(prompt_, concepts, boxes, rprompts, negative_, seed_, steps_, guidance_, count_, masks=sketches,
+                                           fusion=fusion_)
             return [(im, f"seed {s}") for im, s in images], overlap_markdown(data)
 
         with gr.Tab("Train"):

@@ -22,10 +22,12 @@ embeddings) onto one base, each with a weight, and
 - samples regionally (``regional.py``): each concept in its box or mask with its own prompt,
   the global prompt elsewhere.
 
-**Fusion** says how the concepts' updates combine: ``fusion: sum`` is the plain sum above. A
-fusion is an entry of ``FUSIONS``: given the composer and {concept: weight}, it returns the
-selection the composition runs (a fusion that builds its own fused adapter adds it to the
-pipeline and selects it; regions still use each concept's own cores).
+**Fusion** says how the concepts' updates combine: ``fusion: sum`` is the plain sum above;
+``fusion: gradient`` is Mix-of-Show's gradient fusion (``fusion.py``): per layer one fused
+weight that reproduces each concept's outputs on its own prompts' activations, added to the
+pipeline as one dense adapter, written to ``<out>/fused.safetensors``. A fusion is an entry of
+``FUSIONS``: given the composer, {concept: weight} and the sampler settings, it returns the
+selection the composition runs (a fused adapter runs in the regions too, with their prompts).
 
 The composition YAML (``configs/compositions/*.yaml``; every scalar field is also an option)::
 
@@ -44,7 +46,8 @@ The composition YAML (``configs/compositions/*.yaml``; every scalar field is als
     seeds: [0, 1, 2, 3]
 
 Writes ``<out>/<prompt#>-<slug>/<seed>.png``, ``<out>/manifest.jsonl`` (as ``generate``: image,
-prompt, seed, plus the concepts, mode and fusion) and ``<out>/overlap.json`` (the per-layer report).
+prompt, seed, plus the concepts, mode and fusion) and ``<out>/overlap.json`` (the per-layer report);
+gradient fusion adds ``<out>/fused.safetensors`` and ``<out>/fusion.json`` (its per-layer errors).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from .configuration import (
     shown_path,
 )
 from .fileio import write_json
+from .fusion import Fused, fuse, save_fused
 from .generate import default_device, save_images
 from .regional import RegionalPrompt, RegionError, box_mask, image_mask, install_regional_processors, parse_box, regional_sampling
 from .tokens import install_concept_tokens, resolve_token_ids
@@ -146,7 +150,8 @@ class CompositionConfig:
     width: int | None = field(default=None, metadata={"help": "image width (none: the model's)"})
     batch_size: int = field(default=4, metadata={"help": "images per pipeline call"})
     mode: str = field(default="unmerged", metadata={"help": "unmerged (cores beside the base, chosen per call) or merged (added into the weights)"})
-    fusion: str = field(default="sum", metadata={"help": "how the concepts' updates combine: sum (W + sum of w_k dW_k)"})
+    fusion: str = field(default="sum", metadata={"help": "how the concepts' updates combine: sum (W + sum of w_k dW_k) or gradient "
+                                                         "(Mix-of-Show: one fused weight per layer fitted to each concept's outputs)"})
     overlap_threshold: float = field(default=DEFAULT_OVERLAP_THRESHOLD, metadata={"help": "warn about a pair of concepts whose per-layer interference exceeds this (0..1)"})
     out: str | None = field(default=None, metadata={"help": "output folder (none: <outputs>/compositions/<name>)"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (none: cuda if available)"})
@@ -231,6 +236,7 @@ class LoadedConcept:
     weight: float
     vectors: torch.Tensor | None = field(default=None, repr=False)  # (n, D) learned token embeddings
     claims: frozenset = frozenset()  # token pieces (new tokens) or ids (rare tokens) it owns
+    eval_prompts: tuple[str, ...] = ()  # its file's prompt templates ({token}, {class_word})
 
     def regional_prompt(self) -> str:
         return REGIONAL_PROMPT.format(token=self.token or "", class_word=self.class_word or "").strip()
@@ -271,6 +277,7 @@ class Composer:
         self.overlap_threshold = overlap_threshold
         self.concepts: dict[str, LoadedConcept] = {}
         self.merged: dict[str, float] = {}
+        self.fused: dict[str, Fused] = {}  # fused adapters on the pipeline (``fusion.fuse``), by adapter name
         # What the text side looked like before any concept: unloading rebuilds the tokens from it.
         self._tokenizer = copy.deepcopy(pipe.tokenizer)
         self._table = pipe.text_encoder.get_input_embeddings()
@@ -331,6 +338,7 @@ class Composer:
             name=name, path=path, concept=info.get("concept") or name, method=info.get("method") or file.config.method,
             token=token, class_word=info.get("class_word"), token_mode=mode, slot=file.config.slot, seed=file.config.seed,
             base_model=file.base_model, weight=weight, vectors=vectors, claims=claims,
+            eval_prompts=tuple(p for p in info.get("eval_prompts") or () if isinstance(p, str)),
         )
         self.concepts[name] = concept
         return concept
@@ -348,14 +356,19 @@ class Composer:
         return frozenset(resolve_token_ids(self._tokenizer, token, "rare"))
 
     def unload(self, name: str) -> None:
-        """Take concept `name` off the pipeline: its adapters, and its token (the others' tokens are rebuilt)."""
-        if name not in self.concepts:
+        """Take concept (or fused adapter) `name` off the pipeline: its adapters, the fused adapters built from it,
+        and its token (the others' tokens are rebuilt)."""
+        if name not in self.concepts and name not in self.fused:
             raise CompositionError(f"no concept named '{name}' is loaded; loaded: {', '.join(self.concepts) or 'none'}")
         if self.merged:
             raise CompositionError("the composition is merged into the weights: unmerge it before unloading a concept")
         for model in self.parts:
             if adapted_layers(model, name):
                 remove(model, name)
+        if self.fused.pop(name, None) is not None:
+            return
+        for fused in [f for f, info in self.fused.items() if name in info.members]:
+            self.unload(fused)
         concept = self.concepts.pop(name)
         self._pairs = {k: v for k, v in self._pairs.items() if name not in k}
         if concept.vectors is not None:
@@ -368,10 +381,10 @@ class Composer:
             self.pipe.tokenizer = tokenizer
 
     def selection(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
-        """{concept: weight}: `weights` checked against the loaded concepts (default: all, at their load weights)."""
+        """{concept: weight}: `weights` checked against the loaded concepts and fused adapters (default: all concepts, at their load weights)."""
         if weights is None:
             return {n: c.weight for n, c in self.concepts.items()}
-        unknown = sorted(set(weights) - set(self.concepts))
+        unknown = sorted(set(weights) - set(self.concepts) - set(self.fused))
         if unknown:
             raise CompositionError(f"no concept named {', '.join(map(repr, unknown))} is loaded; loaded: {', '.join(self.concepts) or 'none'}")
         return dict(weights)
@@ -420,13 +433,16 @@ class Composer:
     def _region(self, region: Region, selection: dict[str, float], height: int, width: int, negative: str, cfg: bool,
                 device) -> RegionalPrompt:
         concept = self.concepts.get(region.concept)
-        if concept is None or region.concept not in selection:
+        # The region runs its concept, or the fused adapter of the selection that stands for it.
+        owner = region.concept if region.concept in selection else next(
+            (n for n in selection if n in self.fused and region.concept in self.fused[n].members), None)
+        if concept is None or owner is None:
             raise RegionError(f"a region names concept '{region.concept}', which is not part of this composition "
                               f"({', '.join(selection) or 'none'})")
         if (region.box is None) == (region.mask is None):
             raise RegionError(f"the region of '{region.concept}' needs a box or a mask (one of them)")
         mask = box_mask(region.box, height, width) if region.box is not None else image_mask(region.mask, height, width)
-        own = {region.concept: selection[region.concept]}
+        own = {owner: selection[owner]}
         with active_adapters(self.parts, own):
             cond, uncond = self._encode(region.prompt or concept.regional_prompt(), negative, cfg, device)
         return RegionalPrompt(selection=own, cond=cond, uncond=uncond, mask=mask.to(device))
@@ -519,13 +535,18 @@ class OverlapReport:
 # ------------------------------------------------------------------------------------ fusion
 
 
-def sum_fusion(composer: Composer, weights: dict[str, float]) -> dict[str, float]:
+def sum_fusion(composer: Composer, weights: dict[str, float], **render) -> dict[str, float]:
     """The plain sum W + Σ_k w_k·ΔW_k: every concept's own cores at its weight."""
     return dict(weights)
 
 
-# fusion name -> fuse(composer, {concept: weight}) -> the selection the composition runs.
-FUSIONS: dict[str, Callable[[Composer, dict[str, float]], dict[str, float]]] = {"sum": sum_fusion}
+def gradient_fusion(composer: Composer, weights: dict[str, float], **render) -> dict[str, float]:
+    """Mix-of-Show's gradient fusion (``fusion.py``): the concepts' fused adapter, alone at weight 1."""
+    return {fuse(composer, weights, **render).name: 1.0} if weights else {}
+
+
+# fusion name -> fuse(composer, {concept: weight}, **sampler settings of Composer.render) -> the selection the composition runs.
+FUSIONS: dict[str, Callable[..., dict[str, float]]] = {"sum": sum_fusion, "gradient": gradient_fusion}
 
 
 # ------------------------------------------------------------------------------------ command
@@ -568,16 +589,16 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
     report = composer.overlap(list(weights))
     for message in report.warnings():
         warnings.warn(message, stacklevel=2)
-    selection = FUSIONS[config.fusion](composer, weights)
+    render = dict(negative_prompt=config.negative_prompt, steps=config.steps, guidance_scale=config.guidance_scale,
+                  height=config.height, width=config.width)
+    selection = FUSIONS[config.fusion](composer, weights, **render)
     names = list(weights)
     regions = [Region(concept=n, box=spec.region, mask=masks.get(spec.label()), prompt=spec.prompt)
                for n, spec in zip(names, config.concepts) if spec.region is not None or spec.mask]
     if config.mode == "merged":
         composer.merge(selection)
     try:
-        images = composer.render(config.prompt, config.seeds, selection, regions=regions, negative_prompt=config.negative_prompt,
-                                 steps=config.steps, guidance_scale=config.guidance_scale, height=config.height,
-                                 width=config.width, batch_size=config.batch_size)
+        images = composer.render(config.prompt, config.seeds, selection, regions=regions, batch_size=config.batch_size, **render)
     finally:
         composer.unmerge()
     out = Path(config.out) if config.out else Path(config.outputs) / "compositions" / config.name
@@ -588,7 +609,12 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
     records = save_images(images, [config.prompt], list(config.seeds), out, negative_prompt=config.negative_prompt,
                           concepts=described, mode=config.mode, fusion=config.fusion, base_model=composer.base_model)
     write_json(out / "overlap.json", report.to_json())
-    return {"out": str(out), "images": len(records), "concepts": names, "overlap": report.pairs(), "warnings": report.warnings()}
+    fusion = {}
+    for fused in (composer.fused[n] for n in selection if n in composer.fused):
+        fusion = {**fused.summary(), "adapter": str(save_fused(composer, fused, out / "fused.safetensors", concept=config.name))}
+        write_json(out / "fusion.json", fused.to_json())
+    return {"out": str(out), "images": len(records), "concepts": names, "overlap": report.pairs(), "warnings": report.warnings(),
+            "fusion": fusion}
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -620,6 +646,10 @@ def _main(argv: list[str]) -> int:
     for pair in result["overlap"]:
         print(f"overlap {pair['pair']}: max interference {pair['max_interference']:.3g} over {pair['layers']} layers"
               + (f", {pair['shared_indices']} shared indices" if pair["shared_indices"] is not None else ""))
+    fusion = result["fusion"]
+    if fusion:
+        print(f"gradient fusion of {fusion['layers']} layers in {fusion['seconds']:.1f} s: mean relative output error on the concepts' "
+              f"own inputs {fusion['sum_error']:.3g} (plain sum) -> {fusion['fused_error']:.3g} (fused); wrote {fusion['adapter']}")
     print(f"wrote {result['images']} images, {Path(result['out']) / 'manifest.jsonl'} and {Path(result['out']) / 'overlap.json'}")
     return 0
 

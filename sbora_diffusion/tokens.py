@@ -13,6 +13,15 @@ frozen table. Two modes:
 Wrappers nest, so several concepts (each with its own tokens) can sit in one text encoder.
 Adapter files store the vectors as the extra tensor ``token_embeddings`` and the tokens,
 mode and ids in their ``extra`` metadata (see ``concept_token_extra``).
+
+Not Mix-of-Show's ED-LoRA embedding (Gu et al., NeurIPS 2023). ED-LoRA gives each concept
+token piece (two per concept, "<c1> <c2>") one input embedding per UNet cross-attention layer
+(16 in SD 1.5): the prompt goes through the text encoder once per layer, with that layer's
+embeddings, and each cross-attention layer reads its own encoding (P+-style, 16× the text
+encoder's work per prompt). Here each piece has ONE input embedding, encoded once and read by
+every cross-attention layer (Textual Inversion's and DreamBooth's reading). The LoRA part
+matches: our adapter on the UNet plus the optional one on the text encoder
+(``--train-text-encoder``) is ED-LoRA's LoRA on both.
 """
 
 from __future__ import annotations
