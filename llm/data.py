@@ -11,6 +11,13 @@ MultiArith: two steps; SingleEq: an unknown start or an equal share). Numbers st
 so a 135M-parameter model can learn the format and the sums in a few hundred steps. The
 split is fixed: the test problems come first from a constant seed, and the training
 problems exclude every test question. Answers are graded on the last number generated.
+``carve_validation`` holds a fixed part of any training set out for choosing hyperparameters,
+so that learning rates are never picked on the test split.
+
+Single-skill tasks for multi-task composition come from the same kind of seeded generator
+(``GENERATED_TASKS``): ``addsub`` and ``multistep`` (one arithmetic template each) and the
+text task ``reverse`` (write a list of words backwards, graded on the exact text);
+``write_jsonl`` stores such a split as the JSONL files every command reads.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from sbora_diffusion.fileio import write_text
 
 ARITHMETIC = "arithmetic"
 DATA_SEED = 20240705  # fixed: the arithmetic split must not depend on the training seed
@@ -93,26 +102,74 @@ def _singleeq(rng: random.Random) -> tuple[str, str, int]:
 
 
 _TEMPLATES = (_addsub, _multiarith, _singleeq)
+# The SBoRA paper's arithmetic sets that each template imitates, told apart by phrases only it uses.
+ARITHMETIC_KINDS = {"AddSub": ("more. How many", "to a friend", "in a box"), "MultiArith": ("bags with", "then lost"),
+                    "SingleEq": ("had some", "equally among")}
+
+
+def arithmetic_kind(question: str) -> str:
+    """Which template (AddSub, MultiArith, SingleEq) wrote an arithmetic question."""
+    return next(kind for kind, phrases in ARITHMETIC_KINDS.items() if any(p in question for p in phrases))
+
+
+def _from_template(template):
+    def make(rng: random.Random) -> Example:
+        question, work, answer = template(rng)
+        return Example(_INSTRUCTION, question, f"{work} The answer is {answer}.", str(answer))
+
+    return make
 
 
 def _arithmetic_example(rng: random.Random) -> Example:
-    question, work, answer = rng.choice(_TEMPLATES)(rng)
-    return Example(_INSTRUCTION, question, f"{work} The answer is {answer}.", str(answer))
+    return _from_template(rng.choice(_TEMPLATES))(rng)
+
+
+_WORDS = ["apple", "river", "candle", "tiger", "window", "garden", "pencil", "cloud", "bottle", "rocket", "mirror", "forest",
+          "ladder", "button", "castle", "pepper", "wallet", "island", "hammer", "violin", "carpet", "lemon", "anchor", "jacket",
+          "kettle", "meadow", "needle", "orange", "pillow", "saddle", "tunnel", "basket", "spider", "helmet", "lizard", "marble"]
+
+
+def _reverse_example(rng: random.Random) -> Example:
+    words = rng.sample(_WORDS, rng.randint(3, 5))
+    backwards = ", ".join(reversed(words))
+    return Example("Write the words in reverse order, separated by commas.", ", ".join(words), backwards, backwards)
+
+
+GENERATED_TASKS = {ARITHMETIC: _arithmetic_example, "addsub": _from_template(_addsub), "multistep": _from_template(_multiarith),
+                   "reverse": _reverse_example}
+
+
+def generated_split(kind: str, train_size: int, test_size: int) -> tuple[list[Example], list[Example]]:
+    """A fixed split of a generated task: ``test_size`` test problems first, then ``train_size`` distinct others."""
+    if kind not in GENERATED_TASKS:
+        raise ValueError(f"unknown generated task '{kind}'; known: {', '.join(GENERATED_TASKS)}")
+    rng, make = random.Random(DATA_SEED), GENERATED_TASKS[kind]
+    test: dict[str, Example] = {}
+    while len(test) < test_size:
+        ex = make(rng)
+        test.setdefault(ex.input, ex)
+    train: dict[str, Example] = {}
+    while len(train) < train_size:
+        ex = make(rng)
+        if ex.input not in test:
+            train.setdefault(ex.input, ex)
+    return list(train.values()), list(test.values())
 
 
 def arithmetic_split(train_size: int = 2000, test_size: int = 200) -> tuple[list[Example], list[Example]]:
     """The fixed arithmetic split: ``test_size`` test problems, then ``train_size`` distinct others."""
-    rng = random.Random(DATA_SEED)
-    test: dict[str, Example] = {}
-    while len(test) < test_size:
-        ex = _arithmetic_example(rng)
-        test.setdefault(ex.input, ex)
-    train: dict[str, Example] = {}
-    while len(train) < train_size:
-        ex = _arithmetic_example(rng)
-        if ex.input not in test:
-            train.setdefault(ex.input, ex)
-    return list(train.values()), list(test.values())
+    return generated_split(ARITHMETIC, train_size, test_size)
+
+
+def carve_validation(train: list[Example], size: int, seed: int = DATA_SEED) -> tuple[list[Example], list[Example]]:
+    """``(rest, validation)``: `size` training examples held out, the rest in their order.
+
+    Seeded by the data, not by any training seed, so every method, learning rate and seed is
+    chosen on the same validation problems and trained on the same rest."""
+    if not 0 <= size < len(train):
+        raise ValueError(f"cannot hold out {size} of {len(train)} training examples for validation; hold out fewer (at least one must remain)")
+    held = set(random.Random(seed).sample(range(len(train)), size))
+    return [ex for i, ex in enumerate(train) if i not in held], [ex for i, ex in enumerate(train) if i in held]
 
 
 # ---------------------------------------------------------------------------- grading
@@ -169,6 +226,13 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
+
+
+def write_jsonl(path: str | Path, examples: list[Example]) -> Path:
+    """`examples` as a JSONL file that ``read_jsonl`` (and every ``--task``/``--eval-data``) reads back unchanged."""
+    rows = [{"instruction": ex.instruction, "input": ex.input, "output": ex.output, "answer": ex.answer} for ex in examples]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return Path(path)
 
 
 def split_examples(examples: list[Example], test_fraction: float, seed: int = DATA_SEED) -> tuple[list[Example], list[Example]]:

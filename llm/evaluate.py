@@ -117,12 +117,15 @@ def score(
 
 
 def score_with_zero_shot(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], names: list[str], zero_shot: bool, **kwargs
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], names: list[str], zero_shot: bool,
+    off: contextlib.AbstractContextManager | None = None, **kwargs
 ) -> dict:
-    """``{"zero_shot": ..., "adapted": ...}``: the base alone (adapters `names` off), then with them on."""
+    """``{"zero_shot": ..., "adapted": ...}``: the base alone (adapters `names` off), then with them on.
+
+    `off` switches adapters that are not ours off (peft's DoRA: ``peft_dora.dora_off``)."""
     results = {"zero_shot": None, "adapted": None}
     if zero_shot:
-        with active_adapters(model, {}) if names else contextlib.nullcontext():
+        with off or (active_adapters(model, {}) if names else contextlib.nullcontext()):
             results["zero_shot"] = score(model, tokenizer, examples, desc="zero-shot", **kwargs)
     if names:
         results["adapted"] = score(model, tokenizer, examples, desc="adapted", **kwargs)

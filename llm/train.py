@@ -3,6 +3,8 @@
     python -m llm.train --method sbora-fa --task arithmetic
     sbora-llm-train --method sbora-fb --quantize auto --steps 300     # QSBoRA
     sbora-llm-train --task data/tasks.jsonl --slot 1 --resume
+    sbora-llm-train --method lora --val-size 200 --lr 3e-4            # scored on 200 held-out training problems (lr sweeps)
+    sbora-llm-train --method peft-dora                                # DoRA from peft on the same loop (llm/peft_dora.py)
 
 Follows the SBoRA paper's LLM setting (instruction tuning on the chat template, loss on the
 response only, adapters on the attention projections; ``--targets llama-mlp`` adds the MLP).
@@ -14,7 +16,9 @@ Output folder (default ``outputs/llm/<task>/<method>/``, ``<method>-<int8|nf4>``
 QSBoRA): ``adapter.safetensors``, ``config.yaml`` (the resolved training and adapter configs),
 ``log.jsonl`` (step, loss, learning rate), ``results.json``/``results.md`` (adapted and
 zero-shot accuracy), ``checkpoints/`` and, with ``--merge``, ``merged/`` (a plain
-transformers model folder with the adapter folded in).
+transformers model folder with the adapter folded in). Under ``--method peft-dora`` the adapter
+is peft's ``adapter_model.safetensors`` + ``adapter_config.json`` instead (the folder loads
+with ``PeftModel.from_pretrained``).
 
 From Python::
 
@@ -46,9 +50,10 @@ from sbora_diffusion.fileio import write_text
 from sbora_diffusion.procedures import ProcedureConfig, adapter_metadata, build_procedures
 
 from .cli import run_command
-from .data import InstructionDataset, collate, load_task, prompt_text, task_name
+from .data import InstructionDataset, carve_validation, collate, load_task, prompt_text, task_name
 from .evaluate import score_with_zero_shot, write_results
 from .models import DEFAULT_BASE, context_length, prepare_base, save_merged
+from .peft_dora import PEFT_DORA, PEFT_WEIGHTS, REFUSED, dora_layers, dora_off, inject_dora, save_dora
 from .quant import QUANT_MODES, resolve_mode
 
 
@@ -60,7 +65,10 @@ class TrainConfig(ProcedureConfig):
     train_size: int = field(default=2000, metadata={"help": "arithmetic: number of training problems"})
     test_size: int = field(default=200, metadata={"help": "arithmetic: number of test problems of the fixed split"})
     test_fraction: float = field(default=0.1, metadata={"help": "JSONL task without eval_data: fraction held out for testing"})
-    method: str = field(default="sbora-fa", metadata={"help": "adapter method (configs/methods/<method>.yaml): lora, sbora-fa, sbora-fb, ortho, difflora, delta-lora"})
+    val_size: int = field(default=0, metadata={"help": "hold this many training examples out (fixed by the data, not --train-seed) and score "
+                                                       "them after training instead of the test split: for choosing learning rates"})
+    method: str = field(default="sbora-fa", metadata={"help": "adapter method (configs/methods/<method>.yaml): lora, sbora-fa, sbora-fb, ortho, difflora, "
+                                                              f"delta-lora; {PEFT_DORA}: DoRA from peft with LoRA's settings (a baseline)"})
     rank: int | None = field(default=None, metadata={"help": "adapter rank (none: the method's YAML)"})
     alpha: float | None = field(default=None, metadata={"help": "adapter scale numerator, s = alpha/r (none: the method's YAML)"})
     dropout: float | None = field(default=None, metadata={"help": "dropout on the adapter branch (none: the method's YAML)"})
@@ -81,23 +89,28 @@ class TrainConfig(ProcedureConfig):
     def validate(self) -> None:
         super().validate()
         check_fields(self, {
-            "train_size": (1, None), "test_size": (1, None), "test_fraction": (0, 1, "open"), "rank": (1, None),
+            "train_size": (1, None), "test_size": (1, None), "test_fraction": (0, 1, "open"), "val_size": (0, None), "rank": (1, None),
             "alpha": (0, None, "open"), "dropout": (0, 1, "right-open"), "slot": (0, None), "seed": (0, None),
             "max_length": (8, None), "eval_limit": (1, None), "eval_batch_size": (1, None), "max_new_tokens": (1, None),
         })
         resolve_mode(self.quantize)
+        if self.method == PEFT_DORA:
+            used = [flag for key, flag in REFUSED.items() if getattr(self, key) not in (False, "none")]
+            if used:
+                raise ConfigError(f"--method {PEFT_DORA} trains peft's own layers, which {', '.join(used)} cannot act on; drop it or use one of our methods")
 
     def adapter_config(self) -> AdapterConfig:
-        """``configs/methods/<method>.yaml`` with this run's overrides (targets default to the llama preset)."""
+        """``configs/methods/<method>.yaml`` with this run's overrides (targets default to the llama preset); LoRA's for peft-dora."""
         fields = ("rank", "alpha", "dropout", "targets", "slot", "seed")
-        return self.adapter_with_procedures(load_adapter_config(self.method, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}))
+        method = "lora" if self.method == PEFT_DORA else self.method
+        return self.adapter_with_procedures(load_adapter_config(method, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}))
 
     def resolved_output_dir(self) -> Path:
         """``outputs/llm/<task>/<method>`` (``-delta``/``-diffora`` added for --delta/--select); quantized runs apart in ``<method>-<int8|nf4>``."""
         if self.output_dir:
             return Path(self.output_dir)
         mode = resolve_mode(self.quantize)
-        method = self.label_with_procedures(self.method, load_adapter_config(self.method))
+        method = self.label_with_procedures(self.method, self.adapter_config())
         return Path("outputs") / "llm" / task_name(self.task) / (method if mode == "none" else f"{method}-{mode}")
 
 
@@ -145,6 +158,8 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
     out = config.resolved_output_dir()
     name = config.adapter_name or task_name(config.task)
     train_set, test_set = load_task(config.task, config.eval_data, config.train_size, config.test_size, config.test_fraction)
+    if config.val_size:  # the validation problems replace the test split in the score: the test split stays unseen
+        train_set, test_set = carve_validation(train_set, config.val_size)
     test_set = test_set[: config.eval_limit] if config.eval_limit else test_set
     engine = Engine(config, out, resume=resume, desc=f"train {config.method}", stop_event=stop_event)
     try:
@@ -152,12 +167,17 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
         dataset = InstructionDataset(tokenizer, train_set, config.max_length, truncate=config.truncate)
         check_context(model, tokenizer, config, dataset, test_set)
         model.requires_grad_(False)
-        inject(model, adapter_config, name=name)
+        dora = config.method == PEFT_DORA
+        if dora:
+            inject_dora(model, adapter_config, name)
+        else:
+            inject(model, adapter_config, name=name)
         (prepared,) = engine.prepare(model)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        fingerprint = {"adapter": to_dict(adapter_config), "adapter_name": name, "quantize": quantize}
+        fingerprint = {"adapter": to_dict(adapter_config), "adapter_name": name, "quantize": quantize, **({"peft": PEFT_DORA} if dora else {})}
         procedures = build_procedures(config, adapter_config, {"": model}, name)
-        engine.setup(named, [{"params": adapter_parameters(model, name)}], fingerprint=fingerprint, procedures=procedures)
+        params = list(named.values()) if dora else adapter_parameters(model, name)
+        engine.setup(named, [{"params": params}], fingerprint=fingerprint, procedures=procedures)
         resolved = {**to_dict(config), "quantize": quantize, "output_dir": str(out)}
         if engine.is_main:
             write_text(engine.run_dir / "config.yaml", yaml.safe_dump({"train": resolved, "adapter": to_dict(adapter_config)}, sort_keys=False))
@@ -169,13 +189,13 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
 
         state = engine.run(loss_fn)
         summary = {
-            "output_dir": str(out), "adapter": str(out / "adapter.safetensors"), "adapter_name": name, "steps": state.step,
+            "output_dir": str(out), "adapter": str(out / (PEFT_WEIGHTS if dora else "adapter.safetensors")), "adapter_name": name, "steps": state.step,
             "final_loss": state.losses[-1] if state.losses else None,
             "trainable_params": sum(p.numel() for p in engine.named_params.values()),  # after a DiffoRA cut: the kept modules
-            "adapted_layers": len(adapted_layers(model, name)), "quantize": quantize, "results": None, "merged": None,
+            "adapted_layers": len(dora_layers(model) if dora else adapted_layers(model, name)), "quantize": quantize, "results": None, "merged": None,
         }
         if engine.is_main:
-            summary.update(_finish(config, resolved, model, tokenizer, engine, name, state.step, test_set))
+            summary.update(_finish(config, resolved, adapter_config, model, tokenizer, engine, name, state.step, test_set))
         engine.finish()
     except BaseException:
         engine.abort()
@@ -183,18 +203,23 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
     return summary
 
 
-def _finish(config: TrainConfig, resolved: dict, model, tokenizer, engine: Engine, name: str, step: int, test_set: list) -> dict:
+def _finish(config: TrainConfig, resolved: dict, adapter_config: AdapterConfig, model, tokenizer, engine: Engine, name: str, step: int,
+            test_set: list) -> dict:
     """Save the adapter, score it beside the base, and save the merged model if asked (main process, into .partial/)."""
     out, run_dir = config.resolved_output_dir(), engine.run_dir
-    save_adapter(model, run_dir / "adapter.safetensors", name=name, base_model=config.base,
-                 extra={"task": task_name(config.task), "steps": step, "train_config": resolved, **adapter_metadata(engine.procedures)})
+    dora = config.method == PEFT_DORA
+    if dora:
+        save_dora(model, run_dir, adapter_config, name, base_model=config.base)
+    else:
+        save_adapter(model, run_dir / "adapter.safetensors", name=name, base_model=config.base,
+                     extra={"task": task_name(config.task), "steps": step, "train_config": resolved, **adapter_metadata(engine.procedures)})
     results = None
     if config.eval and test_set:
         with engine.accelerator.autocast():
-            parts = score_with_zero_shot(model, tokenizer, test_set, [name], config.zero_shot,
+            parts = score_with_zero_shot(model, tokenizer, test_set, [name], config.zero_shot, off=dora_off(model) if dora else None,
                                          max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size)
-        results = {"task": task_name(config.task), "base": config.base, "adapters": [str(out / "adapter.safetensors")],
-                   "n": len(test_set), **parts}
+        results = {"task": task_name(config.task), "base": config.base, "adapters": [str(out / (PEFT_WEIGHTS if dora else "adapter.safetensors"))],
+                   "split": "validation" if config.val_size else "test", "n": len(test_set), **parts}
         write_results(results, run_dir)
     merged = save_merged(model, tokenizer, run_dir / "merged") if config.merge else None
     return {"results": results, "merged": None if merged is None else str(out / "merged")}

@@ -1,6 +1,10 @@
-"""The measuring helpers of benchmarks/common.py on the tiny model: exact counts, no timings."""
+"""The measuring helpers of benchmarks/common.py on the tiny model (exact counts, no timings), the accuracy
+statistics of benchmarks/accuracy.py, and the data helpers the LLM benchmarks rely on."""
 
 from __future__ import annotations
+
+import math
+import statistics
 
 import pytest
 import torch
@@ -108,12 +112,70 @@ def test_time_ratios_are_per_round_ratios_and_floor_overheads():
     assert rows[REFERENCE]["overhead_vs_peft"] == 1.0 and rows[FLOOR]["overhead_vs_peft"] == 0.0
 
 
-def test_paired_difference_of_two_answer_sheets():
-    from benchmarks.llm_quality import paired_difference
+def test_paired_difference_of_answer_sheets_pooled_over_seeds():
+    from benchmarks.accuracy import paired_difference
 
-    diff, half = paired_difference([True, True, False, False], [True, False, False, False])
+    diff, half = paired_difference([[True, True, False, False]], [[True, False, False, False]])
     # per-problem differences (0, 1, 0, 0): mean 0.25, sample sd 0.5 -> 1.96 * 0.5 / sqrt(4)
-    assert diff == pytest.approx(25.0) and half == pytest.approx(100 * 1.96 * 0.25)
-    assert paired_difference([True] * 5, [True] * 5) == (0.0, 0.0)  # identical sheets: no noise
+    assert diff == pytest.approx(25.0) and half == pytest.approx(100 * 1.959964 * 0.25)
+    assert paired_difference([[True] * 5], [[True] * 5]) == (0.0, 0.0)  # identical sheets: no noise
+    # Two seeds: each problem's difference is averaged over the seeds first: (1, 0.5, 0, -0.5).
+    a, b = [[True, True, False, False], [True, False, False, False]], [[False, False, False, True], [False, False, False, False]]
+    diff, half = paired_difference(a, b)
+    assert diff == pytest.approx(25.0) and half == pytest.approx(100 * 1.959964 * statistics.stdev([1, 0.5, 0, -0.5]) / 2)
+    with pytest.raises(ValueError, match="do not pair"):
+        paired_difference([[True]], [[True, False]])  # not the same problems
+    with pytest.raises(ValueError, match="do not pair"):
+        paired_difference(a, b[:1])  # not the same seeds
+
+
+def test_discordance_and_the_problems_a_difference_needs():
+    from benchmarks.accuracy import discordance, problems_needed
+
+    assert discordance([[True, False], [True, True]], [[True, True], [False, True]]) == 0.5
+    # q = 8%: half-width 1 point needs 1.96^2 * (0.08 - 0.0001) / 0.0001 problems; 80% power adds z = 0.8416
+    assert problems_needed(0.08) == math.ceil(1.959964**2 * 0.0799 / 1e-4) == 3070
+    assert problems_needed(0.08, power=0.8) == math.ceil((1.959964 + 0.841621) ** 2 * 0.0799 / 1e-4)
+    assert problems_needed(0.08, points=2) < problems_needed(0.08) / 3.9  # a 2-point gap needs about a quarter
+    assert problems_needed(0.0) == 0
     with pytest.raises(ValueError):
-        paired_difference([True], [True, False])  # not the same problems
+        problems_needed(0.08, power=1.0)
+
+
+def test_seed_interval_is_students_t_over_seeds():
+    from benchmarks.accuracy import seed_interval
+
+    mean, half = seed_interval([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9) and half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert seed_interval([0.5, 0.5]) == (0.5, 0.0)
+    one = seed_interval([0.7])
+    assert one[0] == 0.7 and math.isnan(one[1])  # one seed: no interval
+
+
+def test_validation_is_carved_from_training_data_deterministically():
+    from llm.data import arithmetic_split, carve_validation
+
+    train, test = arithmetic_split(300, 50)
+    rest, val = carve_validation(train, 40)
+    assert (len(rest), len(val)) == (260, 40) and carve_validation(train, 40) == (rest, val)
+    assert not {e.input for e in val} & {e.input for e in rest} and not {e.input for e in val} & {e.input for e in test}
+    assert rest == [e for e in train if e not in val]  # the rest keeps its order (batches stay a function of the seed)
+    assert carve_validation(train, 40, seed=1)[1] != val and carve_validation(train, 0) == (train, [])
+    with pytest.raises(ValueError, match="cannot hold out"):
+        carve_validation(train[:5], 5)
+
+
+def test_generated_tasks_are_fixed_splits_with_correct_answers(tmp_path):
+    from llm.data import GENERATED_TASKS, arithmetic_kind, generated_split, is_correct, read_jsonl, write_jsonl
+
+    train, test = generated_split("reverse", 30, 10)
+    assert generated_split("reverse", 30, 10) == (train, test) and not {e.input for e in train} & {e.input for e in test}
+    assert all(is_correct(e.output, e.answer) and e.output.split(", ") == e.input.split(", ")[::-1] for e in test)
+    assert read_jsonl(write_jsonl(tmp_path / "reverse.jsonl", test)) == test  # the JSONL round trip is exact
+    for task, kind in (("addsub", "AddSub"), ("multistep", "MultiArith")):
+        examples = generated_split(task, 20, 20)[1]
+        assert {arithmetic_kind(e.input) for e in examples} == {kind} and all(is_correct(e.output, e.answer) for e in examples)
+    kinds = {arithmetic_kind(e.input) for e in generated_split("arithmetic", 0, 60)[1]}
+    assert kinds == {"AddSub", "MultiArith", "SingleEq"} and set(GENERATED_TASKS) == {"arithmetic", "addsub", "multistep", "reverse"}
+    with pytest.raises(ValueError, match="unknown generated task"):
+        generated_split("poetry", 1, 1)

@@ -197,6 +197,54 @@ def test_jsonl_task_trains_and_evaluate_scores_base_and_adapter(base_dir, tmp_pa
         evaluate(EvalConfig(base=str(base_dir), adapter=[result["adapter"]], merge=True, quantize="int8"))
 
 
+def test_val_size_trains_without_the_validation_problems_and_scores_them(base_dir, tmp_path):
+    seen = []
+    real = train_mod.InstructionDataset
+
+    def recording(tokenizer, examples, *args, **kw):
+        seen.extend(examples)
+        return real(tokenizer, examples, *args, **kw)
+
+    train_set, test_set = data.arithmetic_split(16, 4)
+    rest, val = data.carve_validation(train_set, 5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "InstructionDataset", recording)
+        result = train(tiny_config(base_dir, tmp_path / "run", val_size=5, eval_limit=None, zero_shot=False))
+    assert seen == rest  # trained on the rest only
+    results = result["results"]
+    assert results["split"] == "validation" and results["n"] == 5
+    assert [s["question"] for s in results["adapted"]["samples"]] == [e.input for e in val]  # scored on the held-out problems, not the test split
+    with pytest.raises(ValueError, match="cannot hold out"):
+        train(tiny_config(base_dir, tmp_path / "too-many", val_size=16))
+
+
+def test_peft_dora_trains_on_the_shared_engine_and_saves_a_peft_folder(base_dir, tmp_path):
+    from peft import PeftModel
+
+    from llm.peft_dora import dora_off
+
+    model, tok = load_base(str(base_dir))
+    before = logits(model)
+    result = train(tiny_config(base_dir, tmp_path / "run", method="peft-dora"), model=model, tokenizer=tok)
+    # LoRA's A and B (q, o: 32 -> 32; k, v: 32 -> 16) plus DoRA's magnitude per output row, two layers
+    assert result["adapted_layers"] == 8 and result["trainable_params"] == 2 * (4 * (64 + 48 + 48 + 64) + (32 + 16 + 16 + 32))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [1, 2, 3, 4]  # the engine's loop and log
+    assert result["adapter"] == str(tmp_path / "run" / "adapter_model.safetensors")
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["use_dora"] is True
+    trained = logits(model)
+    assert not torch.allclose(trained, before, atol=1e-4)
+    with dora_off(model):  # the zero-shot score runs the bare base
+        torch.testing.assert_close(logits(model), before)
+    assert result["results"]["zero_shot"]["total"] == result["results"]["adapted"]["total"] == 2
+    fresh, _ = load_base(str(base_dir))
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "run")).eval()  # peft's own loader
+    torch.testing.assert_close(logits(reloaded), trained)
+    for flag in ({"delta": True}, {"select": "diffora"}, {"merge": True}, {"quantize": "int8"}):
+        with pytest.raises(ConfigError, match=f"--{next(iter(flag))}"):
+            train(tiny_config(base_dir, tmp_path / "refused", method="peft-dora", **flag))
+
+
 # ---------------------------------------------------------------------------- QSBoRA
 
 

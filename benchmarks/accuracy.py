@@ -1,0 +1,64 @@
+"""Accuracy statistics of the LLM benchmarks: paired differences, means over seeds, test-set sizes.
+
+Every method answers the same test problems, so two methods are compared problem by problem
+(paired): problems both get right or both get wrong add no noise, and what is left is the
+**discordance** q, the share of problems on which they disagree. One seed's per-problem
+difference d ∈ {−1, 0, 1} has variance q − δ² (δ its mean), so the 95% interval of the
+accuracy difference has half-width 1.96·√((q − δ²)/n) on n problems. With several seeds,
+each problem's difference is first averaged over the seeds (seed k of one method against
+seed k of the other; the average does not depend on that pairing), then the same interval is
+taken over problems: it covers the test problems' noise and, through the seeds, part of the
+training noise.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+# Student's t, two-sided 95%, for 1..30 degrees of freedom (the normal quantile beyond, within 4%)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def seed_interval(values: list[float]) -> tuple[float, float]:
+    """Mean of `values` (one per seed) and the half-width of its 95% interval (Student's t; nan for one seed)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else Z95
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _check(a: list[list[bool]], b: list[list[bool]]) -> None:
+    if not a or len(a) != len(b) or any(len(x) != len(a[0]) for x in [*a, *b]):
+        raise ValueError(f"answer sheets do not pair: {len(a)} and {len(b)} seeds of {sorted({len(x) for x in [*a, *b]})} problems")
+
+
+def paired_difference(a: list[list[bool]], b: list[list[bool]]) -> tuple[float, float]:
+    """Accuracy of `a` minus `b` in points and the half-width of its 95% interval, from answer
+    sheets of the same problems (one sheet per seed, the same number for both), pooled over seeds."""
+    _check(a, b)
+    d = [statistics.fmean(int(x[i]) - int(y[i]) for x, y in zip(a, b)) for i in range(len(a[0]))]
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    return 100 * statistics.fmean(d), 100 * Z95 * sd / math.sqrt(len(d))
+
+
+def discordance(a: list[list[bool]], b: list[list[bool]]) -> float:
+    """Share of (seed, problem) answers on which `a` and `b` disagree."""
+    _check(a, b)
+    return statistics.fmean(x[i] != y[i] for x, y in zip(a, b) for i in range(len(x)))
+
+
+def problems_needed(discordance: float, points: float = 1.0, power: float = 0.5) -> int:
+    """Test problems one seed's paired comparison needs to resolve a difference of `points`.
+
+    n = (z₀.₉₇₅ + z_power)²·(q − δ²)/δ² with δ = points/100 and q the discordance. With
+    ``power=0.5`` (z = 0) the 95% interval's half-width is `points`; with ``power=0.8`` a true
+    difference of `points` comes out significant (5%, two-sided) in 4 runs out of 5."""
+    if not 0 < points < 100 or not 0 < power < 1:
+        raise ValueError(f"points must be in (0, 100) and power in (0, 1), got {points} and {power}")
+    delta = points / 100
+    z = Z95 + statistics.NormalDist().inv_cdf(power)
+    return math.ceil(z * z * max(discordance - delta * delta, 0.0) / (delta * delta))
