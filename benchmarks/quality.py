@@ -1,0 +1,813 @@
+"""Personalization quality on the pocket world: every method learns the held-out concepts, scored with the pocket CLIP.
+
+Protocol (DESIGN.md §5, Mix-of-Show's, which the SBoRA paper follows, at pocket scale):
+
+1. **Training.** Each method learns each held-out concept (``sbora_diffusion.world.concepts``:
+   robot, duck, beachball, checkerflag, boltbadge; photos in ``data/concepts/``, configs in
+   ``configs/concepts/``) on the pocket base (``--model pocket``) through the trainer itself,
+   ``sbora_diffusion.concept.train.train``, with one budget for all: the training config of the
+   base (``configs/train/<model>.yaml``: steps, batch, learning rates, token embedding), the
+   method's own YAML (rank 16, s = 1, the UNet's attention), no prior preservation. Every run
+   starts from a fresh copy of one loaded base (``copy.deepcopy``: the trainer adds the
+   concept's token to the tokenizer and its cores to the UNet in place, so a copy is the clean
+   way to give each run the untouched base). Methods: LoRA, SBoRA-FA, SBoRA-FB, Ortho,
+   DiffLoRA, Delta-LoRA (λ = 2 from a tenth of the run), DiffoRA selection over SBoRA-FA
+   (``select="diffora"``: gates for the first fifth, then the best half of the modules keep
+   their adapter) and Custom Diffusion (dense cross-attention k/v updates).
+   SBoRA-FA/FB, Ortho and DiffoRA train concept k of the run in slot k (modulo the slots the
+   narrowest layer holds), so the concepts of one seed sit in disjoint slots and compose
+   without retraining (step 4).
+2. **Floor and ceiling.** The zero-shot base (no training; the prompt with the class word
+   instead of the token, as the trainer's sample grids ask it) and a **fully fine-tuned UNet**
+   (every UNet weight, convolutions and norms included, trained by AdamW with the same loss,
+   data, steps, batch, schedule, clipping and concept-token embedding as the adapters, in a
+   small explicit loop reusing ``concept/loss.py`` and ``concept/data.py``; its learning rate
+   is ``--full-ft-lr``, since a dense update needs a smaller one than a zero-started adapter).
+3. **Scores** (``sbora_diffusion.clip_score`` with the pocket CLIP): for each run, the concept's
+   eval prompts × seeds 0..N-1 (image k of a prompt uses seed k, ``generate.generate``):
+   CLIP-T (plain cosine of image and prompt with the token replaced by the class word, after
+   "A photo depicts "; the Mix-of-Show 2.5·max(cos, 0) form is in the JSON), CLIP-I (mean
+   cosine over all (generated, reference photo) pairs) and drift (1 − cosine between the base's
+   and the adapted model's images of prompts unrelated to the concept, same seeds).
+4. **Multi-concept.** Each pair (A on the left, B on the right) is rendered with
+   ``compose.Composer`` from the single-concept adapters of one seed: SBoRA-FA/FB and Ortho in
+   their disjoint slots, LoRA as the naive sum of two independently trained adapters. Two
+   modes: ``sum`` (the global prompt "a photo of <A> a on the left and <B> b on the right",
+   both adapters everywhere: the weight-space composition) and ``regional`` (each adapter and
+   its own prompt only in its half, ``regional.py``). Each concept's CLIP-I is measured in its
+   own half of the image (the crop, resized by the CLIP's own preprocessing), against its
+   own reference photos; the zero-shot base with the class words is the floor.
+5. **Intervals.** Training seeds 0..S−1 (``train_seed`` = adapter ``seed`` = k: data order,
+   noise, initialization and index sets). A cell is the mean ± 95% interval over seeds
+   (Student's t, ``benchmarks.accuracy.seed_interval``); the mean column takes each seed's
+   mean over concepts, then the interval over seeds. Differences to LoRA are paired: the
+   method minus LoRA on the same concept and seed, the interval over those (concept, seed)
+   units.
+
+Results: ``docs/benchmarks/quality.{json,md,png}`` (``quality_full.*`` with ``--preset full``);
+runs, adapters and generated images under ``--work-dir``.
+
+    python -m benchmarks.quality --preset quick      # ≤ 15 min on 2 shared CPU cores
+    python -m benchmarks.quality --preset full       # all 5 concepts, 3 seeds, more images (runtime in the .md)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sbora_diffusion.configuration import ConfigError
+
+from .accuracy import seed_interval
+from .common import run_benchmark
+
+# name -> (method YAML, TrainConfig overrides)
+METHODS: dict[str, tuple[str, dict]] = {
+    "lora": ("lora", {}), "sbora-fa": ("sbora-fa", {}), "sbora-fb": ("sbora-fb", {}), "ortho": ("ortho", {}),
+    "difflora": ("difflora", {}), "delta-lora": ("delta-lora", {}), "diffora": ("sbora-fa", {"select": "diffora"}),
+    "custom-diffusion": ("custom-diffusion", {}),
+}
+SLOT_METHODS = {"sbora-fa": "in", "ortho": "in", "diffora": "in", "sbora-fb": "out"}  # -> which dimension the slots cut
+FLOOR, CEILING, REFERENCE = "zero-shot", "full-ft", "lora"
+LABELS = {FLOOR: "zero-shot base (floor)", "lora": "LoRA", "sbora-fa": "SBoRA-FA", "sbora-fb": "SBoRA-FB", "ortho": "Ortho",
+          "difflora": "DiffLoRA", "delta-lora": "Delta-LoRA", "diffora": "DiffoRA (SBoRA-FA, best 50%)",
+          "custom-diffusion": "Custom Diffusion", CEILING: "full UNet fine-tune (ceiling)"}
+MULTI_METHODS = ("lora", "sbora-fa", "sbora-fb", "ortho")
+MULTI_MODES = ("sum", "regional")
+MULTI_LABELS = {"lora": "LoRA, naive sum", "sbora-fa": "SBoRA-FA, slots", "sbora-fb": "SBoRA-FB, slots", "ortho": "Ortho, slots"}
+BOXES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))  # concept A's half (left), concept B's (right): x0, y0, x1, y1
+PAIR_PROMPT = "a photo of {a} on the left and {b} on the right"  # the world's two-object grammar
+# Prompts of the world's grammar that name none of the concepts' classes: what an adapter should leave alone.
+DRIFT_PROMPTS = (
+    "a blue square on the left",
+    "a photo of a green triangle in the center, on the grass",
+    "a red circle on the left and a yellow star on the right",
+    "a painting of a purple heart",
+    "a small orange diamond on the right, on a blue background",
+)
+METRICS = ("clip_i", "clip_t", "drift")
+METRIC_LABELS = {"clip_i": "CLIP-I (image alignment, plain cosine)", "clip_t": "CLIP-T (text alignment, plain cosine)",
+                 "drift": "drift (1 − cosine to the base's image of unrelated prompts; lower is better)"}
+
+
+@dataclass
+class QualityConfig:
+    model: str = field(default="pocket", metadata={"help": "base model (pocket: the pocket world's base)"})
+    clip_model: str = field(default="pocket", metadata={"help": "CLIP scorer: pocket, or an open_clip name/JSON file (with --clip-weights)"})
+    clip_weights: str | None = field(default=None, metadata={"help": "weights of a non-pocket --clip-model"})
+    train_config: str | None = field(default=None, metadata={"help": "training config name or YAML (none: configs/train/<model>.yaml)"})
+    concepts: list[str] = field(default_factory=lambda: ["robot", "duck", "beachball", "checkerflag", "boltbadge"],
+                                metadata={"help": "held-out concepts (configs/concepts/NAME.yaml)"})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "methods: " + ", ".join(METHODS)})
+    ceiling: bool = field(default=True, metadata={"help": "also train the full-UNet fine-tune ceiling"})
+    seeds: int = field(default=3, metadata={"help": "training seeds per (method, concept): train_seed = adapter seed = 0..N-1"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps of every run (none: the training config's)"})
+    lr: float | None = field(default=None, metadata={"help": "adapter learning rate of every method (none: the training config's)"})
+    rank: int | None = field(default=None, metadata={"help": "adapter rank of every low-rank method (none: the method YAMLs', 16)"})
+    full_ft_lr: float = field(default=1e-4, metadata={"help": "learning rate of the full-UNet fine-tune"})
+    num_prompts: int = field(default=5, metadata={"help": "eval prompts per concept (the first N of its config's eval_prompts)"})
+    num_images: int = field(default=4, metadata={"help": "images per eval prompt (seeds 0..N-1)"})
+    sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps of every image (none: the training config's sample_steps)"})
+    guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (none: the training config's)"})
+    drift_prompts: int = field(default=5, metadata={"help": f"unrelated prompts for drift (the first N of {len(DRIFT_PROMPTS)})"})
+    drift_images: int = field(default=2, metadata={"help": "images per drift prompt"})
+    pairs: list[str] = field(default_factory=lambda: ["robot+duck", "beachball+checkerflag", "boltbadge+robot"],
+                             metadata={"help": "multi-concept pairs A+B (A left, B right), of --concepts"})
+    multi_methods: list[str] = field(default_factory=lambda: list(MULTI_METHODS), metadata={"help": "composition methods: " + ", ".join(MULTI_METHODS)})
+    multi_modes: list[str] = field(default_factory=lambda: list(MULTI_MODES), metadata={"help": "sum (weights only) and/or regional"})
+    multi_images: int = field(default=4, metadata={"help": "images per pair, method, mode and seed"})
+    gen_batch_size: int = field(default=8, metadata={"help": "images per pipeline call"})
+    text_prefix: str = field(default="A photo depicts ", metadata={"help": "CLIP-T text prefix (Mix-of-Show's)"})
+    threads: int = field(default=2, metadata={"help": "torch threads (0: leave as is)"})
+    work_dir: str = field(default="outputs/bench_quality", metadata={"help": "runs, adapters and generated images"})
+    out_dir: str | None = field(default=None, metadata={"help": "results folder (default docs/benchmarks)"})
+
+    def validate(self) -> None:
+        from sbora_diffusion.concepts import load_concept
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        if not self.concepts or len(set(self.concepts)) != len(self.concepts):
+            raise ConfigError(f"concepts must be one or more distinct names, got {self.concepts}")
+        for c in self.concepts:
+            load_concept(c)  # a clear error for a missing config or photo folder
+        for what, value, lo in (("seeds", self.seeds, 1), ("num_prompts", self.num_prompts, 1), ("num_images", self.num_images, 1),
+                                ("drift_prompts", self.drift_prompts, 0), ("drift_images", self.drift_images, 1),
+                                ("multi_images", self.multi_images, 1), ("gen_batch_size", self.gen_batch_size, 1), ("threads", self.threads, 0)):
+            if value < lo:
+                raise ConfigError(f"{what} must be at least {lo}, got {value}")
+        if self.drift_prompts > len(DRIFT_PROMPTS):
+            raise ConfigError(f"drift_prompts must be at most {len(DRIFT_PROMPTS)}, got {self.drift_prompts}")
+        if self.full_ft_lr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ConfigError("learning rates must be positive")
+        bad = [m for m in self.multi_methods if m not in MULTI_METHODS]
+        if bad:
+            raise ConfigError(f"unknown multi-concept method(s) {', '.join(bad)}; known: {', '.join(MULTI_METHODS)}")
+        if any(m not in self.methods for m in self.multi_methods) and self.pairs:
+            raise ConfigError(f"multi-concept methods {self.multi_methods} must be among --methods (their single-concept adapters are composed)")
+        bad = [m for m in self.multi_modes if m not in MULTI_MODES]
+        if bad:
+            raise ConfigError(f"unknown multi-concept mode(s) {', '.join(bad)}; known: {', '.join(MULTI_MODES)}")
+        for pair in self.pairs:
+            parse_pair(pair, self.concepts)
+
+
+def parse_pair(pair: str, concepts: Sequence[str]) -> tuple[str, str]:
+    a, sep, b = pair.partition("+")
+    if not sep or a == b or a not in concepts or b not in concepts:
+        raise ConfigError(f"pair '{pair}' must be A+B, two different concepts of --concepts ({', '.join(concepts)})")
+    return a, b
+
+
+PRESETS: dict[str, dict] = {
+    # Every method, 2 concepts, 2 seeds, 60 steps (a fifth of the demo's 300), a few images: sized for ≤ 15 min on 2 shared CPU cores.
+    "quick": {"concepts": ["robot", "duck"], "seeds": 2, "steps": 60, "num_prompts": 3, "num_images": 2, "drift_prompts": 2,
+              "drift_images": 1, "pairs": ["robot+duck"], "multi_images": 2},
+    # The comparison: 5 concepts, 3 seeds, the training config's full budget (configs/train/pocket.yaml: 300 steps of 4).
+    "full": {},
+}
+
+
+# ---------------------------------------------------------------------------- small helpers (tested)
+
+
+def slot_capacity(unet: torch.nn.Module, targets_config, side: str) -> int:
+    """How many disjoint slots of rank r the narrowest targeted layer holds (input side for FA/ortho, output for FB)."""
+    from sbora_diffusion.adapters import match_targets
+
+    paths = match_targets(unet, targets_config)
+    if not paths:
+        raise ConfigError(f"targets {targets_config.targets} match no layer of the UNet")
+    dims = [getattr(unet.get_submodule(p), "in_features" if side == "in" else "out_features") for p in paths]
+    return min(dims) // targets_config.rank
+
+
+def assign_slots(concepts: Sequence[str], capacity: int) -> dict[str, int]:
+    """Concept k of the run -> slot k mod capacity (so that the concepts of one seed are disjoint as far as the layers allow)."""
+    if capacity < 1:
+        raise ConfigError("the rank is too large for the narrowest adapted layer: not even one slot fits")
+    return {c: k % capacity for k, c in enumerate(concepts)}
+
+
+def crop_box(image, box: Sequence[float]):
+    """The part of a PIL image inside a box of fractions (x0, y0, x1, y1)."""
+    w, h = image.size
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)
+    if right <= left or bottom <= top:
+        raise ValueError(f"box {tuple(box)} is empty on a {w}x{h} image")
+    return image.crop((left, top, right, bottom))
+
+
+@torch.no_grad()
+def encode_pil(scorer, images: list) -> torch.Tensor:
+    """(N, D) unit-norm image embeddings of PIL images (the scorer's own preprocessing)."""
+    out = []
+    for i in range(0, len(images), scorer.batch_size):
+        batch = torch.stack([scorer.preprocess(im.convert("RGB")) for im in images[i : i + scorer.batch_size]])  # (b, 3, H, W)
+        out.append(scorer.model.encode_image(batch.to(scorer.device), normalize=True).float().cpu())  # (b, D)
+    return torch.cat(out)
+
+
+def crop_clip_i(scorer, images: list, box: Sequence[float], references: torch.Tensor) -> list[float]:
+    """Per image: mean cosine between its crop `box` and every reference embedding (R, D)."""
+    emb = encode_pil(scorer, [crop_box(im, box) for im in images])  # (N, D)
+    return (emb @ references.T).clamp(-1, 1).mean(-1).tolist()  # (N,)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def cell(runs: list[dict], method: str, concept: str, metric: str) -> tuple[float, float, int]:
+    """Mean ± 95% half-width over the seeds of one (method, concept); and the number of seeds."""
+    values = [r[metric] for r in runs if r["method"] == method and r["concept"] == concept]
+    if not values:
+        return math.nan, math.nan, 0
+    return (*seed_interval(values), len(values))
+
+
+def per_seed_means(runs: list[dict], method: str, concepts: Sequence[str], metric: str) -> dict[int, float]:
+    """Seed -> the method's mean over `concepts` of that seed (only seeds that have every concept)."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r["method"] == method and r["concept"] in concepts:
+            by_seed.setdefault(r["seed"], {})[r["concept"]] = r[metric]
+    return {s: _mean(list(v.values())) for s, v in sorted(by_seed.items()) if len(v) == len(concepts)}
+
+
+def paired_vs(runs: list[dict], method: str, reference: str, metric: str) -> tuple[float, float, int]:
+    """Method minus reference over the (concept, seed) units both have: mean, 95% half-width, units."""
+    ref = {(r["concept"], r["seed"]): r[metric] for r in runs if r["method"] == reference}
+    diffs = [r[metric] - ref[(r["concept"], r["seed"])] for r in runs if r["method"] == method and (r["concept"], r["seed"]) in ref]
+    if not diffs:
+        return math.nan, math.nan, 0
+    return (*seed_interval(diffs), len(diffs))
+
+
+def method_table(res: dict, metric: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """Rows (floor, methods, ceiling) x columns (concepts, 'mean'): (mean, 95% half-width over seeds)."""
+    runs, concepts = res.get("runs", []), res.get("concepts", [])
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    if res.get("zero_shot"):
+        zs = res["zero_shot"]
+        rows[FLOOR] = {c: (zs[c][metric], math.nan) for c in concepts if c in zs}
+        if all(c in zs for c in concepts):
+            rows[FLOOR]["mean"] = (_mean([zs[c][metric] for c in concepts]), math.nan)
+    for method in dict.fromkeys(r["method"] for r in runs):
+        row = {c: cell(runs, method, c, metric)[:2] for c in concepts}
+        seeds = per_seed_means(runs, method, concepts, metric)
+        row["mean"] = seed_interval(list(seeds.values())) if seeds else (math.nan, math.nan)
+        rows[method] = row
+    order = [FLOOR, *METHODS, CEILING]
+    return {m: rows[m] for m in sorted(rows, key=order.index)}
+
+
+def multi_table(res: dict) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
+    """Rows (method, mode) x columns (pair/concept, 'mean'): CLIP-I in the concept's own half, mean ± 95% over seeds."""
+    multi = res.get("multi", [])
+    pairs = list(dict.fromkeys(m["pair"] for m in multi))
+    rows: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+    for key in dict.fromkeys((m["method"], m["mode"]) for m in multi):
+        entries = [m for m in multi if (m["method"], m["mode"]) == key]
+        row = {}
+        for pair in pairs:
+            for concept in pair.split("+"):
+                vals = [m["clip_i"][concept] for m in entries if m["pair"] == pair]
+                if vals:
+                    row[f"{pair}:{concept}"] = seed_interval(vals)
+        by_seed: dict[int, list[float]] = {}
+        for m in entries:
+            by_seed.setdefault(m["seed"], []).extend(m["clip_i"].values())
+        row["mean"] = seed_interval([_mean(v) for v in by_seed.values()]) if by_seed else (math.nan, math.nan)
+        rows[key] = row
+    return rows
+
+
+def multi_paired(res: dict, method: str, mode: str) -> tuple[float, float, int]:
+    """Composed CLIP-I (both concepts' mean) of `method` minus LoRA's naive sum, same pair, seed and mode."""
+    multi = res.get("multi", [])
+    ref = {(m["pair"], m["seed"]): _mean(list(m["clip_i"].values())) for m in multi if (m["method"], m["mode"]) == (REFERENCE, mode)}
+    diffs = [_mean(list(m["clip_i"].values())) - ref[(m["pair"], m["seed"])] for m in multi
+             if (m["method"], m["mode"]) == (method, mode) and (m["pair"], m["seed"]) in ref]
+    return (*seed_interval(diffs), len(diffs)) if diffs else (math.nan, math.nan, 0)
+
+
+def estimate_seconds(config: QualityConfig, timing: dict, steps: int) -> dict[str, float]:
+    """Run time of `config` from measured unit costs: seconds per training step (per method), per image, per run's overhead."""
+    runs = len(config.concepts) * config.seeds
+    train = sum(timing["step_seconds"].get(m, timing["step_seconds_mean"]) * steps * runs for m in config.methods)
+    if config.ceiling:
+        train += timing["step_seconds"].get(CEILING, timing["step_seconds_mean"]) * steps * runs
+    n_runs = runs * (len(config.methods) + int(config.ceiling))
+    per_run_images = config.num_prompts * config.num_images + config.drift_prompts * config.drift_images
+    images = n_runs * per_run_images + len(config.concepts) * config.num_prompts * config.num_images + config.drift_prompts * config.drift_images
+    images += len(config.pairs) * config.seeds * len(config.multi_methods) * len(config.multi_modes) * config.multi_images
+    images += len(config.pairs) * config.multi_images
+    out = {"train": train, "images": images * timing["image_seconds"], "overhead": n_runs * timing["run_overhead_seconds"],
+           "runs": n_runs, "image_count": images, "steps": steps}
+    out["total"] = out["train"] + out["images"] + out["overhead"]
+    return out
+
+
+# ---------------------------------------------------------------------------- the full-UNet ceiling
+
+
+def train_full_unet(pipe, concept, cfg, lr: float, seed: int) -> dict:
+    """Fine-tune every UNet weight of `pipe` in place (plus the concept token's embedding, as the adapters' runs):
+    the trainer's loss and data, AdamW, the config's steps, batch, schedule and clipping. Returns losses and counts."""
+    from diffusers import DDPMScheduler
+    from transformers import get_scheduler
+
+    from sbora_diffusion.concept.data import load_images, sample_batch, tokenize
+    from sbora_diffusion.concept.loss import diffusion_loss
+    from sbora_diffusion.tokens import install_concept_tokens
+
+    if cfg.with_prior_preservation or cfg.train_text_encoder or cfg.grad_accum != 1:
+        raise ConfigError("the full-UNet ceiling supports the plain DreamBooth loss only (no prior preservation, "
+                          "text-encoder adapter or gradient accumulation)")
+    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
+        part.requires_grad_(False)
+    res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = load_images(concept.instance_images(), res)
+    groups = []
+    tokens = None
+    if cfg.token_mode != "none":
+        tokens = install_concept_tokens(pipe.tokenizer, pipe.text_encoder, concept.token, cfg.token_mode, init_word=concept.class_word)
+        groups.append({"params": [tokens.vectors], "lr": cfg.token_lr, "weight_decay": 0.0})
+    pipe.unet.requires_grad_(True)
+    unet_params = list(pipe.unet.parameters())
+    groups.insert(0, {"params": unet_params, "lr": lr, "weight_decay": cfg.weight_decay})
+    opt = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **({"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}))
+    instance_ids = tokenize(pipe.tokenizer, concept.fill(concept.instance_prompt), cfg.batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    pipe.unet.train()
+    pipe.text_encoder.train(tokens is not None)
+    trainable = [p for g in groups for p in g["params"]]
+    losses = []
+    for _ in range(cfg.steps):
+        pixels, ids = sample_batch(images, [], instance_ids, instance_ids, cfg.batch_size, res, cfg.center_crop, cfg.random_flip, gen)
+        loss = diffusion_loss(pipe.vae, noise_scheduler, pipe.unet, pipe.text_encoder, pixels, ids, n_instance=cfg.batch_size, gen=gen,
+                              snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset)
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    pipe.unet.requires_grad_(False)
+    if tokens is not None:
+        tokens.vectors.requires_grad_(False)
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return {"losses": losses, "trainable_params": sum(p.numel() for p in unet_params), "steps": cfg.steps}
+
+
+# ---------------------------------------------------------------------------- one run: train, then score
+
+
+@dataclass
+class Context:
+    config: QualityConfig
+    base: object  # the pristine pipeline, never trained
+    scorer: object
+    work: Path
+    train_kwargs: dict
+    steps: int
+    sample_steps: int
+    guidance: float
+    slots: dict[str, int]
+    base_drift: list | None = None  # manifest entries of the base's drift images
+    references: dict[str, torch.Tensor] = field(default_factory=dict)
+    gen_seconds: float = 0.0
+    gen_images: int = 0
+
+
+def _generate(ctx: Context, pipe, prompts: list[str], seeds: list[int], out: Path, concept=None) -> list:
+    from sbora_diffusion.clip_score import read_manifest
+    from sbora_diffusion.generate import generate
+
+    t0 = time.time()
+    generate(pipe, prompts, seeds, out, concept=concept.key if concept else None, token=concept.token if concept else None,
+             class_word=concept.class_word if concept else None, steps=ctx.sample_steps, guidance_scale=ctx.guidance,
+             batch_size=ctx.config.gen_batch_size)
+    ctx.gen_seconds += time.time() - t0
+    ctx.gen_images += len(prompts) * len(seeds)
+    return read_manifest(out / "manifest.jsonl")
+
+
+def score_pipe(ctx: Context, pipe, concept, out: Path, zero_shot: bool = False) -> dict:
+    """CLIP-T, CLIP-I and drift of `pipe` for `concept` (zero_shot: the prompts with the class word, no drift)."""
+    from sbora_diffusion.clip_score import drift, score
+    from sbora_diffusion.concept.train import base_prompt
+
+    cfg = ctx.config
+    prompts = [concept.fill(p) for p in concept.eval_prompts[: cfg.num_prompts]]
+    if zero_shot:
+        prompts = [base_prompt(p, concept) for p in prompts]
+    entries = _generate(ctx, pipe, prompts, list(range(cfg.num_images)), out / "eval", None if zero_shot else concept)
+    sc = score(ctx.scorer, entries, reference_dir=concept.instance_dir, text_prefix=cfg.text_prefix)
+    row = {"samples": [str(e.image) for e in entries[:: cfg.num_images]], "clip_i": sc["summary"]["clip_i_cosine"], "clip_t": sc["summary"]["clip_t_cosine"],
+           "clip_t_mixofshow": sc["summary"]["clip_t_mixofshow"], "images": len(entries),
+           "per_prompt": {p: {"clip_i": _mean([r["clip_i_cosine"] for r in sc["images"] if r["prompt"] == p]),
+                              "clip_t": _mean([r["clip_t_cosine"] for r in sc["images"] if r["prompt"] == p])} for p in prompts}}
+    if zero_shot or not cfg.drift_prompts:
+        row["drift"] = 0.0
+    else:
+        adapted = _generate(ctx, pipe, list(DRIFT_PROMPTS[: cfg.drift_prompts]), list(range(cfg.drift_images)), out / "drift")
+        row["drift"] = drift(ctx.scorer, ctx.base_drift, adapted)["summary"]["drift"]
+    return row
+
+
+def train_one(ctx: Context, method: str, concept, seed: int) -> tuple[object, dict]:
+    """Train `method` on `concept` with `seed` on a fresh copy of the base; returns (trained pipe, run record)."""
+    from sbora_diffusion.adapters import adapter_parameters
+    from sbora_diffusion.concept.train import load_train_config, train
+
+    cfg = ctx.config
+    out = ctx.work / "runs" / concept.key / method / f"seed{seed}"
+    pipe = copy.deepcopy(ctx.base)
+    t0 = time.time()
+    per_step = None
+    if method == CEILING:
+        tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, "train_seed": seed})
+        info = train_full_unet(pipe, concept, tcfg, cfg.full_ft_lr, seed)
+        record = {"trainable_params": info["trainable_params"], "final_loss": _mean(info["losses"][-10:]), "steps": info["steps"],
+                  "lr": cfg.full_ft_lr, "adapter": None}
+    else:
+        yaml_name, extra = METHODS[method]
+        tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, **extra, "train_seed": seed, "output_dir": str(out)})
+        adapter = {"seed": seed, **({"rank": cfg.rank, "alpha": float(cfg.rank)} if cfg.rank and method != "custom-diffusion" else {})}
+        if method in SLOT_METHODS:
+            adapter["slot"] = ctx.slots[concept.name]
+        stamps: list[float] = []
+        one_sample = dataclasses.replace(concept, validation_prompts=concept.validation_prompts[:1])  # the trainer's samples.png: one prompt
+        result = train(one_sample, yaml_name, cfg.model, train_config=tcfg, pipe=pipe, adapter_overrides=adapter,
+                       on_step=lambda step, loss: stamps.append(time.time()))
+        if len(stamps) > 1:
+            per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        record = {"trainable_params": sum(p.numel() for p in adapter_parameters(pipe.unet, concept.key)),
+                  "final_loss": _mean(result.losses[-10:]), "steps": result.step, "lr": tcfg.lr, "adapter": str(result.adapter_path),
+                  "slot": adapter.get("slot")}
+    record["train_seconds"] = time.time() - t0
+    record["step_seconds"] = per_step if per_step is not None else record["train_seconds"] / max(1, record["steps"])
+    record["setup_seconds"] = max(0.0, record["train_seconds"] - record["step_seconds"] * record["steps"])  # set-up, sample grid, saving
+    return pipe, record
+
+
+def run_pair(ctx: Context, pair: str, method: str, seed: int, runs: dict) -> list[dict]:
+    """Compose the pair's two single-concept adapters of `method` and `seed`; CLIP-I of each concept in its half, per mode."""
+    from sbora_diffusion.compose import Composer, Region
+    from sbora_diffusion.concepts import load_concept
+
+    cfg = ctx.config
+    a, b = (load_concept(c) for c in pair.split("+"))
+    pipe = copy.deepcopy(ctx.base)
+    composer = Composer(pipe)
+    for c in (a, b):
+        composer.load(runs[(method, c.name, seed)]["adapter"], name=c.key)
+    overlap = max((p["max_interference"] for p in composer.overlap().pairs()), default=0.0)
+    prompt = PAIR_PROMPT.format(a=a.fill("{token} {class_word}"), b=b.fill("{token} {class_word}"))
+    seeds = list(range(cfg.multi_images))
+    out = []
+    for mode in cfg.multi_modes:
+        regions = [Region(concept=c.key, box=list(box), prompt=c.fill("a photo of {token} {class_word}")) for c, box in zip((a, b), BOXES)] \
+            if mode == "regional" else []
+        t0 = time.time()
+        images = composer.render(prompt, seeds, regions=regions, steps=ctx.sample_steps, guidance_scale=ctx.guidance,
+                                 batch_size=cfg.gen_batch_size)
+        ctx.gen_seconds += time.time() - t0
+        ctx.gen_images += len(images)
+        folder = ctx.work / "multi" / pair.replace("+", "_") / method / mode / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for s, im in zip(seeds, images):
+            im.save(folder / f"{s:05d}.png")
+        clip_i = {c.name: _mean(crop_clip_i(ctx.scorer, images, box, ctx.references[c.name])) for c, box in zip((a, b), BOXES)}
+        out.append({"pair": pair, "method": method, "mode": mode, "seed": seed, "clip_i": clip_i, "max_interference": overlap,
+                    "prompt": prompt})
+    del composer, pipe
+    return out
+
+
+def zero_shot_pair(ctx: Context, pair: str) -> dict:
+    from sbora_diffusion.concepts import load_concept
+    from sbora_diffusion.generate import render
+
+    a, b = (load_concept(c) for c in pair.split("+"))
+    prompt = PAIR_PROMPT.format(a=a.class_word, b=b.class_word)
+    t0 = time.time()
+    images = render(ctx.base, [prompt], list(range(ctx.config.multi_images)), steps=ctx.sample_steps, guidance_scale=ctx.guidance,
+                    batch_size=ctx.config.gen_batch_size, desc=f"zero-shot {pair}")
+    ctx.gen_seconds += time.time() - t0
+    ctx.gen_images += len(images)
+    folder = ctx.work / "multi" / pair.replace("+", "_") / FLOOR
+    folder.mkdir(parents=True, exist_ok=True)
+    for s, im in enumerate(images):
+        im.save(folder / f"{s:05d}.png")
+    return {"pair": pair, "prompt": prompt,
+            "clip_i": {c.name: _mean(crop_clip_i(ctx.scorer, images, box, ctx.references[c.name])) for c, box in zip((a, b), BOXES)}}
+
+
+def load_scorer(config: QualityConfig):
+    from sbora_diffusion.clip_score import load_clip
+
+    if config.clip_model == "pocket":
+        return load_clip("pocket", device="cpu", batch_size=64)
+    return load_clip(config.clip_model, pretrained=None, weights=config.clip_weights, device="cpu", batch_size=64)
+
+
+def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, scorer=None) -> None:
+    """Fill `res` (zero-shot, then method by method, then the pairs), calling `save` after each part."""
+    from sbora_diffusion.adapters import load_adapter_config
+    from sbora_diffusion.concept.train import load_train_config, train_config_path
+    from sbora_diffusion.concepts import load_concept
+    from sbora_diffusion.configuration import shown_path
+    from sbora_diffusion.models import load_pipeline
+
+    config.validate()
+    t_start = time.time()
+    base = pipe if pipe is not None else load_pipeline(config.model)
+    base.set_progress_bar_config(disable=True)
+    for part in (base.unet, base.text_encoder, base.vae):
+        part.requires_grad_(False).eval()
+    scorer = scorer if scorer is not None else load_scorer(config)
+    from sbora_diffusion.concept.train import TrainConfig
+
+    # The trainer's own outputs are not scored here: no validation grids, one small sample image, no checkpoints on the way.
+    overrides = {"checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True, "cpu": True}
+    if "score_clip" in TrainConfig.__dataclass_fields__:
+        overrides["score_clip"] = None
+    if config.steps is not None:
+        overrides["steps"] = config.steps
+    if config.lr is not None:
+        overrides["lr"] = config.lr
+    tcfg = load_train_config(config.train_config, model=config.model, **overrides)
+    sample_steps = config.sample_steps or tcfg.sample_steps
+    guidance = config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale
+    overrides["sample_steps"] = min(sample_steps, 10)  # the trainer's own samples.png only (not scored): cheap
+    overrides["guidance_scale"] = guidance
+    capacity = min((slot_capacity(base.unet, load_adapter_config(METHODS[m][0], **({"rank": config.rank} if config.rank else {})), side)
+                    for m, side in SLOT_METHODS.items() if m in config.methods), default=len(config.concepts))
+    slots = assign_slots(config.concepts, capacity)
+    pairs = [parse_pair(p, config.concepts) for p in config.pairs]
+    clash = [f"{a}+{b}" for a, b in pairs if slots[a] == slots[b]]
+    if clash and any(m in SLOT_METHODS for m in config.multi_methods):
+        raise ConfigError(f"pair(s) {', '.join(clash)} would share a slot (the narrowest layer holds {capacity} slots of this rank): "
+                          "pick pairs of concepts fewer than that apart in --concepts")
+    work = Path(config.work_dir)
+    ctx = Context(config, base, scorer, work, overrides, tcfg.steps, sample_steps, guidance, slots)
+    concepts = {c: load_concept(c) for c in config.concepts}
+    for c in concepts.values():
+        ctx.references[c.name] = scorer.reference_embeddings(c.instance_dir)
+    res.update(concepts=list(config.concepts), base_parameters={"unet": sum(p.numel() for p in base.unet.parameters())},
+               settings={"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr, "token_lr": tcfg.token_lr,
+                         "lr_schedule": tcfg.lr_schedule, "token_mode": tcfg.token_mode, "sample_steps": sample_steps,
+                         "guidance_scale": guidance, "slot_capacity": capacity, "slots": slots, "resolution": tcfg.resolution,
+                         "full_ft_lr": config.full_ft_lr, "train_config": shown_path(train_config_path(config.train_config, config.model))},
+               zero_shot={}, runs=[], multi=[], multi_zero_shot=[], timing={})
+    # The base's images of the drift prompts, once: every adapted model is compared with them.
+    if config.drift_prompts:
+        ctx.base_drift = _generate(ctx, base, list(DRIFT_PROMPTS[: config.drift_prompts]), list(range(config.drift_images)), work / "base-drift")
+    for c in concepts.values():
+        res["zero_shot"][c.name] = score_pipe(ctx, base, c, work / "runs" / c.key / FLOOR, zero_shot=True)
+    save()
+    methods = [*config.methods, *([CEILING] if config.ceiling else [])]
+    adapters: dict[tuple[str, str, int], dict] = {}
+    step_seconds: dict[str, list[float]] = {}
+    overheads: list[float] = []
+    for method in methods:
+        for seed in range(config.seeds):
+            for c in concepts.values():
+                t0 = time.time()
+                pipe_m, record = train_one(ctx, method, c, seed)
+                g0 = ctx.gen_seconds
+                row = score_pipe(ctx, pipe_m, c, work / "runs" / c.key / method / f"seed{seed}")
+                row.update(method=method, concept=c.name, seed=seed, **record, eval_seconds=time.time() - t0 - record["train_seconds"])
+                res["runs"].append(row)
+                adapters[(method, c.name, seed)] = row
+                step_seconds.setdefault(method, []).append(record["step_seconds"])
+                overheads.append(record["setup_seconds"] + row["eval_seconds"] - (ctx.gen_seconds - g0))
+                del pipe_m
+                gc.collect()
+                save()
+    for pair in config.pairs:
+        res["multi_zero_shot"].append(zero_shot_pair(ctx, pair))
+        for seed in range(config.seeds):
+            for method in config.multi_methods:
+                res["multi"] += run_pair(ctx, pair, method, seed, adapters)
+                save()
+    res["timing"] = {
+        "step_seconds": {m: statistics.median(v) for m, v in step_seconds.items()},
+        "step_seconds_mean": _mean([statistics.median(v) for v in step_seconds.values()]) if step_seconds else math.nan,
+        "image_seconds": ctx.gen_seconds / max(1, ctx.gen_images), "images": ctx.gen_images,
+        "run_overhead_seconds": _mean(overheads) if overheads else 0.0,
+        "note": "step seconds: the median over runs of the time between optimizer steps; run overhead: a run's training set-up, "
+                "sample grid and saving plus its scoring time beyond generation (CLIP encoding, files)",
+        "measured_seconds": time.time() - t_start,
+    }
+    full = QualityConfig(**{**{k: getattr(QualityConfig(), k) for k in QualityConfig.__dataclass_fields__}, **PRESETS["full"],
+                            "model": config.model, "threads": config.threads})
+    full_steps = full.steps or load_train_config(config.train_config, model=config.model).steps
+    res["full_estimate"] = estimate_seconds(full, res["timing"], full_steps)
+
+
+# ---------------------------------------------------------------------------- reading the results
+
+
+def _fmt(mean: float, half: float, digits: int = 3) -> str:
+    if mean != mean:
+        return "—"
+    return f"{mean:.{digits}f}" + ("" if half != half else f" ± {half:.{digits}f}")
+
+
+def table_lines(res: dict, metric: str) -> list[str]:
+    concepts = res.get("concepts", [])
+    rows = method_table(res, metric)
+    lines = ["| method | " + " | ".join(concepts) + " | mean |", "|---|" + "---:|" * (len(concepts) + 1)]
+    for m, row in rows.items():
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_fmt(*row.get(c, (math.nan, math.nan))) for c in [*concepts, "mean"]) + " |")
+    return lines
+
+
+def multi_lines(res: dict) -> list[str]:
+    rows = multi_table(res)
+    if not rows:
+        return []
+    cols = [k for k in next(iter(rows.values())) if k != "mean"]
+    lines = ["| composition | mode | " + " | ".join(c.replace(":", ": ") for c in cols) + " | mean | Δ vs LoRA sum (paired, 95%) |",
+             "|---|---|" + "---:|" * (len(cols) + 2)]
+    for zs in res.get("multi_zero_shot", []):
+        vals = {f"{zs['pair']}:{c}": v for c, v in zs["clip_i"].items()}
+        lines.append(f"| {LABELS[FLOOR]} | class words | " + " | ".join(_fmt(vals[c], math.nan) if c in vals else "—" for c in cols)
+                     + f" | {_fmt(_mean(list(zs['clip_i'].values())), math.nan)} | — |")
+    for (method, mode), row in rows.items():
+        d = multi_paired(res, method, mode)
+        delta = "—" if method == REFERENCE else _fmt(d[0], d[1])
+        lines.append(f"| {MULTI_LABELS.get(method, method)} | {mode} | " + " | ".join(_fmt(*row.get(c, (math.nan, math.nan))) for c in cols)
+                     + f" | {_fmt(*row['mean'])} | {delta} |")
+    return lines
+
+
+def paired_lines(res: dict) -> list[str]:
+    runs = res.get("runs", [])
+    methods = [m for m in dict.fromkeys(r["method"] for r in runs) if m != REFERENCE]
+    if not any(r["method"] == REFERENCE for r in runs) or not methods:
+        return []
+    lines = ["| method | # trainable (UNet) | Δ CLIP-I | Δ CLIP-T | Δ drift | units | final loss | train s / run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lora = [r for r in runs if r["method"] == REFERENCE]
+    lines.append(f"| {LABELS[REFERENCE]} | {lora[0]['trainable_params']:,} | 0 | 0 | 0 | — | {_mean([r['final_loss'] for r in lora]):.4f} | "
+                 f"{_mean([r['train_seconds'] for r in lora]):.1f} |")
+    for m in methods:
+        mine = [r for r in runs if r["method"] == m]
+        ds = [paired_vs(runs, m, REFERENCE, k) for k in METRICS]
+        lines.append(f"| {LABELS.get(m, m)} | {mine[0]['trainable_params']:,} | " + " | ".join(f"{d[0]:+.3f} ± {d[1]:.3f}" if d[1] == d[1] else f"{d[0]:+.3f}" for d in ds)
+                     + f" | {ds[0][2]} | {_mean([r['final_loss'] for r in mine]):.4f} | {_mean([r['train_seconds'] for r in mine]):.1f} |")
+    return lines
+
+
+def markdown(payload: dict) -> str:
+    res, cfg, env = payload["results"], payload["config"], payload["environment"]
+    s = res.get("settings", {})
+    quick = cfg["preset"] == "quick"
+    lines = [
+        "# Personalization quality on the pocket world: CLIP-I, CLIP-T and drift per method and concept",
+        "",
+        f"Command: `{payload['command']}` — {env['date']}, CPU, {env['torch_threads']} torch thread(s). Base `{cfg['model']}`, "
+        f"scorer: the {cfg['clip_model']} CLIP (`sbora_diffusion.clip_score.load_clip`). Every run: {s.get('steps', '?')} steps of batch {s.get('batch_size', '?')}, adapter lr "
+        f"{s.get('lr', '?')} ({s.get('lr_schedule', '?')}), token embedding lr {s.get('token_lr', '?')} (token mode {s.get('token_mode', '?')}), "
+        f"from `{s.get('train_config', '?')}`; full-UNet ceiling lr {cfg['full_ft_lr']:g}. {cfg['seeds']} training seed(s); "
+        f"{cfg['num_prompts']} eval prompts × {cfg['num_images']} images per run, {cfg['drift_prompts']} drift prompts × {cfg['drift_images']} images; "
+        f"DDIM {s.get('sample_steps', '?')} steps, guidance {s.get('guidance_scale', '?')}. Run time {payload['seconds'] / 60:.1f} min "
+        f"({payload['cpu_seconds'] / 60:.1f} min CPU), load average {env['load_average'][0]:.1f} at the start, "
+        f"{env['load_average_end'][0]:.1f} at the end" + ("." if payload.get("complete") else "; **partial: the run was still going or stopped early**."),
+        "",
+        "Cells: mean ± 95% interval over training seeds (Student's t; with 2 seeds the interval is wide by construction). "
+        "The mean column: each seed's mean over the concepts, then the interval over seeds. The zero-shot base has no seeds.",
+        "",
+    ]
+    for metric in METRICS:
+        lines += [f"## {METRIC_LABELS[metric]}", "", *table_lines(res, metric), ""]
+    pl = paired_lines(res)
+    if pl:
+        lines += ["## Differences to LoRA (paired: same concept and seed; 95% over the (concept, seed) units)", "", *pl, "",
+                  "Trainable parameters: the UNet's adapter parameters (DiffoRA: those it kept after the cut; Delta-LoRA also moves the "
+                  "frozen weights), the full fine-tune's every UNet weight; each run also learns the concept token's embedding.", ""]
+    ml = multi_lines(res)
+    if ml:
+        lines += ["## Multi-concept: CLIP-I of each concept in its own half (A left, B right)", "",
+                  f"Prompt `{PAIR_PROMPT}` with each concept's token and class word; `sum`: both adapters everywhere (the weights' "
+                  "composition); `regional`: each adapter with its own prompt in its half only. SBoRA-FA/FB and Ortho: the two concepts' "
+                  "single-concept adapters of the same seed in disjoint slots; LoRA: the naive sum of the two independently trained "
+                  "adapters. Δ: mean of both concepts minus LoRA's naive sum, same pair, seed and mode.", "", *ml, ""]
+    t = res.get("timing")
+    if t:
+        est = res.get("full_estimate", {})
+        lines += ["## Run time", "",
+                  f"Measured: {payload['seconds'] / 60:.1f} min in all; {t['images']} images at {t['image_seconds']:.2f} s each; "
+                  f"run overhead (training set-up, sample grid, saving, CLIP scoring) {t['run_overhead_seconds']:.1f} s per run; "
+                  "median seconds per optimizer step: "
+                  + ", ".join(f"{LABELS.get(m, m)} {v:.3f}" for m, v in t["step_seconds"].items()) + "."]
+        if est and quick:
+            lines += ["", f"Full preset (`python -m benchmarks.quality --preset full`: 5 concepts, 3 seeds, the training config's "
+                      f"{res['full_estimate'].get('steps', '?')} steps, 5 prompts × 4 images, 3 pairs × 4 images): **estimated {est['total'] / 3600:.1f} h** on this machine at the quick run's unit costs "
+                      f"({est['runs']} training runs: {est['train'] / 60:.0f} min training, {est['image_count']} images: "
+                      f"{est['images'] / 60:.0f} min, scoring {est['overhead'] / 60:.0f} min); not measured."]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def sample_grid(res: dict):
+    """First image (seed 0) of each eval prompt of every concept, seed-0 run of each method (rows), or None if missing."""
+    from PIL import Image
+
+    from sbora_diffusion.grids import labelled_grid
+
+    concepts = res.get("concepts", [])
+    rows: dict[str, list[str]] = {}
+    if res.get("zero_shot") and all(c in res["zero_shot"] for c in concepts):
+        rows[FLOOR] = [p for c in concepts for p in res["zero_shot"][c].get("samples", [])]
+    for r in res.get("runs", []):
+        if r["seed"] == 0:
+            rows.setdefault(r["method"], [])
+    for m in list(rows):
+        if m != FLOOR:
+            rows[m] = [p for c in concepts for r in res["runs"] if r["method"] == m and r["seed"] == 0 and r["concept"] == c for p in r.get("samples", [])]
+    widths = {len(v) for v in rows.values()}
+    if not rows or len(widths) != 1 or not widths.pop() or not all(Path(p).is_file() for v in rows.values() for p in v):
+        return None
+    images = [Image.open(p).convert("RGB") for v in rows.values() for p in v]
+    first = next(iter(rows.values()))
+    per = len(first) // max(1, len(concepts))
+    cols = [f"{concepts[min(k // max(1, per), len(concepts) - 1)]}: {Path(p).parent.name.partition('-')[2].replace('-', ' ')}" for k, p in enumerate(first)]
+    return labelled_grid(images, rows=len(rows), cols=len(first), row_labels=[LABELS.get(m, m) for m in rows], col_labels=cols)
+
+
+def figure(payload: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = payload["results"]
+    grid = sample_grid(res)
+    if grid is None:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig = plt.figure(figsize=(12, 4.2 + 12 * grid.height / grid.width))
+        gs = fig.add_gridspec(2, 2, width_ratios=[3, 2], height_ratios=[4.2, 12 * grid.height / grid.width])
+        ax, ax2, ax3 = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1]), fig.add_subplot(gs[1, :])
+        ax3.imshow(grid)
+        ax3.set_axis_off()
+        ax3.set_title("seed-0 runs: image 0 of each eval prompt (the zero-shot row: the prompts with the class word)", fontsize=9)
+    ci, ct = method_table(res, "clip_i"), method_table(res, "clip_t")
+    for k, m in enumerate(ci):
+        (x, xe), (y, ye) = ci[m].get("mean", (math.nan, math.nan)), ct[m].get("mean", (math.nan, math.nan))
+        if x != x or y != y:
+            continue
+        ax.errorbar(x, y, xerr=0 if xe != xe else xe, yerr=0 if ye != ye else ye, fmt="o", color=f"C{k % 10}", capsize=3,
+                    label=LABELS.get(m, m))
+    ax.set_xlabel("CLIP-I (mean over concepts)")
+    ax.set_ylabel("CLIP-T (mean over concepts)")
+    ax.set_title("single concept: mean ± 95% over seeds", fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+    rows = multi_table(res)
+    names = [f"{MULTI_LABELS.get(m, m)}\n{mode}" for m, mode in rows]
+    vals = [r["mean"][0] for r in rows.values()]
+    errs = [0 if r["mean"][1] != r["mean"][1] else r["mean"][1] for r in rows.values()]
+    if rows:
+        ax2.bar(range(len(rows)), vals, yerr=errs, capsize=3, color=["C0" if "regional" not in n else "C1" for n in names])
+        ax2.set_xticks(range(len(rows)), names, fontsize=6, rotation=30)
+        lo = min(v - e for v, e in zip(vals, errs))
+        floors = [_mean(list(z["clip_i"].values())) for z in res.get("multi_zero_shot", [])]
+        if floors:
+            ax2.axhline(_mean(floors), color="grey", ls="--", lw=1, label="zero-shot base")
+            ax2.legend(fontsize=7)
+            lo = min(lo, _mean(floors))
+        ax2.set_ylim(max(0.0, lo - 0.05), None)
+    ax2.set_ylabel("CLIP-I in own half (mean of both concepts)")
+    ax2.set_title("multi-concept pairs", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None, pipe=None, scorer=None) -> dict:
+    """The command; `pipe` / `scorer` (already loaded) skip loading the base and the CLIP."""
+    measure = lambda config, res, save: run(config, res, save, pipe=pipe, scorer=scorer)  # noqa: E731
+    return run_benchmark("quality", __doc__, QualityConfig, PRESETS, argv, measure, markdown, figure)
+
+
+if __name__ == "__main__":
+    main()

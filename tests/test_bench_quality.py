@@ -1,0 +1,240 @@
+"""The quality benchmark's helpers (benchmarks/quality.py): crop scoring, table assembly, interval math,
+slots, the full-UNet ceiling, and one end-to-end run on the tiny base with a tiny random CLIP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import quality as q
+from benchmarks.accuracy import T95
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    """(architecture JSON, safetensors weights) of a tiny random-init open_clip model."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("clip")
+    arch = folder / "tiny-quality-clip.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(arch)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-quality-clip")
+    weights = folder / "tiny-quality-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return arch, weights
+
+
+@pytest.fixture(scope="module")
+def scorer(clip_files):
+    from sbora_diffusion.clip_score import load_clip
+
+    arch, weights = clip_files
+    return load_clip(str(arch), pretrained=None, weights=weights, device="cpu", batch_size=3)
+
+
+def two_halves(left=(220, 30, 30), right=(30, 60, 220), size=(64, 48)) -> Image.Image:
+    im = Image.new("RGB", size, right)
+    im.paste(left, (0, 0, size[0] // 2, size[1]))
+    return im
+
+
+def test_crop_box_cuts_the_asked_fraction():
+    im = two_halves()
+    left, right = q.crop_box(im, q.BOXES[0]), q.crop_box(im, q.BOXES[1])
+    assert left.size == (32, 48) and right.size == (32, 48)
+    assert left.getcolors() == [(32 * 48, (220, 30, 30))] and right.getcolors() == [(32 * 48, (30, 60, 220))]
+    assert q.crop_box(im, (0.25, 0.5, 0.75, 1.0)).size == (32, 24)
+    with pytest.raises(ValueError, match="empty"):
+        q.crop_box(im, (0.5, 0.0, 0.5, 1.0))
+
+
+def test_crop_clip_i_scores_each_crop_against_its_references(scorer):
+    images = [two_halves(), two_halves(left=(240, 220, 30))]
+    refs = q.encode_pil(scorer, [q.crop_box(images[0], q.BOXES[0])])  # (1, D): exactly image 0's left half
+    assert refs.shape == (1, 32) and torch.allclose(refs.norm(dim=-1), torch.ones(1), atol=1e-5)
+    left = q.crop_clip_i(scorer, images, q.BOXES[0], refs)
+    right = q.crop_clip_i(scorer, images, q.BOXES[1], refs)
+    assert len(left) == 2 and left[0] == pytest.approx(1.0, abs=1e-5)  # a crop against its own embedding
+    emb = q.encode_pil(scorer, [q.crop_box(images[1], q.BOXES[0]), q.crop_box(images[0], q.BOXES[1])])
+    assert left[1] == pytest.approx(float(emb[0] @ refs[0]), abs=1e-6)
+    assert right[0] == pytest.approx(float(emb[1] @ refs[0]), abs=1e-6) and right[0] < 0.9999
+    two_refs = torch.cat([refs, emb[1:]])  # the mean over references
+    assert q.crop_clip_i(scorer, images[:1], q.BOXES[0], two_refs)[0] == pytest.approx((1.0 + float(emb[1] @ refs[0])) / 2, abs=1e-5)
+
+
+def runs_fixture():
+    """LoRA and SBoRA-FA on two concepts, three seeds; SBoRA-FA = LoRA + 0.01·(seed + 1) on CLIP-I."""
+    runs = []
+    for seed in range(3):
+        for k, concept in enumerate(("robot", "duck")):
+            base = 0.5 + 0.1 * k + 0.02 * seed
+            runs.append({"method": "lora", "concept": concept, "seed": seed, "clip_i": base, "clip_t": 0.3, "drift": 0.1})
+            runs.append({"method": "sbora-fa", "concept": concept, "seed": seed, "clip_i": base + 0.01 * (seed + 1), "clip_t": 0.3,
+                         "drift": 0.05})
+    runs.append({"method": "full-ft", "concept": "robot", "seed": 0, "clip_i": 0.9, "clip_t": 0.2, "drift": 0.3})
+    return runs
+
+
+def test_cells_are_means_with_students_t_intervals_over_seeds():
+    runs = runs_fixture()
+    mean, half, n = q.cell(runs, "lora", "robot", "clip_i")
+    values = [0.5, 0.52, 0.54]
+    assert n == 3 and mean == pytest.approx(0.52)
+    assert half == pytest.approx(T95[1] * 0.02 / math.sqrt(3))  # stdev of 0.50/0.52/0.54 is 0.02; t with 2 degrees of freedom
+    assert q.cell(runs, "lora", "beachball", "clip_i")[2] == 0
+    one = q.cell(runs, "full-ft", "robot", "clip_i")
+    assert one[0] == pytest.approx(0.9) and math.isnan(one[1])  # one seed: no interval
+    assert q.per_seed_means(runs, "lora", ["robot", "duck"], "clip_i") == pytest.approx({0: 0.55, 1: 0.57, 2: 0.59})
+    assert q.per_seed_means(runs, "full-ft", ["robot", "duck"], "clip_i") == {}  # duck missing: no complete seed
+    assert sum(values) / 3 == pytest.approx(mean)
+
+
+def test_paired_differences_to_lora_are_over_concept_seed_units():
+    runs = runs_fixture()
+    mean, half, units = q.paired_vs(runs, "sbora-fa", "lora", "clip_i")
+    diffs = [0.01, 0.01, 0.02, 0.02, 0.03, 0.03]
+    assert units == 6 and mean == pytest.approx(0.02)
+    sd = math.sqrt(sum((d - 0.02) ** 2 for d in diffs) / 5)
+    assert half == pytest.approx(T95[4] * sd / math.sqrt(6))
+    assert q.paired_vs(runs, "sbora-fa", "lora", "drift")[:2] == pytest.approx((-0.05, 0.0))
+    assert q.paired_vs(runs, "full-ft", "lora", "clip_i")[2] == 1
+    assert q.paired_vs(runs, "sbora-fa", "ortho", "clip_i")[2] == 0
+
+
+def test_method_table_has_floor_first_ceiling_last_and_a_mean_column():
+    res = {"concepts": ["robot", "duck"], "runs": runs_fixture(),
+           "zero_shot": {"robot": {"clip_i": 0.4, "clip_t": 0.3, "drift": 0.0}, "duck": {"clip_i": 0.3, "clip_t": 0.2, "drift": 0.0}}}
+    table = q.method_table(res, "clip_i")
+    assert list(table) == ["zero-shot", "lora", "sbora-fa", "full-ft"]
+    assert table["zero-shot"]["mean"][0] == pytest.approx(0.35) and math.isnan(table["zero-shot"]["robot"][1])
+    assert table["lora"]["mean"][0] == pytest.approx(0.57)
+    assert table["lora"]["mean"][1] == pytest.approx(T95[1] * 0.02 / math.sqrt(3))
+    assert table["sbora-fa"]["duck"][0] == pytest.approx(0.64)
+    assert math.isnan(table["full-ft"]["mean"][0]) and table["full-ft"]["robot"][0] == pytest.approx(0.9)
+    lines = q.table_lines(res, "clip_i")
+    assert lines[0] == "| method | robot | duck | mean |" and len(lines) == 2 + 4
+    assert "| LoRA | 0.520 ± " in lines[3] and lines[5].startswith("| full UNet fine-tune (ceiling) | 0.900 | — | — |")
+
+
+def test_multi_table_and_its_paired_difference():
+    multi = []
+    for seed in range(2):
+        multi.append({"pair": "robot+duck", "method": "lora", "mode": "sum", "seed": seed, "clip_i": {"robot": 0.5, "duck": 0.4 + 0.1 * seed}})
+        multi.append({"pair": "robot+duck", "method": "sbora-fa", "mode": "sum", "seed": seed, "clip_i": {"robot": 0.6, "duck": 0.6}})
+    res = {"multi": multi, "multi_zero_shot": [{"pair": "robot+duck", "clip_i": {"robot": 0.3, "duck": 0.2}}]}
+    rows = q.multi_table(res)
+    assert list(rows) == [("lora", "sum"), ("sbora-fa", "sum")]
+    assert rows[("lora", "sum")]["robot+duck:duck"] == pytest.approx((0.45, T95[0] * math.sqrt(0.005) / math.sqrt(2)))
+    assert rows[("lora", "sum")]["mean"][0] == pytest.approx(0.475)
+    assert q.multi_paired(res, "sbora-fa", "sum")[:3] == pytest.approx((0.125, T95[0] * math.sqrt(0.00125) / math.sqrt(2), 2))
+    lines = q.multi_lines(res)
+    assert lines[2].startswith("| zero-shot base (floor) | class words | 0.300 | 0.200 | 0.250 |")
+    assert lines[-1].startswith("| SBoRA-FA, slots | sum | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.125 ± ")
+
+
+def test_slots_fit_the_narrowest_layer(tiny_pipe):
+    from sbora_diffusion.adapters import load_adapter_config
+
+    cap = q.slot_capacity(tiny_pipe.unet, load_adapter_config("sbora-fa", rank=4), "in")
+    assert cap == 32 // 4  # the tiny UNet's narrowest attention input is 32 wide
+    assert q.slot_capacity(tiny_pipe.unet, load_adapter_config("sbora-fb", rank=16), "out") == 2
+    assert q.assign_slots(["a", "b", "c"], 2) == {"a": 0, "b": 1, "c": 0}
+    with pytest.raises(Exception, match="not even one slot"):
+        q.assign_slots(["a"], 0)
+
+
+def test_estimate_counts_every_run_and_image():
+    cfg = q.QualityConfig(concepts=["robot", "duck"], methods=["lora", "sbora-fa"], seeds=2, num_prompts=3, num_images=2,
+                          drift_prompts=2, drift_images=1, pairs=["robot+duck"], multi_methods=["lora"], multi_modes=["sum"], multi_images=3)
+    timing = {"step_seconds": {"lora": 1.0, "sbora-fa": 0.5, "full-ft": 2.0}, "step_seconds_mean": 1.0, "image_seconds": 0.1,
+              "run_overhead_seconds": 0.5}
+    est = q.estimate_seconds(cfg, timing, steps=10)
+    assert est["runs"] == 2 * 2 * 3  # concepts x seeds x (methods + ceiling)
+    assert est["train"] == pytest.approx(4 * 10 * (1.0 + 0.5 + 2.0))
+    per_run = 3 * 2 + 2 * 1
+    assert est["image_count"] == 12 * per_run + 2 * 3 * 2 + 2 * 1 + 1 * 2 * 1 * 1 * 3 + 3
+    assert est["total"] == pytest.approx(est["train"] + 0.1 * est["image_count"] + 12 * 0.5)
+
+
+def test_config_refuses_unknown_methods_and_bad_pairs():
+    from sbora_diffusion.configuration import ConfigError, override
+
+    with pytest.raises(ConfigError, match="unknown method"):
+        override(q.QualityConfig(), {"methods": ["lora", "dora"]})
+    with pytest.raises(ConfigError, match="pair 'robot\\+robot'"):
+        override(q.QualityConfig(), {"pairs": ["robot+robot"]})
+    with pytest.raises(ConfigError, match="pair 'robot\\+dog2'"):
+        override(q.QualityConfig(), {"pairs": ["robot+dog2"]})
+    assert override(q.QualityConfig(), q.PRESETS["quick"]).concepts == ["robot", "duck"]
+
+
+def test_full_unet_ceiling_trains_only_unet_weights_and_the_token(tiny_pipe):
+    from sbora_diffusion.concept.train import TrainConfig
+    from sbora_diffusion.concepts import load_concept
+
+    pipe = copy.deepcopy(tiny_pipe)
+    before = {part: {n: p.detach().clone() for n, p in getattr(pipe, part).named_parameters()} for part in ("unet", "text_encoder", "vae")}
+    concept = load_concept("robot")
+    cfg = TrainConfig(steps=2, resolution=32, lr=1e-3, token_lr=1e-2)
+    info = q.train_full_unet(pipe, concept, cfg, lr=1e-2, seed=0)
+    assert len(info["losses"]) == 2 and all(math.isfinite(x) for x in info["losses"])
+    assert info["trainable_params"] == sum(p.numel() for p in pipe.unet.parameters())
+    changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before["unet"][n])]
+    assert len(changed) >= 0.9 * len(before["unet"])  # (nearly) every UNet tensor moved
+    assert any("conv" in n for n in changed) and any("norm" in n for n in changed)  # not only linear layers
+    for n, p in pipe.vae.named_parameters():
+        assert torch.equal(p, before["vae"][n]), n
+    te = dict(pipe.text_encoder.named_parameters())
+    for n, old in before["text_encoder"].items():
+        key = n.replace("token_embedding.weight", "token_embedding.base.weight")
+        assert torch.equal(te[key], old), n  # the frozen text encoder, its embedding table included
+    token = pipe.text_encoder.get_input_embeddings()
+    assert token.vectors.shape == (1, 32) and pipe.tokenizer.convert_tokens_to_ids("<robot1>") in token.token_ids.tolist()
+    assert not any(p.requires_grad for p in [*pipe.unet.parameters(), *pipe.text_encoder.parameters(), *pipe.vae.parameters()])
+    assert not pipe.unet.training
+
+
+def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, clip_files, tmp_path):
+    arch, weights = clip_files
+    out = tmp_path / "docs"
+    argv = ["--preset", "quick", "--model", "tiny", "--clip-model", str(arch), "--clip-weights", str(weights), "--methods", "lora,sbora-fa",
+            "--multi-methods", "lora,sbora-fa", "--steps", "2", "--num-prompts", "1", "--num-images", "1", "--drift-prompts", "1",
+            "--drift-images", "1", "--multi-images", "1", "--sample-steps", "2", "--threads", "1", "--rank", "4", "--seeds", "1",
+            "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)]
+    payload = q.main(argv, pipe=copy.deepcopy(tiny_pipe))
+    res = payload["results"]
+    assert payload["complete"] and {p.name for p in out.iterdir()} == {"quality.json", "quality.md", "quality.png"}
+    assert len(res["runs"]) == 3 * 2  # (lora, sbora-fa, full-ft) x 2 concepts, one seed
+    assert {(r["method"], r["concept"], r["seed"]) for r in res["runs"]} == {
+        (m, c, 0) for m in ("lora", "sbora-fa", "full-ft") for c in ("robot", "duck")}
+    for r in res["runs"]:
+        assert -1 <= r["clip_i"] <= 1 and -1 <= r["clip_t"] <= 1 and 0 <= r["drift"] <= 2 and r["images"] == 1
+    fa = [r for r in res["runs"] if r["method"] == "sbora-fa"]
+    assert {r["concept"]: r["slot"] for r in fa} == {"robot": 0, "duck": 1}
+    lora = next(r for r in res["runs"] if r["method"] == "lora")
+    assert fa[0]["trainable_params"] < 0.6 * lora["trainable_params"]  # FA trains r·d_out, LoRA r·(d_in + d_out)
+    assert len(res["multi"]) == 2 * 2  # methods x modes (one seed)
+    assert {m["mode"] for m in res["multi"]} == {"sum", "regional"}
+    assert all(set(m["clip_i"]) == {"robot", "duck"} for m in res["multi"])
+    fa_pairs = [m for m in res["multi"] if m["method"] == "sbora-fa"]
+    assert max(m["max_interference"] for m in fa_pairs) == pytest.approx(0.0, abs=1e-6)  # disjoint slots
+    assert res["full_estimate"]["total"] > 0 and res["timing"]["images"] > 0
+    md = (out / "quality.md").read_text()
+    assert "| LoRA | " in md and "± nan" not in md  # one seed: means without intervals
+    assert "| zero-shot base (floor) |" in md and "| SBoRA-FA, slots | regional |" in md and "estimated" in md
+    assert json.loads((out / "quality.json").read_text())["results"]["concepts"] == ["robot", "duck"]
+    assert len(list((tmp_path / "work" / "multi" / "robot_duck" / "sbora-fa" / "sum" / "seed0").glob("*.png"))) == 1
