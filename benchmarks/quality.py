@@ -170,8 +170,8 @@ def parse_pair(pair: str, concepts: Sequence[str]) -> tuple[str, str]:
 
 
 PRESETS: dict[str, dict] = {
-    # Every method, 2 concepts, 2 seeds, 60 steps (a fifth of the demo's 300), a few images: sized for ≤ 15 min on 2 shared CPU cores.
-    "quick": {"concepts": ["robot", "duck"], "seeds": 2, "steps": 60, "num_prompts": 3, "num_images": 2, "drift_prompts": 2,
+    # Every method, 2 concepts, 2 seeds, 50 steps (a sixth of the demo's 300), a few images: sized for ≤ 15 min on 2 shared CPU cores.
+    "quick": {"concepts": ["robot", "duck"], "seeds": 2, "steps": 50, "num_prompts": 3, "num_images": 2, "drift_prompts": 2,
               "drift_images": 1, "pairs": ["robot+duck"], "multi_images": 2},
     # The comparison: 5 concepts, 3 seeds, the training config's full budget (configs/train/pocket.yaml: 300 steps of 4).
     "full": {},
@@ -539,6 +539,12 @@ def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, s
 
     config.validate()
     t_start = time.time()
+    last_save = [t_start]
+
+    def checkpoint() -> None:  # the results so far, at most once a minute (writing the figure takes a moment)
+        if time.time() - last_save[0] > 60:
+            save()
+            last_save[0] = time.time()
     base = pipe if pipe is not None else load_pipeline(config.model)
     base.set_progress_bar_config(disable=True)
     for part in (base.unet, base.text_encoder, base.vae):
@@ -557,7 +563,7 @@ def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, s
     tcfg = load_train_config(config.train_config, model=config.model, **overrides)
     sample_steps = config.sample_steps or tcfg.sample_steps
     guidance = config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale
-    overrides["sample_steps"] = min(sample_steps, 10)  # the trainer's own samples.png only (not scored): cheap
+    overrides["sample_steps"] = min(sample_steps, 5)  # the trainer's own samples.png only (not scored): cheap
     overrides["guidance_scale"] = guidance
     capacity = min((slot_capacity(base.unet, load_adapter_config(METHODS[m][0], **({"rank": config.rank} if config.rank else {})), side)
                     for m, side in SLOT_METHODS.items() if m in config.methods), default=len(config.concepts))
@@ -588,8 +594,11 @@ def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, s
     adapters: dict[tuple[str, str, int], dict] = {}
     step_seconds: dict[str, list[float]] = {}
     overheads: list[float] = []
-    for method in methods:
-        for seed in range(config.seeds):
+    for pair in config.pairs:
+        res["multi_zero_shot"].append(zero_shot_pair(ctx, pair))
+    # Seed by seed (every method and concept, then that seed's pairs): a run stopped early still compares every method.
+    for seed in range(config.seeds):
+        for method in methods:
             for c in concepts.values():
                 t0 = time.time()
                 pipe_m, record = train_one(ctx, method, c, seed)
@@ -602,13 +611,11 @@ def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, s
                 overheads.append(record["setup_seconds"] + row["eval_seconds"] - (ctx.gen_seconds - g0))
                 del pipe_m
                 gc.collect()
-                save()
-    for pair in config.pairs:
-        res["multi_zero_shot"].append(zero_shot_pair(ctx, pair))
-        for seed in range(config.seeds):
+                checkpoint()
+        for pair in config.pairs:
             for method in config.multi_methods:
                 res["multi"] += run_pair(ctx, pair, method, seed, adapters)
-                save()
+            checkpoint()
     res["timing"] = {
         "step_seconds": {m: statistics.median(v) for m, v in step_seconds.items()},
         "step_seconds_mean": _mean([statistics.median(v) for v in step_seconds.values()]) if step_seconds else math.nan,
@@ -727,6 +734,18 @@ def markdown(payload: dict) -> str:
                       f"{est['images'] / 60:.0f} min, scoring {est['overhead'] / 60:.0f} min); not measured."]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def readme_tables(payload: dict) -> str:
+    """The README's view of a run: its command, the CLIP-I and CLIP-T tables and the multi-concept table."""
+    res = payload["results"]
+    out = [f"`{payload['command']}` ({payload['environment']['date'][:10]}, {payload['seconds'] / 60:.1f} min on 2 shared CPU cores):", ""]
+    for metric in ("clip_i", "clip_t"):
+        out += [f"**{METRIC_LABELS[metric]}**", "", *table_lines(res, metric), ""]
+    ml = multi_lines(res)
+    if ml:
+        out += ["**Two concepts in one image** (CLIP-I of each in its own half; `sum`: weights only, `regional`: each adapter in its half)", "", *ml, ""]
+    return "\n".join(out)
 
 
 def sample_grid(res: dict):
