@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(PY) train_concept.py --concept robot --method sbora-fa
+	$(PY) train_concept.py --concept robot --method sbora-fa --overwrite
 
 test: install
 	$(PY) -m pytest -q

@@ -127,7 +127,7 @@ class QualityConfig:
     multi_images: int = field(default=4, metadata={"help": "images per pair, method, mode and seed"})
     gen_batch_size: int = field(default=8, metadata={"help": "images per pipeline call"})
     text_prefix: str = field(default="A photo depicts ", metadata={"help": "CLIP-T text prefix (Mix-of-Show's)"})
-    threads: int = field(default=2, metadata={"help": "torch threads (0: leave as is)"})
+    threads: int = field(default=1, metadata={"help": "torch threads (0: leave as is; on shared cores 2 threads ran 3x slower than 1 here)"})
     work_dir: str = field(default="outputs/bench_quality", metadata={"help": "runs, adapters and generated images"})
     out_dir: str | None = field(default=None, metadata={"help": "results folder (default docs/benchmarks)"})
 
@@ -746,6 +746,38 @@ def readme_tables(payload: dict) -> str:
     if ml:
         out += ["**Two concepts in one image** (CLIP-I of each in its own half; `sum`: weights only, `regional`: each adapter in its half)", "", *ml, ""]
     return "\n".join(out)
+
+
+README_INTRO = """\
+### Personalization quality on the pocket world
+
+`benchmarks/quality.py` measures what the SBoRA paper's tables measure, offline, on the pocket
+base and scored with the pocket CLIP: every method (LoRA, SBoRA-FA, SBoRA-FB, Ortho, DiffLoRA,
+Delta-LoRA, DiffoRA selection over SBoRA-FA, Custom Diffusion) learns each held-out concept
+through the trainer with one budget (`configs/train/pocket.yaml`), and is scored on the
+concept's eval prompts: CLIP-I (image alignment with the concept's photos), CLIP-T (text
+alignment, token replaced by the class word) and drift (how far unrelated prompts move). The
+zero-shot base (the prompt with the class word) is the floor; a fully fine-tuned UNet (every
+UNet weight, same loss, data and steps) is the ceiling. Each cell is the mean ± 95% interval
+over training seeds; differences to LoRA are paired per concept and seed (`quality.md`). Pairs
+of concepts are composed from the single-concept adapters (SBoRA and Ortho in disjoint slots,
+LoRA as the naive sum) and each concept's CLIP-I is read in its own half of the image. The
+quick preset trains 50 steps (a sixth of the demo's budget) with 2 seeds, so its intervals are
+wide: it shows the pipeline end to end and a first comparison; `--preset full` (5 concepts,
+3 seeds, 300 steps) is the comparison. Details and every number: `docs/benchmarks/quality.md`.
+"""
+
+
+def write_readme(results: str | Path = "docs/benchmarks/quality.json", out: str | Path = "docs/readme/quality.md") -> Path:
+    """docs/readme/quality.md from a results file: the intro above and the run's tables (with its command)."""
+    import json
+
+    from sbora_diffusion.fileio import write_text
+
+    payload = json.loads(Path(results).read_text())
+    note = "" if payload.get("complete") else "\n*(partial: the run had not finished when these tables were written)*\n"
+    write_text(Path(out), README_INTRO + "\n" + readme_tables(payload) + note)
+    return Path(out)
 
 
 def sample_grid(res: dict):

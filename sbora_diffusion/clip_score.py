@@ -18,7 +18,10 @@ Images come as a folder plus a ``manifest.jsonl`` (one JSON object per image, wr
 ``sbora_diffusion.generate``): ``image`` (path relative to the folder) and ``prompt`` are
 required; ``seed``, ``concept``, ``method``, ``token`` and ``class_word`` are optional.
 Models are open_clip models; weights are loaded only through safetensors or
-``torch.load(weights_only=True)``, and a model with no weights at hand fails fast.
+``torch.load(weights_only=True)``, and a model with no weights at hand fails fast. The
+offline default is the pocket world's CLIP (``pocket``, shipped in the repository, for the
+pocket base's images); the paper scores real Stable Diffusion images with OpenAI's ViT-B/32
+(``ViT-B-32`` + ``openai``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ from .concepts import ConceptError, image_files, open_rgb
 from .fileio import atomic_path
 from .hub import hub_reachable
 
-DEFAULT_CLIP_MODEL = "ViT-B-32"
+# The pocket world's CLIP, shipped in the repository (sbora_diffusion/world/weights/pocket-clip, an
+# open_clip local-dir folder): ``load_clip("pocket")`` / ``--clip-model pocket``, any pretrained tag ignored.
+# It is the offline default; images of real Stable Diffusion models are scored with the paper's
+# OpenAI ViT-B/32 (``--clip-model ViT-B-32``, whose tag DEFAULT_CLIP_PRETRAINED is).
+POCKET_CLIP_MODEL = "pocket"
+DEFAULT_CLIP_MODEL = POCKET_CLIP_MODEL
 DEFAULT_CLIP_PRETRAINED = "openai"
 DEFAULT_TEXT_PREFIX = "A photo depicts "
 MIX_OF_SHOW_SCALE = 2.5
@@ -211,11 +219,14 @@ class ClipScorer:
         self._reference_cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def encode_images(self, paths: list[Path], desc: str = "encode images") -> torch.Tensor:
-        """(N, D) unit-norm float32 image embeddings on the CPU."""
+    def encode_images(self, images: list, desc: str = "encode images") -> torch.Tensor:
+        """(N, D) unit-norm float32 image embeddings on the CPU, of image files or PIL images."""
+        from PIL import Image
+
         out = []
-        for i in tqdm(range(0, len(paths), self.batch_size), desc=desc, unit="batch", leave=False):
-            batch = torch.stack([self.preprocess(open_rgb(p)) for p in paths[i : i + self.batch_size]])  # (b, 3, H, W)
+        for i in tqdm(range(0, len(images), self.batch_size), desc=desc, unit="batch", leave=False):
+            chunk = [im.convert("RGB") if isinstance(im, Image.Image) else open_rgb(im) for im in images[i : i + self.batch_size]]
+            batch = torch.stack([self.preprocess(im) for im in chunk])  # (b, 3, H, W)
             out.append(self.model.encode_image(batch.to(self.device), normalize=True).float().cpu())  # (b, D)
         return torch.cat(out)
 
@@ -265,12 +276,19 @@ def load_clip(
     """Build an open_clip scorer.
 
     ``model``: an open_clip architecture name (``ViT-B-32``), a JSON architecture file
-    (open_clip's model-config format; its stem becomes the name), or ``local-dir:FOLDER``.
+    (open_clip's model-config format; its stem becomes the name), ``local-dir:FOLDER``, or
+    ``pocket`` (the pocket world's CLIP shipped in the repository; ``pretrained`` is ignored).
     ``pretrained``: an open_clip tag (``openai``); it also sets the tag's preprocessing and
     QuickGELU, even when ``weights`` gives the file. ``weights``: a local checkpoint.
     """
     import open_clip
 
+    if model == POCKET_CLIP_MODEL:
+        from .world import POCKET_CLIP_DIR
+
+        if not (POCKET_CLIP_DIR / "open_clip_config.json").is_file():
+            raise ClipScoreError(f"the pocket CLIP is missing ({POCKET_CLIP_DIR}); restore it from the repository")
+        model, pretrained = f"local-dir:{POCKET_CLIP_DIR}", None
     if model.endswith(".json"):
         if not Path(model).is_file():
             raise ClipScoreError(f"CLIP architecture file {model} does not exist")
@@ -320,6 +338,9 @@ def load_clip(
     if checkpoint is not None:
         st = Path(checkpoint).stat()
         stamp = f"{Path(checkpoint).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    elif local_dir:  # the folder's files name the weights
+        folder = Path(model[len("local-dir:"):])
+        stamp = ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file())
     identity = f"{model}|{pretrained or ''}|{stamp}"
     return ClipScorer(clip, preprocess, tokenizer, identity, resolve_device(device), batch_size)
 
@@ -330,6 +351,11 @@ def load_clip(
 def mix_of_show(cos: torch.Tensor) -> torch.Tensor:
     """Mix-of-Show's (CLIPScore's) text-alignment scale: 2.5·max(cos, 0), in [0, 2.5]."""
     return MIX_OF_SHOW_SCALE * cos.clamp(min=0)
+
+
+def image_alignment(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """CLIP-I per image: mean cosine of (N, D) unit image embeddings to (R, D) reference embeddings -> (N,)."""
+    return (images @ references.T).clamp(-1, 1).mean(-1)
 
 
 def score(
@@ -352,7 +378,7 @@ def score(
     img = scorer.encode_images([e.image for e in entries], desc="encode generated images")  # (N, D)
     txt = scorer.encode_texts(texts)  # (N, D)
     clip_t = (img * txt).sum(-1).clamp(-1, 1)  # (N,)
-    clip_i = (img @ refs.T).clamp(-1, 1).mean(-1) if refs is not None else None  # (N, R) -> (N,)
+    clip_i = image_alignment(img, refs) if refs is not None else None  # (N,)
     rows = []
     for i, e in enumerate(entries):
         row = {

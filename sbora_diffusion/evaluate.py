@@ -46,8 +46,8 @@ DRIFT_PROMPTS = (
 class ClipConfig:
     """How images are scored (shared by every subcommand)."""
 
-    clip_model: str = field(default=clip_score.DEFAULT_CLIP_MODEL, metadata={"help": "open_clip architecture name, a JSON architecture file (open_clip's model-config format), or local-dir:FOLDER"})
-    clip_pretrained: str | None = field(default=clip_score.DEFAULT_CLIP_PRETRAINED, metadata={"help": "open_clip pretrained tag; also sets the tag's preprocessing and QuickGELU when --clip-weights gives the file ('none' for neither)"})
+    clip_model: str = field(default=clip_score.DEFAULT_CLIP_MODEL, metadata={"help": "pocket (the pocket world's CLIP, shipped: the offline default, for the pocket base's images), an open_clip architecture name (ViT-B-32: the paper's, for real Stable Diffusion images), a JSON architecture file (open_clip's model-config format), or local-dir:FOLDER"})
+    clip_pretrained: str | None = field(default=clip_score.DEFAULT_CLIP_PRETRAINED, metadata={"help": "open_clip pretrained tag of an architecture name (ignored for pocket); also sets the tag's preprocessing and QuickGELU when --clip-weights gives the file ('none' for neither)"})
     clip_weights: str | None = field(default=None, metadata={"help": "local CLIP checkpoint (.safetensors or a weights_only state dict), for offline use"})
     clip_batch_size: int = field(default=32, metadata={"help": "images or texts per CLIP forward pass"})
     text_prefix: str = field(default=clip_score.DEFAULT_TEXT_PREFIX, metadata={"help": "text put before every prompt for CLIP-T (Mix-of-Show: 'A photo depicts ')"})
@@ -62,7 +62,7 @@ class ClipConfig:
 class RunConfig(ClipConfig):
     """End-to-end evaluation (``run``); defaults follow Mix-of-Show (DESIGN.md §5)."""
 
-    model: str | None = field(default=None, metadata={"help": "base text-to-image model: tiny (embedded offline default), a diffusers folder or a hub id (default: the adapters' base model)"})
+    model: str | None = field(default=None, metadata={"help": "base text-to-image model: an embedded name (pocket, tiny), a diffusers folder or a hub id (default: the adapters' base model)"})
     num_prompts: int = field(default=20, metadata={"help": "evaluation prompts per concept (the first N of the concept's eval_prompts)"})
     num_images: int = field(default=50, metadata={"help": "images per prompt; image k uses seed k"})
     steps: int = field(default=50, metadata={"help": "sampling steps (DDIM)"})

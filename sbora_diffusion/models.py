@@ -2,10 +2,13 @@
 
 ``load_pipeline(model)`` accepts
 
-    "tiny"             the embedded offline default: a few-MB StableDiffusionPipeline built
-                       locally and deterministically from configs (random weights, fixed
-                       seed: the same weights on every call), with the real CLIP BPE
-                       tokenizer written from open_clip's vocabulary file;
+    "pocket"           the embedded offline default: the pocket world's pretrained base (64x64
+                       images of shapes and toys, sbora_diffusion.world), a StableDiffusionPipeline
+                       shipped in the repository (world/weights/pocket-sd, local files only);
+    "tiny"             a few-MB StableDiffusionPipeline built locally and deterministically from
+                       configs (random weights, fixed seed: the same weights on every call), with
+                       the real CLIP BPE tokenizer written from open_clip's vocabulary file: for
+                       unit tests (its images are noise);
     a local folder     a diffusers pipeline folder (SD 1.x / 2.x, e.g. a Stable Diffusion 1.5
                        download);
     a hub id           ``runwayml/stable-diffusion-v1-5``: from the local Hugging Face cache, or
@@ -14,7 +17,7 @@
 
 Every pipeline comes back with a DDIM scheduler for sampling (the evaluation protocol's
 sampler); trainers derive their DDPM noise scheduler from the same config. New embedded
-bases go into ``EMBEDDED`` (a richer offline default can replace "tiny" there).
+bases go into ``EMBEDDED``; the first one is the default.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from .configuration import ConfigError
 from .fileio import write_text
 from .hub import hub_reachable
 
-DEFAULT_MODEL = "tiny"
 TOKENIZER_MAX_LENGTH = 77  # CLIP's context length
 
 
@@ -119,8 +121,25 @@ def build_tiny_pipeline():
     return pipe
 
 
+def load_pocket_pipeline():
+    """The pocket base: a StableDiffusionPipeline pretrained on the pocket world (sbora_diffusion.world)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .world import POCKET_SD_DIR
+
+    if not (POCKET_SD_DIR / "model_index.json").is_file():
+        raise ModelResolutionError(
+            f"the pocket base is missing ({POCKET_SD_DIR} has no model_index.json); restore it from the repository "
+            "or rebuild it with python -m sbora_diffusion.world.pretrain all"
+        )
+    return StableDiffusionPipeline.from_pretrained(
+        str(POCKET_SD_DIR), local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
+
+
 # Embedded offline bases: name -> builder. The first entry's name is DEFAULT_MODEL.
-EMBEDDED: dict[str, Callable] = {"tiny": build_tiny_pipeline}
+EMBEDDED: dict[str, Callable] = {"pocket": load_pocket_pipeline, "tiny": build_tiny_pipeline}
+DEFAULT_MODEL = next(iter(EMBEDDED))
 
 
 def _from_pretrained(source: str, dtype, **kwargs):
@@ -145,7 +164,7 @@ def _load_base(model: str, dtype):
         if not (path / "model_index.json").is_file():
             raise ModelResolutionError(
                 f"{path} is not a diffusers pipeline folder (no model_index.json); pass a Stable Diffusion folder "
-                "saved with save_pretrained (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or --model tiny"
+                f"saved with save_pretrained (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or --model {DEFAULT_MODEL}"
             )
         try:
             return _from_pretrained(str(path), dtype, local_files_only=True)

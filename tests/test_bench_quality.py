@@ -238,3 +238,6 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, clip_fil
     assert "| zero-shot base (floor) |" in md and "| SBoRA-FA, slots | regional |" in md and "estimated" in md
     assert json.loads((out / "quality.json").read_text())["results"]["concepts"] == ["robot", "duck"]
     assert len(list((tmp_path / "work" / "multi" / "robot_duck" / "sbora-fa" / "sum" / "seed0").glob("*.png"))) == 1
+    readme = q.write_readme(out / "quality.json", tmp_path / "readme" / "quality.md").read_text()
+    assert readme.startswith("### Personalization quality") and "`python -m benchmarks.quality --preset quick --model tiny" in readme
+    assert readme.count("| SBoRA-FA | ") == 2 and "partial" not in readme  # CLIP-I and CLIP-T tables of a finished run

@@ -29,8 +29,14 @@ def test_a_built_wheel_finds_its_configs_from_anywhere(tmp_path):
     (wheel,) = wheels.glob("sbora_diffusion-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in ("sbora_diffusion/configs/methods/sbora-fa.yaml", "sbora_diffusion/configs/train/default.yaml",
-                    "sbora_diffusion/configs/models/sd15-unet.json", "sbora_diffusion/configs/llm/train.yaml"):
+                    "sbora_diffusion/configs/models/sd15-unet.json", "sbora_diffusion/configs/llm/train.yaml",
+                    "sbora_diffusion/configs/train/pocket.yaml"):
         assert shipped in names, shipped
+    from sbora_diffusion.world import WEIGHTS_DIR
+
+    shipped_weights = sorted(str(p.relative_to(ROOT)) for p in WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert any(p.endswith(".safetensors") for p in shipped_weights)
+    assert set(shipped_weights) <= set(names)  # the pocket base and CLIP, every file
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"

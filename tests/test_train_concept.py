@@ -9,12 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from sbora_diffusion.adapters import METHODS, AdapterFileError, adapter_names, adapter_parameters, read_adapter
 from sbora_diffusion.checkpoint import list_checkpoints, read_checkpoint
 from sbora_diffusion.concepts import ConceptConfig, ConceptError, load_concept
-from sbora_diffusion.configuration import ConfigError, override
+from sbora_diffusion.configuration import CONFIG_DIR, ConfigError, override
 from sbora_diffusion.generate import main as generate_main
 from sbora_diffusion.generate import render
 from sbora_diffusion.models import ModelResolutionError, clip_tokenizer, load_pipeline
@@ -177,13 +178,13 @@ def test_bad_input_is_a_clear_error_and_leaves_no_output(case, args, message, co
     (tmp_path / "corrupt").mkdir()
     _corrupt(tmp_path / "corrupt")
     args = [a.format(tmp=tmp_path, concept=concept_dir) for a in args]
-    assert main(args + ["--output-dir", str(tmp_path / "outputs"), "--steps", "1"]) == 2
+    assert main(args + ["--model", "tiny", "--output-dir", str(tmp_path / "outputs"), "--steps", "1"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()
 
 
 def test_resume_without_checkpoint_is_refused(concept_dir, tmp_path, capsys):
-    assert main(["--concept", str(concept_dir), "--resume", "--output-dir", str(tmp_path / "outputs")]) == 2
+    assert main(["--concept", str(concept_dir), "--model", "tiny", "--resume", "--output-dir", str(tmp_path / "outputs")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()
 
@@ -200,7 +201,7 @@ def test_cli_help_explains_every_field(capsys):
 @pytest.mark.parametrize("flags, message", [(["--use-8bit-adam"], "8-bit"), (["--mixed-precision", "fp16"], "fp16 needs a CUDA GPU")])
 def test_cuda_only_options_without_cuda_say_so(flags, message, concept_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["--concept", str(concept_dir), *flags, "--output-dir", str(tmp_path / "outputs")]) == 2
+    assert main(["--concept", str(concept_dir), "--model", "tiny", *flags, "--output-dir", str(tmp_path / "outputs")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()
 
@@ -277,7 +278,7 @@ def test_two_concepts_load_side_by_side(tiny_pipe, concept_dir, tmp_path):
 
 
 def cli(concept_dir, out, *extra):
-    return ["--concept", str(concept_dir), "--output-dir", str(out), "--steps", "2", "--resolution", "32", "--rank", "2",
+    return ["--concept", str(concept_dir), "--model", "tiny", "--output-dir", str(out), "--steps", "2", "--resolution", "32", "--rank", "2",
             "--sample-steps", "1", "--num-validation-images", "1", "--checkpoint-every", "1", *extra]
 
 
@@ -340,8 +341,10 @@ def test_help_shows_the_values_the_run_will_use(capsys):
     with pytest.raises(SystemExit):
         main(["--concept", "robot", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 60; from configs/train/tiny.yaml)" in text  # --steps of the embedded default base
-    assert "(default: 0.001; from configs/train/tiny.yaml)" in text  # --lr
+    pocket = yaml.safe_load((CONFIG_DIR / "train" / "pocket.yaml").read_text())  # the embedded default base's settings
+    assert f"(default: {pocket['steps']}; from configs/train/pocket.yaml)" in text  # --steps
+    assert f"(default: {pocket['lr']}; from configs/train/pocket.yaml)" in text  # --lr
+    assert "(default: pocket; from configs/train/pocket.yaml)" in text  # --score-clip
     assert "(default: <robot1>; from concept 'robot')" in text and "(default: toy; from concept 'robot')" in text
     assert "(default: 16; from configs/methods/sbora-fa.yaml)" in text
     with pytest.raises(SystemExit):
@@ -369,7 +372,7 @@ def test_custom_diffusion_trains_only_cross_attention_kv_and_the_token(tiny_pipe
     from sbora_diffusion.concept_adapter import load_concept_adapter
 
     out = tmp_path / "cd"
-    assert main(["--concept", str(concept_dir), "--method", "custom-diffusion", "--output-dir", str(out), "--steps", "2",
+    assert main(["--concept", str(concept_dir), "--model", "tiny", "--method", "custom-diffusion", "--output-dir", str(out), "--steps", "2",
                  "--resolution", "32", "--sample-steps", "1", "--num-validation-images", "1", "--lr", "1e-2"]) == 0
     file = read_adapter(out / "adapter.safetensors")
     assert file.modules and all(m.endswith(("attn2.to_k", "attn2.to_v")) for m in file.modules)
@@ -389,3 +392,26 @@ def test_custom_diffusion_trains_only_cross_attention_kv_and_the_token(tiny_pipe
     unmerge(pipe.unet)
     after = base_state(pipe.unet)
     assert all((after[k] - before[k]).abs().max() <= 1e-6 for k in before)
+
+
+def test_score_clip_scores_the_samples_against_the_photos(tiny_pipe, concept_dir, tmp_path, capsys):
+    """--score-clip: CLIP-I of the base's and the adapted samples (one per validation prompt and seed)
+    against the concept's photos, as clip_score measures it, saved to scores.json and printed."""
+    from sbora_diffusion import clip_score
+
+    cfg = quick(tmp_path, num_validation_images=2, score_clip="pocket")
+    c = concept(concept_dir, validation_prompts=["a photo of {token} {class_word}", "a {token} {class_word} on the beach"])
+    result = train(c, "sbora-fa", train_config=cfg, adapter_overrides={"rank": 4}, pipe=copy.deepcopy(tiny_pipe))
+    saved = json.loads((result.out_dir / "scores.json").read_text())
+    assert saved["images"] == 4 and saved["references"] == 3 and saved["clip_model"] == "pocket"
+    assert saved["prompts"] == ["a photo of <thing1> toy", "a <thing1> toy on the beach"]
+    per = saved["clip_i_per_image"]
+    assert len(per["base"]) == len(per["adapted"]) == 4 and all(-1 <= v <= 1 for v in per["base"] + per["adapted"])
+    assert saved["clip_i_base"] == pytest.approx(np.mean(per["base"])) and saved["clip_i_adapted"] == pytest.approx(np.mean(per["adapted"]))
+    assert result.scores == {k: v for k, v in saved.items() if k != "prompts"}
+    # the scoring command's measure: mean cosine to every photo (a photo scored against the photos: its row mean)
+    scorer = clip_score.load_clip("pocket", device="cpu")
+    refs = scorer.encode_images(sorted(concept_dir.iterdir()))  # (3, D)
+    torch.testing.assert_close(clip_score.image_alignment(refs, refs), (refs @ refs.T).mean(1))
+    assert main(cli(concept_dir, tmp_path / "cli", "--score-clip", "pocket")) == 0
+    assert "CLIP-I" in capsys.readouterr().out and (tmp_path / "cli" / "scores.json").is_file()

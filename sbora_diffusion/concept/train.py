@@ -46,7 +46,7 @@ from ..configuration import (
     shown_path,
 )
 from ..engine import Engine, Micro
-from ..fileio import atomic_path, write_text
+from ..fileio import atomic_path, write_json, write_text
 from ..generate import render
 from ..grids import labelled_grid
 from ..models import DEFAULT_MODEL, load_pipeline
@@ -77,6 +77,8 @@ class TrainConfig(ProcedureConfig):
     num_validation_images: int = field(default=2, metadata={"help": "images per validation prompt (seeds 0..N-1)"})
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps of validation, sample and class images"})
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance of validation, sample and class images"})
+    score_clip: str | None = field(default=None, metadata={"help": "CLIP that scores the final samples against the concept's photos (CLIP-I of the base's and the adapted "
+                                                                   "images, printed and saved to scores.json): pocket, ViT-B-32 (+ its openai weights), local-dir:FOLDER; none: off"})
 
     def validate(self) -> None:
         super().validate()
@@ -121,6 +123,7 @@ class TrainResult:
     step: int
     losses: list[float]
     is_main_process: bool = True
+    scores: dict | None = None  # scores.json's content with --score-clip
 
 
 def set_up_adapters(pipe, concept: ConceptConfig, adapter: AdapterConfig, te_adapter: AdapterConfig | None, cfg: TrainConfig):
@@ -162,8 +165,8 @@ def base_prompt(prompt: str, concept: ConceptConfig) -> str:
     return replace_tokens(prompt, token_rules(concept.token, concept.class_word))
 
 
-def sample_grid(pipe, concept: ConceptConfig, cfg: TrainConfig, res: int, autocast) -> object:
-    """Validation prompts (rows) x seeds, each as base model | adapted, labelled."""
+def sample_images(pipe, concept: ConceptConfig, cfg: TrainConfig, res: int, autocast) -> tuple[list[str], list, list]:
+    """(prompts, base images, adapted images) of the validation prompts x seeds (seed-major per prompt)."""
     prompts = [concept.fill(p) for p in concept.validation_prompts]
     seeds = list(range(cfg.num_validation_images))
     kwargs = dict(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, height=res, width=res)
@@ -173,10 +176,28 @@ def sample_grid(pipe, concept: ConceptConfig, cfg: TrainConfig, res: int, autoca
         with active_adapters((pipe.unet, pipe.text_encoder), {}):
             base = render(pipe, [base_prompt(p, concept) for p in prompts], seeds, desc="samples (base)", **kwargs)
         adapted = render(pipe, prompts, seeds, desc="samples (adapted)", **kwargs)
-    n = len(seeds)
+    return prompts, base, adapted
+
+
+def sample_grid(prompts: list[str], base: list, adapted: list) -> object:
+    """Validation prompts (rows) x seeds, each as base model | adapted, labelled."""
+    n = len(base) // len(prompts)
     images = [im for r in range(len(prompts)) for s in range(n) for im in (base[r * n + s], adapted[r * n + s])]
-    labels = [f"{kind}, seed {s}" for s in seeds for kind in ("base", "adapted")]
+    labels = [f"{kind}, seed {s}" for s in range(n) for kind in ("base", "adapted")]
     return labelled_grid(images, rows=len(prompts), cols=2 * n, row_labels=prompts, col_labels=labels)
+
+
+def sample_scores(clip_model: str, references: list[Path], base: list, adapted: list) -> dict:
+    """CLIP-I of the base's and the adapted samples against the concept's photos (clip_score's measure)."""
+    from ..clip_score import image_alignment, load_clip
+
+    scorer = load_clip(clip_model)
+    refs = scorer.encode_images(references, desc="encode the concept's photos")  # (R, D)
+    before = image_alignment(scorer.encode_images(base, desc="encode base samples"), refs)  # (N,)
+    after = image_alignment(scorer.encode_images(adapted, desc="encode adapted samples"), refs)  # (N,)
+    return {"clip_model": clip_model, "images": len(base), "references": len(references),
+            "clip_i_base": float(before.mean()), "clip_i_adapted": float(after.mean()),
+            "clip_i_per_image": {"base": before.tolist(), "adapted": after.tolist()}}
 
 
 def save_png(image, path: Path) -> None:
@@ -191,13 +212,15 @@ def resolved_config(model: str, method: str, concept, adapter, te_adapter, cfg) 
 
 
 def train(
-    concept: str | ConceptConfig, method: str = "sbora-fa", model: str = DEFAULT_MODEL, *,
+    concept: str | ConceptConfig, method: str = "sbora-fa", model: str | None = None, *,
     train_config: TrainConfig | None = None, adapter_overrides: dict | None = None, concept_overrides: dict | None = None,
     resume: bool | str = False, pipe=None, stop_event=None, on_step=None,
 ) -> TrainResult:
     """Train one concept adapter; see the module docstring. `pipe` (modified in place) skips loading
     `model`; `stop_event` (a threading.Event) stops at the next step boundary like Ctrl-C;
-    `on_step(step, loss)` is called after every step (a progress display)."""
+    `on_step(step, loss)` is called after every step (a progress display). `model` (the base's name,
+    recorded in the adapter) defaults to the one `pipe` was loaded from, else DEFAULT_MODEL."""
+    model = model or getattr(pipe, "base_model_id", None) or DEFAULT_MODEL
     cfg = train_config or load_train_config(model=model)
     # 1. Everything that can be wrong is checked before the output folder is touched.
     concept = concept if isinstance(concept, ConceptConfig) else load_concept(concept, **(concept_overrides or {}))
@@ -208,6 +231,7 @@ def train(
     te_adapter = override(adapter, {"targets": cfg.text_encoder_targets}) if cfg.train_text_encoder else None
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(concept, label)
     engine = Engine(cfg, out_dir, resume=resume, desc=f"train {concept.key}/{label}", stop_event=stop_event)
+    scores = None
     try:
         pipe = pipe if pipe is not None else load_pipeline(model)
         res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -253,7 +277,7 @@ def train(
             if on_step is not None:
                 on_step(step, loss)
             if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.steps and engine.is_main:
-                grid = sample_grid(pipe, concept, cfg, res, engine.accelerator.autocast)
+                grid = sample_grid(*sample_images(pipe, concept, cfg, res, engine.accelerator.autocast))
                 save_png(grid, engine.run_dir / "validation" / f"step-{step:06d}.png")
                 engine.log_image("validation", grid, step)
 
@@ -265,7 +289,11 @@ def train(
                     "validation_prompts": concept.validation_prompts, "steps": state.step, **adapter_metadata(procedures)}
             save_concept_adapter(pipe, engine.run_dir / adapter_path.name, concept.key, base_model=str(model), info=info,
                                  tokens=tokens, token_mode=cfg.token_mode)
-            save_png(sample_grid(pipe, concept, cfg, res, engine.accelerator.autocast), engine.run_dir / "samples.png")
+            prompts, base, adapted = sample_images(pipe, concept, cfg, res, engine.accelerator.autocast)
+            save_png(sample_grid(prompts, base, adapted), engine.run_dir / "samples.png")
+            if cfg.score_clip:
+                scores = sample_scores(cfg.score_clip, instance_paths, base, adapted)
+                write_json(engine.run_dir / "scores.json", {"prompts": prompts, **scores})
         engine.finish()
     except BaseException:
         engine.abort()
@@ -273,7 +301,7 @@ def train(
     for m in (pipe.unet, pipe.text_encoder):
         m.eval()
     return TrainResult(out_dir=out_dir, adapter_path=adapter_path, pipe=pipe, step=state.step, losses=state.losses,
-                       is_main_process=engine.is_main)
+                       is_main_process=engine.is_main, scores=scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +357,10 @@ def _main(argv: list[str]) -> int:
         print(f"done: {result.step} steps, final loss {result.losses[-1] if result.losses else float('nan'):.4f}\n"
               f"  adapter  {result.adapter_path}\n  samples  {result.out_dir / 'samples.png'} (base | adapted, per prompt and seed)\n"
               f"  generate python -m sbora_diffusion.generate --adapter {result.adapter_path}")
+        if result.scores:
+            sc = result.scores
+            print(f"  CLIP-I   {sc['clip_i_base']:.3f} (base) -> {sc['clip_i_adapted']:.3f} (adapted): samples vs the concept's "
+                  f"{sc['references']} photos, {sc['clip_model']} CLIP, {sc['images']} images each ({result.out_dir / 'scores.json'})")
     return 0
 
 
