@@ -240,11 +240,16 @@ def test_clip_weights_load_safely_or_fail_clearly(tiny_clip_files, tmp_path, mon
     import huggingface_hub.constants
 
     arch, weights = tiny_clip_files
-    # The default model with nothing cached and no network: a fast, clear error (no download attempt).
+    # The paper's model with nothing cached and no network: a fast, clear error (no download attempt).
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ClipScoreError, match="--clip-weights PATH"):
-        clip_score.load_clip()
+        clip_score.load_clip("ViT-B-32", "openai")
+    assert clip_score.DEFAULT_CLIP_MODEL == "pocket"  # the offline default needs no download
+    with monkeypatch.context() as m:  # a missing pocket CLIP says how to get it back
+        m.setattr("sbora_diffusion.world.POCKET_CLIP_DIR", tmp_path / "gone")
+        with pytest.raises(ClipScoreError, match="pocket CLIP is missing"):
+            clip_score.load_clip()
     with pytest.raises(ClipScoreError, match="does not exist"):
         clip_score.load_clip(str(arch), None, weights=tmp_path / "missing.safetensors")
     with pytest.raises(ClipScoreError, match="unknown open_clip model"):

@@ -53,22 +53,28 @@ def test_one_training_step_and_deterministic_greedy_generation(smollm2, tmp_path
 
 
 def test_llm_quality_benchmark_fills_and_saves_row_by_row(smollm2, tmp_path, monkeypatch):
+    """The fair-comparison protocol on the real model: validation carved from training, a sweep,
+    then seeds at the best learning rate; results saved after every run."""
     from benchmarks import llm_quality as lq
     from benchmarks.common import environment
 
     monkeypatch.setattr("llm.models.load_base", lambda: smollm2)
     config = lq.LLMQualityConfig(
-        methods=["sbora-fa", lq.PEFT_DORA], rank=4, steps=1, batch_size=1, train_size=2, test_size=2, eval_limit=1,
+        methods=["sbora-fa", "peft-dora"], lrs=[1e-3], seeds=1, rank=4, steps=1, batch_size=1, train_size=3, val_size=1, test_size=1,
         max_new_tokens=2, work_dir=str(tmp_path),
     )
     res: dict = {}
-    saved: list[list[str]] = []
-    lq.run(config, res, lambda: saved.append(list(res["methods"])))
-    assert saved == [["zero-shot"], ["zero-shot", "sbora-fa"], ["zero-shot", "sbora-fa", lq.PEFT_DORA]]  # a save per row
+    saved: list[tuple[list[str], list[str]]] = []
+    lq.run(config, res, lambda: saved.append((list(res["sweep"]), list(res["runs"]))))
+    # zero-shot, then per method one sweep run and one seed
+    assert saved == [([], []), (["sbora-fa"], []), (["sbora-fa"], ["sbora-fa"]), (["sbora-fa", "peft-dora"], ["sbora-fa"]),
+                     (["sbora-fa", "peft-dora"], ["sbora-fa", "peft-dora"])]
+    assert res["problems"] == {"train": 2, "validation": 1, "test": 1} and res["best_lr"] == {"sbora-fa": 1e-3, "peft-dora": 1e-3}
     d_out = 576 + 192 + 192 + 576  # q, k, v, o per layer; d_in = 576 for each
-    assert res["methods"]["sbora-fa"]["trainable_params"] == 30 * 4 * d_out
-    assert res["methods"][lq.PEFT_DORA]["trainable_params"] == 30 * (4 * (4 * 576 + d_out) + d_out)  # LoRA + magnitudes
-    assert res["test_problems"] == 1 and all(row["total"] == 1 and row["accuracy"] in (0.0, 1.0) for row in res["methods"].values())
+    assert res["runs"]["sbora-fa"][0]["trainable_params"] == 30 * 4 * d_out
+    assert res["runs"]["peft-dora"][0]["trainable_params"] == 30 * (4 * (4 * 576 + d_out) + d_out)  # LoRA + magnitudes
+    assert all(run["total"] == 1 and run["accuracy"] in (0.0, 1.0) for runs in res["runs"].values() for run in runs)
     env = {**environment(), "load_average_end": [0.0, 0.0, 0.0]}
-    text = lq.markdown({"config": vars(config), "environment": env, "command": "cmd", "results": res, "seconds": 60, "cpu_seconds": 60})
+    text = lq.markdown({"config": {**vars(config), "preset": "quick"}, "environment": env, "command": "cmd", "results": res, "seconds": 60,
+                        "cpu_seconds": 60})
     assert f"| SBoRA-FA | {30 * 4 * d_out:,} |" in text and "partial" in text
