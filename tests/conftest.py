@@ -64,3 +64,29 @@ def tiny_pipe():
     from sbora_diffusion.models import load_pipeline
 
     return load_pipeline("tiny")
+
+
+TINY_CLIP = {  # a tiny open_clip architecture (random weights): the scoring code's tests
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_files(tmp_path_factory):
+    """(architecture JSON, safetensors weights) of a tiny random-init open_clip model."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("clip")
+    arch = folder / "tiny-test-clip.json"
+    arch.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(arch)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-test-clip")
+    weights = folder / "tiny-test-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return arch, weights

@@ -14,35 +14,11 @@ from PIL import Image
 from benchmarks import quality as q
 from benchmarks.accuracy import T95
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
 @pytest.fixture(scope="module")
-def clip_files(tmp_path_factory):
-    """(architecture JSON, safetensors weights) of a tiny random-init open_clip model."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("clip")
-    arch = folder / "tiny-quality-clip.json"
-    arch.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(arch)
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-quality-clip")
-    weights = folder / "tiny-quality-clip.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    return arch, weights
-
-
-@pytest.fixture(scope="module")
-def scorer(clip_files):
+def scorer(tiny_clip_files):
     from sbora_diffusion.clip_score import load_clip
 
-    arch, weights = clip_files
+    arch, weights = tiny_clip_files
     return load_clip(str(arch), pretrained=None, weights=weights, device="cpu", batch_size=3)
 
 
@@ -208,8 +184,8 @@ def test_full_unet_ceiling_trains_only_unet_weights_and_the_token(tiny_pipe):
     assert not pipe.unet.training
 
 
-def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, clip_files, tmp_path):
-    arch, weights = clip_files
+def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_clip_files, tmp_path):
+    arch, weights = tiny_clip_files
     out = tmp_path / "docs"
     argv = ["--preset", "quick", "--model", "tiny", "--clip-model", str(arch), "--clip-weights", str(weights), "--methods", "lora,sbora-fa",
             "--multi-methods", "lora,sbora-fa", "--steps", "2", "--num-prompts", "1", "--num-images", "1", "--drift-prompts", "1",
