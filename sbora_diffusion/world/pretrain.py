@@ -127,7 +127,7 @@ def set_lr(opt, lr_scale: float) -> None:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, 64, 64, 3) uint8 -> (N, 3, 64, 64) float in [-1, 1] (the CLIP's and the VAE's normalisation)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # a copy: `images` may be a read-only memory map
 
 
 # ----------------------------------------------------------------------------- data
