@@ -392,10 +392,12 @@ def write_results(name: str, payload: dict, markdown: str, figure, out_dir: Path
 def run_benchmark(
     name: str, doc: str, config_cls: type, presets: dict[str, dict], argv: list[str] | None,
     measure: Callable[[object, dict, Callable[[], None]], None], markdown: Callable[[dict], str], figure: Callable[[dict], object],
+    targets: Callable[[dict], list[tuple[str, bool, str]]] | None = None,
 ) -> dict:
     """Parse the command line, then ``measure(config, results, save)``, which fills ``results`` and
     calls ``save()`` after each part, so a long run that stops keeps what it measured (marked
-    partial). Writes ``<out_dir or docs/benchmarks>/<stem>.{json,md,png}``; returns the payload."""
+    partial). Writes ``<out_dir or docs/benchmarks>/<stem>.{json,md,png}``, prints each of
+    ``targets(results)`` as met or MISSED, and returns the payload."""
     inv = parse_invocation(name, doc, config_cls, presets, argv)
     t0 = time.time()
     payload = {"config": {"preset": inv.preset, **asdict(inv.config)}, "environment": environment(), "command": inv.command, "results": {}}
@@ -410,6 +412,8 @@ def run_benchmark(
 
     measure(inv.config, payload["results"], save)
     save(final=True)
+    for what, ok, got in targets(payload["results"]) if targets else []:
+        print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")
     return payload
 
 

@@ -240,9 +240,7 @@ def figure(payload: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
-    payload = run_benchmark("llm_multitask", __doc__, MultitaskConfig, PRESETS, argv, run, markdown, figure)
-    for what, ok, got in targets_check(payload["results"]):
-        print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")
+    run_benchmark("llm_multitask", __doc__, MultitaskConfig, PRESETS, argv, run, markdown, figure, targets_check)
 
 
 if __name__ == "__main__":

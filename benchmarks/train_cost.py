@@ -265,9 +265,7 @@ def measure(config: TrainCostConfig, results: dict, save: Callable[[], None]) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    payload = run_benchmark("train_cost", __doc__, TrainCostConfig, PRESETS, argv, measure, markdown, figure)
-    for what, ok, got in targets_check(payload["results"]):
-        print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")
+    run_benchmark("train_cost", __doc__, TrainCostConfig, PRESETS, argv, measure, markdown, figure, targets_check)
 
 
 if __name__ == "__main__":
