@@ -170,9 +170,10 @@ def parse_pair(pair: str, concepts: Sequence[str]) -> tuple[str, str]:
 
 
 PRESETS: dict[str, dict] = {
-    # Every method, 2 concepts, 2 seeds, 50 steps (a sixth of the demo's 300), a few images: sized for ≤ 15 min on 2 shared CPU cores.
-    "quick": {"concepts": ["robot", "duck"], "seeds": 2, "steps": 50, "num_prompts": 3, "num_images": 2, "drift_prompts": 2,
-              "drift_images": 1, "pairs": ["robot+duck"], "multi_images": 2},
+    # Every method, 2 concepts, 2 seeds, 40 steps (the demo's learning rate, 3e-3, over 40 of its 300 steps), a few images
+    # at 15 DDIM steps: sized for ≤ 15 min on 2 CPU cores (one torch thread).
+    "quick": {"concepts": ["robot", "duck"], "seeds": 2, "steps": 40, "sample_steps": 15, "num_prompts": 3, "num_images": 2,
+              "drift_prompts": 2, "drift_images": 1, "pairs": ["robot+duck"], "multi_images": 2},
     # The comparison: 5 concepts, 3 seeds, the training config's full budget (configs/train/pocket.yaml: 300 steps of 4).
     "full": {},
 }
