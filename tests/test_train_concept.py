@@ -415,3 +415,6 @@ def test_score_clip_scores_the_samples_against_the_photos(tiny_pipe, concept_dir
     torch.testing.assert_close(clip_score.image_alignment(refs, refs), (refs @ refs.T).mean(1))
     assert main(cli(concept_dir, tmp_path / "cli", "--score-clip", "pocket")) == 0
     assert "CLIP-I" in capsys.readouterr().out and (tmp_path / "cli" / "scores.json").is_file()
+    # a CLIP that cannot be had stops the run before training, and nothing is written
+    assert main(cli(concept_dir, tmp_path / "bad", "--score-clip", "no-such-clip")) == 2
+    assert "no-such-clip" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -187,11 +187,10 @@ def sample_grid(prompts: list[str], base: list, adapted: list) -> object:
     return labelled_grid(images, rows=len(prompts), cols=2 * n, row_labels=prompts, col_labels=labels)
 
 
-def sample_scores(clip_model: str, references: list[Path], base: list, adapted: list) -> dict:
+def sample_scores(scorer, clip_model: str, references: list[Path], base: list, adapted: list) -> dict:
     """CLIP-I of the base's and the adapted samples against the concept's photos (clip_score's measure)."""
-    from ..clip_score import image_alignment, load_clip
+    from ..clip_score import image_alignment
 
-    scorer = load_clip(clip_model)
     refs = scorer.encode_images(references, desc="encode the concept's photos")  # (R, D)
     before = image_alignment(scorer.encode_images(base, desc="encode base samples"), refs)  # (N,)
     after = image_alignment(scorer.encode_images(adapted, desc="encode adapted samples"), refs)  # (N,)
@@ -230,6 +229,10 @@ def train(
     adapter = cfg.adapter_with_procedures(adapter)
     te_adapter = override(adapter, {"targets": cfg.text_encoder_targets}) if cfg.train_text_encoder else None
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(concept, label)
+    if cfg.score_clip:  # loaded before training: a wrong name or missing weights stop the run before its first step
+        from ..clip_score import load_clip
+
+        scorer = load_clip(cfg.score_clip)
     engine = Engine(cfg, out_dir, resume=resume, desc=f"train {concept.key}/{label}", stop_event=stop_event)
     scores = None
     try:
@@ -292,7 +295,7 @@ def train(
             prompts, base, adapted = sample_images(pipe, concept, cfg, res, engine.accelerator.autocast)
             save_png(sample_grid(prompts, base, adapted), engine.run_dir / "samples.png")
             if cfg.score_clip:
-                scores = sample_scores(cfg.score_clip, instance_paths, base, adapted)
+                scores = sample_scores(scorer, cfg.score_clip, instance_paths, base, adapted)
                 write_json(engine.run_dir / "scores.json", {"prompts": prompts, **scores})
         engine.finish()
     except BaseException:
