@@ -389,6 +389,11 @@ def write_results(name: str, payload: dict, markdown: str, figure, out_dir: Path
     return paths
 
 
+def targets_table(checks: list[tuple[str, bool, str]]) -> list[str]:
+    """Markdown lines of a benchmark's targets: one row per (target, met, measured)."""
+    return ["| target | met | measured |", "|---|---|---|", *(f"| {name} | {'yes' if ok else 'no'} | {text} |" for name, ok, text in checks)]
+
+
 def run_benchmark(
     name: str, doc: str, config_cls: type, presets: dict[str, dict], argv: list[str] | None,
     measure: Callable[[object, dict, Callable[[], None]], None], markdown: Callable[[dict], str], figure: Callable[[dict], object],

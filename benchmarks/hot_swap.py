@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from sbora_diffusion.adapters import adapted_layers, merge, unmerge
 from sbora_diffusion.configuration import ConfigError
 
-from .common import add_method, clone_sharing_weights, run_benchmark
+from .common import add_method, clone_sharing_weights, run_benchmark, targets_table
 from .train_cost import BUILDERS, TrainCostConfig
 
 METHODS = {"peft-lora": "peft LoRA", "lora": "LoRA (ours)", "sbora-fa": "SBoRA-FA", "sbora-fb": "SBoRA-FB", "ortho": "Ortho"}
@@ -152,8 +152,7 @@ def markdown(payload: dict) -> str:
                          f"{row['speedup_vs_lora']:.1f}× | {row['bytes_written'] / 2**20:.2f} MiB |")
         lines.append("")
     if res.get("ranks"):
-        lines += ["## Target", "", "| target | met | measured |", "|---|---|---|"]
-        lines += [f"| {name} | {'yes' if ok else 'no'} | {text} |" for name, ok, text in targets_check(res)]
+        lines += ["## Target", "", *targets_table(targets_check(res))]
     return "\n".join(lines) + "\n"
 
 

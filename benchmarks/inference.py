@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from sbora_diffusion.adapters import AdapterConfig, active_adapters, adapter_parameters, inject
 from sbora_diffusion.configuration import ConfigError, check_fields
 
-from .common import clone_sharing_weights, run_benchmark
+from .common import clone_sharing_weights, run_benchmark, targets_table
 from .hot_swap import randomize
 from .train_cost import BUILDERS, TrainCostConfig
 
@@ -166,8 +166,7 @@ def markdown(payload: dict) -> str:
     ]
     lines += [f"| {r['label']} | {r['ms_median']:.0f} | {r['x_merged_median']:.3f} |" for r in res.get("variants", {}).values()]
     if res.get("variants"):
-        lines += ["", "| target | met | measured |", "|---|---|---|"]
-        lines += [f"| {name} | {'yes' if ok else 'no'} | {text} |" for name, ok, text in targets_check(res)]
+        lines += ["", *targets_table(targets_check(res))]
     return "\n".join(lines) + "\n"
 
 
