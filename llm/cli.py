@@ -12,7 +12,18 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sbora_diffusion.cli import add_debug_flag, run_main
-from sbora_diffusion.configuration import ConfigError, add_arguments, from_dict, load_yaml, overrides_from_args, resolve_named_config, shown_path
+from sbora_diffusion.configuration import (
+    ConfigError,
+    add_arguments,
+    aliases_help,
+    canonical_argv,
+    field_aliases,
+    from_dict,
+    load_yaml,
+    overrides_from_args,
+    resolve_named_config,
+    shown_path,
+)
 
 T = TypeVar("T")
 
@@ -25,8 +36,15 @@ def load_config(cls: type[T], name: str | None, overrides: dict) -> T:
     return from_dict(cls, {**load_yaml(path), **overrides}, source=str(path))
 
 
+def command_aliases(cls: type, resumable: bool) -> dict[str, str]:
+    """Other names of the options: the fields' own, and HF Trainer's --resume_from_checkpoint for --resume."""
+    return {**field_aliases(cls), **({"resume-from-checkpoint": "resume"} if resumable else {})}
+
+
 def build_parser(cls: type, prog: str, doc: str, argv: list[str], default_config: str | None, resumable: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    aliases = command_aliases(cls, resumable)
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=aliases_help(aliases) if aliases else None)
     defaults, source = None, None
     if default_config:
         parser.add_argument("--config", default=default_config, help=f"YAML under configs/llm/ (name) or a path, with {cls.__name__} fields (default: {default_config})")
@@ -52,9 +70,10 @@ def run_command(cls: type[T], command: Callable[..., dict], prog: str, doc: str,
     """Parse `argv` into a `cls` config (every field an option) and run `command` on it; returns the exit code."""
 
     def body(args_list: list[str]) -> int:
+        args_list = canonical_argv(args_list, command_aliases(cls, resumable))  # earlier names and underscores (--learning_rate) too
         args = build_parser(cls, prog, doc, args_list, default_config, resumable).parse_args(args_list)
         config = load_config(cls, getattr(args, "config", None), overrides_from_args(args, cls))
-        result = command(config, resume=args.resume) if resumable else command(config)
+        result = command(config, resume=True if args.resume == "latest" else args.resume) if resumable else command(config)
         if report is not None:
             report(result)
         return 0

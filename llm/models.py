@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora_diffusion.adapters.inject import replace_module
 from sbora_diffusion.hub import hub_reachable
@@ -94,6 +94,16 @@ def load_tokenizer(base: str = DEFAULT_BASE) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def tokenizer_if_any(base: str = DEFAULT_BASE) -> tuple[PreTrainedTokenizerBase | None, str | None]:
+    """``(tokenizer, None)``: the base's tokenizer as it is (no chat template or pad token asked for),
+    to save beside a model; ``(None, why)`` when it cannot be loaded here (no tokenizer files, or
+    a slow tokenizer whose conversion needs sentencepiece or tiktoken)."""
+    try:
+        return _from_pretrained(AutoTokenizer, base), None
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ImportError, TypeError... for these
+        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+
+
 def load_model(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The base causal LM in eval mode (fp32 unless `dtype` says otherwise)."""
     if "gguf_file" not in _source(base)[1]:
@@ -113,6 +123,29 @@ def load_base(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> tup
     """``(model, tokenizer)`` for `base`: ``smollm2`` (embedded GGUF), a local folder or .gguf file, or a hub id."""
     tokenizer = load_tokenizer(base)
     return load_model(base, dtype), tokenizer
+
+
+def load_config(base: str = DEFAULT_BASE) -> PretrainedConfig:
+    """The base's model config only (config.json, or a GGUF file's header): no weights, no tokenizer."""
+    return _from_pretrained(AutoConfig, base)
+
+
+def model_skeleton(base: str = DEFAULT_BASE) -> PreTrainedModel:
+    """The base's architecture built from its config alone, for exporting adapters: no weight is read or allocated.
+
+    Every parameter is on the meta device, except that each linear layer's weight is a
+    zero-stride CPU placeholder of the right shape (one number of memory), so adapter cores,
+    which live on their layer's device and need only its widths, can be built, loaded and
+    exported. GPT-2's Conv1D layers are made linear first, as for training. The model cannot run.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(base))
+    conv1d_to_linear(model)
+    placeholder = torch.zeros(1)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight = nn.Parameter(placeholder.expand(module.out_features, module.in_features), requires_grad=False)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------- devices and saving
@@ -184,11 +217,12 @@ def prepare_base(
     return model, tokenizer
 
 
-def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str | Path) -> Path:
     """Fold every adapter into the (dequantized) base weights and save a plain transformers model folder.
 
-    The folder is written next to its final place and renamed at the end, so an error never
-    leaves half a model behind. `model` is changed in place (its adapters are merged away).
+    The tokenizer is saved beside the model unless it is None. The folder is written next to
+    its final place and renamed at the end, so an error never leaves half a model behind.
+    `model` is changed in place (its adapters are merged away).
     """
     from sbora_diffusion.adapters import merge_and_unload
     from sbora_diffusion.fileio import atomic_folder
@@ -200,7 +234,8 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fold
     _linear_to_conv1d(model)
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return Path(folder)
 
 

@@ -59,7 +59,8 @@ from .quant import QUANT_MODES, resolve_mode
 
 @dataclass
 class TrainConfig(ProcedureConfig):
-    base: str = field(default=DEFAULT_BASE, metadata={"help": f"base model: '{DEFAULT_BASE}' (embedded SmolLM2-135M-Instruct GGUF), a local folder or .gguf file, or a hub id"})
+    base: str = field(default=DEFAULT_BASE, metadata={"help": f"base model: '{DEFAULT_BASE}' (embedded SmolLM2-135M-Instruct GGUF), a local folder or .gguf file, or a hub id",
+                                                      "aliases": ("model-name-or-path", "pretrained-model-name-or-path")})
     task: str = field(default="arithmetic", metadata={"help": "'arithmetic' (built-in word problems) or a JSONL file with instruction/input/output"})
     eval_data: str | None = field(default=None, metadata={"help": "JSONL test file (none: the task's fixed test split)"})
     train_size: int = field(default=2000, metadata={"help": "arithmetic: number of training problems"})
@@ -75,6 +76,8 @@ class TrainConfig(ProcedureConfig):
     targets: list[str] = field(default_factory=lambda: ["llama"], metadata={"help": "module suffixes or presets: llama (q,k,v,o_proj), llama-mlp (+gate,up,down_proj)"})
     slot: int = field(default=0, metadata={"help": "SBoRA/ortho slot: adapters in different slots (same --seed) touch disjoint columns/rows"})
     seed: int = field(default=0, metadata={"help": "seed of the adapter: its init and per-layer index permutations (the same for composable slots)"})
+    layout: str | None = field(default=None, metadata={"help": "SBoRA index layout: blocks or scattered (none: the method's default; "
+                                                                "compose only adapters of one layout)"})
     adapter_name: str | None = field(default=None, metadata={"help": "name of the adapter inside the model and its file (none: the task name)"})
     max_length: int = field(default=256, metadata={"help": "longest tokenized example (prompt + answer); must fit the model's context"})
     truncate: bool = field(default=False, metadata={"help": "cut answers longer than max_length (else such an example is an error)"})
@@ -101,7 +104,7 @@ class TrainConfig(ProcedureConfig):
 
     def adapter_config(self) -> AdapterConfig:
         """``configs/methods/<method>.yaml`` with this run's overrides (targets default to the llama preset); LoRA's for peft-dora."""
-        fields = ("rank", "alpha", "dropout", "targets", "slot", "seed")
+        fields = ("rank", "alpha", "dropout", "targets", "slot", "seed", "layout")
         method = "lora" if self.method == PEFT_DORA else self.method
         return self.adapter_with_procedures(load_adapter_config(method, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}))
 
@@ -197,8 +200,8 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
         if engine.is_main:
             summary.update(_finish(config, resolved, adapter_config, model, tokenizer, engine, name, state.step, test_set))
         engine.finish()
-    except BaseException:
-        engine.abort()
+    except BaseException as e:
+        engine.abort(e)  # a Ctrl-C after the last step: TrainingInterrupted (finish with --resume)
         raise
     return summary
 

@@ -52,7 +52,8 @@ class ConceptConfig:
     )
     class_prompt: str = field(default="a photo of {class_word}", metadata={"help": "prompt of the class images (prior preservation)"})
     class_dir: str | None = field(
-        default=None, metadata={"help": "folder of class images for prior preservation (none: generate them once with the base model)"}
+        default=None, metadata={"help": "folder of class images for prior preservation (none: generate them once with the base model)",
+                                "aliases": ("class-data-dir",)}
     )
     validation_prompts: list[str] = field(
         default_factory=lambda: ["a photo of {token} {class_word}", "a photo of {token} {class_word} on the beach"],
@@ -171,6 +172,23 @@ def _display_rgb(im: Image.Image, path: Path) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, _WHITE + (255,))
         im = Image.alpha_composite(canvas, rgba)
     return im.convert("RGB")
+
+
+def literal_prompt_token(prompt: str, class_prompt: str | None = None) -> tuple[str, str | None]:
+    """(identifier, class word) of a literal DreamBooth prompt as diffusers' scripts take it
+    ("a photo of sks dog" -> ("sks", "dog")): the one word that the class prompt lacks, else the
+    word before the last one. A ConceptError when neither rule finds one."""
+    words = prompt.split()
+    if class_prompt:
+        known = {w.lower() for w in class_prompt.split()}
+        extra = [i for i, w in enumerate(words) if w.lower() not in known]
+        if len(extra) == 1:
+            i = extra[0]
+            return words[i], (words[i + 1] if i + 1 < len(words) else None)
+    if len(words) >= 2:
+        return words[-2], words[-1]
+    raise ConceptError(f"instance prompt '{prompt}' names no concept token: write it as 'a photo of {{token}} {{class_word}}' "
+                       "with --token, or as diffusers does, 'a photo of sks dog' (the rare word before the class word)")
 
 
 def _resolve_dir(value: str | None) -> str | None:

@@ -4,6 +4,12 @@ One mechanism for every config in the project (adapter methods, concept training
 training): a dataclass whose fields carry ``metadata={"help": ...}``, a YAML file with a
 subset of its fields, and an argparse parser generated from the fields so that every field
 can be overridden as ``--field value`` and ``--help`` explains each of them.
+
+Other spellings of an option (``canonical_argv``): every option is also accepted with
+underscores (``--train_batch_size`` = ``--train-batch-size``), and a field may list earlier
+names or other tools' names under ``metadata={"aliases": (...)}`` (``--max-train-steps`` and
+diffusers' ``--max_train_steps`` for ``--steps``). Names of other tools' options that have no
+equivalent here are refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -200,6 +207,41 @@ def add_arguments(
         else:
             kind = "comma-separated list" if typing.get_origin(inner) in (list, tuple) else getattr(inner, "__name__", "value")
             group.add_argument(flag, dest=f.name, default=None, metavar=kind.upper().replace("-", "_"), help=help_)
+
+
+def field_aliases(*classes: type) -> dict[str, str]:
+    """``{alias: option}`` (dash forms, no leading ``--``) from the fields' ``metadata["aliases"]``."""
+    return {alias.replace("_", "-"): f.name.replace("_", "-") for cls in classes for f in dataclasses.fields(cls)
+            for alias in f.metadata.get("aliases", ())}
+
+
+def canonical_argv(argv: list[str], aliases: dict[str, str], refused: dict[str, str] | None = None, source: str = "") -> list[str]:
+    """`argv` with every option in its canonical spelling: underscores as dashes, `aliases`
+    (``{name: option}``, dash forms) replaced by the option they stand for (``--name=value`` too).
+
+    An option named in `refused` (``{name: why}``) is an error that says it has no equivalent
+    here and what to do instead; `source` names where such names come from (e.g. "diffusers").
+    """
+    out = []
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            flag, eq, value = token[2:].partition("=")
+            name = flag.replace("_", "-")
+            if refused and name in refused:
+                raise ConfigError(f"--{flag}{f' ({source})' if source else ''} has no equivalent here: {refused[name]}")
+            token = f"--{aliases.get(name, name)}{eq}{value}"
+        out.append(token)
+    return out
+
+
+def aliases_help(aliases: dict[str, str], refused: dict[str, str] | None = None, source: str = "", note: str = "") -> str:
+    """A ``--help`` epilog listing the other names that work and the refused ones (then `note`)."""
+    names = ", ".join(f"--{a} = --{o}" for a, o in sorted(aliases.items(), key=lambda kv: kv[1]))
+    parts = [f"Other names that work (every option also with underscores, e.g. --max_train_steps): {names}."]
+    if refused:
+        parts.append(f"Refused{f' {source}' if source else ''} options, which have no equivalent here (the error says what to use "
+                     "instead): " + ", ".join(f"--{n}" for n in sorted(refused)) + ".")
+    return "\n".join(textwrap.fill(part, width=100, break_on_hyphens=False) for part in [*parts, note] if part)
 
 
 def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:

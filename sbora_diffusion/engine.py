@@ -63,15 +63,18 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 
 @dataclass
 class EngineConfig:
-    """The training loop's options: the same names in every trainer's command line."""
+    """The training loop's options: the same names in every trainer's command line.
 
-    steps: int = field(default=300, metadata={"help": "optimizer steps in total (a resumed run trains on up to this step)"})
-    batch_size: int = field(default=1, metadata={"help": "examples per micro-batch and process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    lr_schedule: str = field(default="constant", metadata={"help": "learning-rate schedule: " + ", ".join(SCHEDULES)})
-    warmup_steps: int = field(default=0, metadata={"help": "learning-rate warm-up steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the adapters"})
+    Each field's ``aliases`` are the names it had before and the names diffusers' and
+    transformers' training scripts give it; they keep working (``configuration.canonical_argv``)."""
+
+    steps: int = field(default=300, metadata={"help": "optimizer steps in total (a resumed run trains on up to this step)", "aliases": ("max-train-steps",)})
+    batch_size: int = field(default=1, metadata={"help": "examples per micro-batch and process", "aliases": ("train-batch-size",)})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "aliases": ("gradient-accumulation-steps",)})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)", "aliases": ("learning-rate",)})
+    lr_schedule: str = field(default="constant", metadata={"help": "learning-rate schedule: " + ", ".join(SCHEDULES), "aliases": ("lr-scheduler",)})
+    warmup_steps: int = field(default=0, metadata={"help": "learning-rate warm-up steps", "aliases": ("lr-warmup-steps",)})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the adapters", "aliases": ("adam-weight-decay",)})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
@@ -81,8 +84,8 @@ class EngineConfig:
     cpu: bool = field(default=False, metadata={"help": "train on the CPU even where CUDA is present"})
     train_seed: int = field(default=0, metadata={"help": "seed of data order, noise and dropout (the adapter's own --seed fixes its slots)"})
     log_every: int = field(default=1, metadata={"help": "steps between log.jsonl lines and tensorboard points (mean loss over them)"})
-    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end and on Ctrl-C)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end and on Ctrl-C)", "aliases": ("checkpointing-steps",)})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept", "aliases": ("checkpoints-total-limit",)})
     output_dir: str | None = field(default=None, metadata={"help": "the run's folder (default: under outputs/, see the README)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a run already in the output folder (kept until the new one has finished)"})
 
@@ -208,8 +211,13 @@ class Engine:
         self.resume_state = self.resume_path = None
         if resume:  # read (and checked) before the trainer's slow model load
             self.resume_state, self.resume_path = load_checkpoint(self.folder.checkpoint_source())
-            if int(self.resume_state["step"]) >= cfg.steps:
-                raise ConfigError(f"{self.resume_path} is at step {self.resume_state['step']}, already at --steps {cfg.steps}: raise --steps to train on")
+            step = int(self.resume_state["step"])
+            # An interrupted run whose training was complete (stopped while its files and samples
+            # were being written) is finished by --resume without training further.
+            unfinished = self.resume_path.parent.parent == self.folder.staging
+            if step > cfg.steps or (step == cfg.steps and not unfinished):
+                raise ConfigError(f"{self.resume_path} is at step {step}, already at --steps {cfg.steps}: the run is finished; "
+                                  "raise --steps to train on")
         from accelerate.utils import set_seed
 
         set_seed(cfg.train_seed)
@@ -416,8 +424,8 @@ class Engine:
                             m.train()
             finally:
                 bar.close()
-        if self.step > start or self._last_checkpoint is None:
-            self.checkpoint()  # the final state, so --resume with more steps can train on
+        if self.step > start:
+            self.checkpoint()  # the final state, so --resume with more steps can train on (or finish an interrupted run)
         acc.wait_for_everyone()
         return RunState(start=start, step=self.step, losses=losses)
 
@@ -505,7 +513,15 @@ class Engine:
             self._log = None
         self.accelerator.end_training()
 
-    def abort(self) -> None:
-        """After a failure: stop logging and release the folder (``.partial/`` stays for --resume)."""
+    def abort(self, error: BaseException | None = None) -> None:
+        """After a failure: stop logging and release the folder (``.partial/`` stays for --resume).
+
+        A Ctrl-C after the training loop (while the trainer writes its files and samples) is
+        raised as ``TrainingInterrupted``: the final checkpoint is in ``.partial/``, and the same
+        command plus --resume finishes the run without training further."""
         self.close()
         self.folder.close()
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, TrainingInterrupted):
+            checkpoint = getattr(self, "_last_checkpoint", None) or self.resume_path
+            if checkpoint is not None:
+                raise TrainingInterrupted(self.step, checkpoint) from None

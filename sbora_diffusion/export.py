@@ -12,10 +12,13 @@ in ``adapters/formats.py``):
                 <OUT stem>.learned_embeds.safetensors, for ``pipe.load_textual_inversion``
     kohya       OUT (.safetensors) in kohya keys with ``.alpha`` (A1111, ComfyUI, diffusers);
                 the same embedding file beside it
-    peft        OUT/ a peft adapter folder (LLM adapters); a concept gets OUT/unet/ and
+    peft        OUT/ a peft adapter folder (LLM adapters: made from the adapter and the base's
+                config alone, without its weights or tokenizer); a concept gets OUT/unet/ and
                 OUT/text_encoder/ (one peft folder per model) and OUT/learned_embeds.safetensors
     --merge-into MODEL   OUT/ a plain diffusers pipeline folder (or transformers model folder)
-                with the adapter, and a concept's token embeddings, folded into the weights
+                with the adapter, and a concept's token embeddings, folded into the weights; a
+                transformers model gets its base's tokenizer beside it when that loads here
+                (else it is saved without one, and a note says so)
 
 --adapter takes this toolkit's adapter files (a concept's adapter.safetensors with its
 text-encoder file and tokens, or an LLM adapter) and diffusers, kohya or peft LoRA files, so
@@ -179,14 +182,32 @@ def _load_pipeline(model: str, adapter: str):
     return pipe, load_concept_adapter(pipe, adapter, name=NAME)
 
 
-def _load_llm(model: str, adapter: str):
-    """A transformers model (and tokenizer) with the adapter loaded as NAME; GPT-2 Conv1D layers made linear first."""
-    from llm.models import conv1d_to_linear, load_base  # late: the LLM side is only needed for LLM adapters
+def _load_llm(model: str, adapter: str, weights: bool = True):
+    """A transformers model with the adapter loaded as NAME; GPT-2 Conv1D layers made linear first.
 
-    lm, tokenizer = load_base(model)
+    Without `weights` it is the base's skeleton, built from its config alone (``model_skeleton``):
+    enough for a peft export, which needs only the adapter and the layers' widths. No tokenizer
+    is loaded either way (see ``_merge_llm``).
+    """
+    from llm.models import conv1d_to_linear, load_model, model_skeleton  # late: the LLM side is only needed for LLM adapters
+
+    lm = load_model(model) if weights else model_skeleton(model)
     conv1d_to_linear(lm)
     load_adapter(lm, adapter, name=NAME, base_model=model)
-    return lm, tokenizer
+    return lm
+
+
+def _merge_llm(model: str, adapter: str, out: Path) -> list[str]:
+    """Fold the adapter into `model` and save it at `out` with the base's tokenizer, or without it
+    (and a note saying so) when the tokenizer cannot be loaded here. Returns the notes."""
+    from llm.models import save_merged, tokenizer_if_any
+
+    tokenizer, why = tokenizer_if_any(model)
+    save_merged(_load_llm(model, adapter), tokenizer, out)
+    if tokenizer is None:
+        return [f"the merged model was saved without a tokenizer: the tokenizer of {model} could not be loaded here ({why}); "
+                f"copy its tokenizer files into {out}, or load the tokenizer from {model}"]
+    return []
 
 
 def _restore_scheduler(pipe, model_dir: str) -> None:
@@ -201,7 +222,8 @@ def _restore_scheduler(pipe, model_dir: str) -> None:
 
 
 def export(config: ExportConfig) -> dict:
-    """Run one export (see the module docstring); returns {"written": [paths], "load": a line of Python that loads it}."""
+    """Run one export (see the module docstring); returns {"written": [paths], "load": a line of Python that loads it},
+    plus "notes": [lines for the user] when something was left out (a merged LLM saved without its tokenizer)."""
     config.validate()
     file = read_adapter(config.adapter)
     out, pipeline = Path(config.out), is_pipeline_adapter(file)
@@ -225,10 +247,9 @@ def export(config: ExportConfig) -> dict:
                 pipe.save_pretrained(tmp)
             load = f'StableDiffusionPipeline.from_pretrained("{out}")'
         else:
-            from llm.models import save_merged
-
-            save_merged(*_load_llm(config.merge_into, config.adapter), out)
+            notes = _merge_llm(config.merge_into, config.adapter, out)
             load = f'AutoModelForCausalLM.from_pretrained("{out}")'
+            return {"written": [str(out)], "load": load, "notes": notes}
         return {"written": [str(out)], "load": load}
     base = _base(config, file)
     if pipeline:
@@ -241,8 +262,8 @@ def export(config: ExportConfig) -> dict:
         if vectors is not None and config.format != "peft":
             target += f'; pipe.load_textual_inversion("{written[-1]}")'
         return {"written": [str(p) for p in written], "load": target}
-    lm, _ = _load_llm(base, config.adapter)
-    export_model(lm, NAME, out, base_model=file.base_model or base)
+    # peft keys and widths come from the adapter and the base's config: no weights, no tokenizer.
+    export_model(_load_llm(base, config.adapter, weights=False), NAME, out, base_model=file.base_model or base)
     return {"written": [str(out)], "load": f'PeftModel.from_pretrained(model, "{out}")'}
 
 
@@ -252,6 +273,8 @@ def _main(argv: list[str]) -> int:
     add_arguments(parser, ExportConfig, title="export options")
     config = from_dict(ExportConfig, overrides_from_args(parser.parse_args(argv), ExportConfig), source="command line")
     result = export(config)
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     print("\n".join(f"wrote {p}" for p in result["written"]) + f"\nload it with: {result['load']}")
     return 0
 

@@ -6,6 +6,7 @@ dropout drawn from torch's global RNG), for the engine's tests; also runnable un
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,10 +23,11 @@ def toy_config(out, **kw) -> EngineConfig:
     return EngineConfig(**fields)
 
 
-def toy_train(cfg: EngineConfig, resume=False, procedures=(), on_loss=None, stop_event=None, make_engine=Engine) -> dict:
+def toy_train(cfg: EngineConfig, resume=False, procedures=(), on_loss=None, stop_event=None, make_engine=Engine, after_run=None) -> dict:
     """Train a Linear(4, 3) to map x to x[:3]; returns {"weights", "losses", "out", "engine"}.
 
-    `on_loss(micro)` runs inside every micro-batch's loss; a number it returns multiplies the loss."""
+    `on_loss(micro)` runs inside every micro-batch's loss; a number it returns multiplies the loss.
+    `after_run()` runs after the loop, while the trainer writes its files (e.g. a Ctrl-C there)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     engine = make_engine(cfg, cfg.output_dir, resume=resume, stop_event=stop_event)
@@ -40,16 +42,21 @@ def toy_train(cfg: EngineConfig, resume=False, procedures=(), on_loss=None, stop
             return loss if factor is None else loss * factor
 
         state = engine.run(loss_fn)
+        if after_run is not None:
+            after_run()
         if engine.is_main:
             save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(engine.run_dir / "weights.safetensors"))
         out = engine.finish()
-    except BaseException:
-        engine.abort()
+    except BaseException as e:
+        engine.abort(e)  # a Ctrl-C after the last step: TrainingInterrupted (finish with --resume)
         raise
     weights = load_file(str(Path(out) / "weights.safetensors"))
     return {"weights": weights, "losses": state.losses, "out": Path(out), "engine": engine}
 
 
 if __name__ == "__main__":
+    # Each process reports in a file of its own (several processes printing to one pipe interleave).
     run = toy_train(toy_config(sys.argv[1], steps=int(sys.argv[2]), checkpoint_every=0))
-    print(f"process {run['engine'].accelerator.process_index} of {run['engine'].accelerator.num_processes}")
+    acc = run["engine"].accelerator
+    report = Path(sys.argv[3]) / f"process-{acc.process_index}.json"
+    report.write_text(json.dumps({"process": acc.process_index, "of": acc.num_processes}))

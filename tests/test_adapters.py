@@ -34,6 +34,8 @@ from sbora_diffusion.adapters import (
 from sbora_diffusion.adapters.sbora import MERGE_RATIO, PASS_RANKS
 from sbora_diffusion.configuration import ConfigError, add_arguments, override, overrides_from_args
 
+pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
+
 METHOD_NAMES = sorted(METHODS)
 SLOTTED = ["ortho", "sbora-fa", "sbora-fb"]
 R = 4

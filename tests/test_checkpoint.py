@@ -12,6 +12,8 @@ import torch
 
 from sbora_diffusion.checkpoint import CheckpointError, capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 
+pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
+
 
 def test_checkpoint_roundtrip_prunes_and_restores_rng(tmp_path):
     model = torch.nn.Linear(4, 3)

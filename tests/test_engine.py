@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,8 @@ from sbora_diffusion.checkpoint import CheckpointError, list_checkpoints, read_c
 from sbora_diffusion.configuration import ConfigError
 from sbora_diffusion.engine import Engine, EngineConfig, TrainingDiverged, TrainingInterrupted
 from sbora_diffusion.rundir import OutputFolderError, RunDir
+
+pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
 
 def log_of(out: Path) -> list[dict]:
@@ -58,11 +61,17 @@ def test_schedule_is_the_same_on_two_processes(tmp_path):
     """accelerate's scheduler wrapper steps once per process; the engine's schedule must not depend on the count."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])]),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + random.randrange(400)),
-           str(Path(__file__).parent / "engine_toy.py"), str(tmp_path / "two"), "8"]
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(Path(__file__).parent / "engine_toy.py"), str(tmp_path / "two"), "8", str(reports)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(done.stdout.split("\n")[:-1]) == ["process 0 of 2", "process 1 of 2"]  # really two processes, one group
+    seen = sorted(json.loads(f.read_text())["process"] for f in reports.glob("process-*.json"))
+    assert seen == [0, 1] and all(json.loads(f.read_text())["of"] == 2 for f in reports.iterdir())  # really two processes, one group
     log = log_of(tmp_path / "two")
     assert [r["step"] for r in log] == list(range(1, 9))
     assert [r["lr"] for r in log] == pytest.approx(expected_lrs(8, 2, 0.05), abs=1e-12)  # reaches 0 at the end, never climbs back
@@ -131,8 +140,32 @@ def test_resume_with_more_steps_trains_on_a_schedule_over_the_new_total(tmp_path
     assert [r["step"] for r in log] == list(range(1, 11))
     assert [r["lr"] for r in log[6:]] == pytest.approx(expected_lrs(10, 2, 0.05)[6:], abs=1e-12)  # not 0
     assert not same(longer["weights"], {k: v for k, v in before.items()})
-    with pytest.raises(ConfigError, match="already at --steps 10"):
+    with pytest.raises(ConfigError, match="already at --steps 10: the run is finished"):
         toy_train(toy_config(tmp_path / "a", steps=10), resume=True)
+
+
+def test_an_interrupt_after_the_last_step_is_finished_by_resume(tmp_path):
+    """Ctrl-C while the trainer writes its files: the message says --resume, and --resume publishes the run without training on."""
+    reference = toy_train(toy_config(tmp_path / "ref"))
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="continue with the same command plus --resume") as info:
+        toy_train(toy_config(tmp_path / "a"), after_run=ctrl_c)
+    assert info.value.step == 6 and info.value.checkpoint.name == "step-00000006.pt"
+    assert not (tmp_path / "a" / "weights.safetensors").exists()  # nothing published yet
+    finished = toy_train(toy_config(tmp_path / "a"), resume=True)
+    assert finished["losses"] == []  # no step trained again
+    assert same(finished["weights"], reference["weights"])
+    assert [r["step"] for r in log_of(tmp_path / "a")] == list(range(1, 7))
+    assert not (tmp_path / "a" / ".partial").exists()
+    # A second Ctrl-C at the same point, on the resumed run, still leaves it resumable.
+    with pytest.raises(TrainingInterrupted):
+        toy_train(toy_config(tmp_path / "b"), after_run=ctrl_c)
+    with pytest.raises(TrainingInterrupted):
+        toy_train(toy_config(tmp_path / "b"), resume=True, after_run=ctrl_c)
+    assert same(toy_train(toy_config(tmp_path / "b"), resume=True)["weights"], reference["weights"])
 
 
 def test_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):

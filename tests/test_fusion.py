@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from concept_helpers import photos, quick_config, train_tiny_concept
+from numeric import same_image
 from PIL import Image
 from torch import nn
 
@@ -23,6 +24,8 @@ from sbora_diffusion.compose import FUSIONS, Composer, main
 from sbora_diffusion.concept.train import train
 from sbora_diffusion.concepts import ConceptConfig
 from sbora_diffusion.fusion import capture, fused_cores
+
+pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
 SETTINGS = dict(steps=2, height=32, width=32)
 
@@ -258,7 +261,7 @@ def test_compose_command_with_gradient_fusion_writes_a_fused_adapter_that_render
     loaded = fresh.load(out / "fused.safetensors")
     assert loaded.name == "c" and loaded.method == "gradient-fusion" and loaded.token == "<alpha1> <beta1>"
     again = fresh.render("a photo of <alpha1> toy and <beta1> toy", [0, 1], **SETTINGS)
-    assert all(np.array_equal(np.asarray(a), np.asarray(Image.open(out / r["image"]))) for a, r in zip(again, records))
+    assert all(same_image(a, Image.open(out / r["image"])) for a, r in zip(again, records))
 
 
 def test_the_app_generates_with_gradient_fusion(tiny_pipe, outputs):

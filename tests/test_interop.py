@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from llm_helpers import save_tiny_base, tiny_llama, tiny_tokenizer
+from numeric import assert_close_to_signal
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -25,10 +26,12 @@ from sbora_diffusion.adapters import (
     read_adapter,
     save_adapter,
 )
-from sbora_diffusion.adapters.formats import DIFFUSERS_METADATA
+from sbora_diffusion.adapters.formats import DIFFUSERS_METADATA, classic_clip_path
 from sbora_diffusion.concept_adapter import load_concept_adapter, save_concept_adapter
 from sbora_diffusion.export import export_model, export_pipeline, main
 from sbora_diffusion.tokens import install_concept_tokens
+
+pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
 # Every core, and Delta-LoRA (its file keeps the telescoped factors; the export carries the whole rank-2k update).
 METHOD_NAMES = sorted(METHODS) + ["lora+delta", "sbora-fa+delta"]
@@ -188,6 +191,53 @@ def test_peft_from_pretrained_equals_our_logits(method, llm_base, tmp_path):
     back = tiny_llama(tiny_tokenizer())
     load_adapter(back, tmp_path / "peft", name="task")
     assert (logits(back) - expected).abs().max() <= 1e-5
+
+
+def base_without_fast_tokenizer(folder, tokenizer: str):
+    """A tiny LLaMA folder (config and weights) whose tokenizer cannot be loaded here: no tokenizer files
+    ("none"), or only a slow sentencepiece one ("slow") that transformers converts with sentencepiece or tiktoken."""
+    from llm.models import tokenizer_if_any
+
+    tiny_llama(tiny_tokenizer()).save_pretrained(folder)
+    if tokenizer == "slow":
+        (folder / "tokenizer.model").write_bytes(b"\x0a\x05hello")
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    assert tokenizer_if_any(str(folder))[0] is None  # the case this is about
+    return folder
+
+
+@pytest.mark.parametrize("tokenizer", ["none", "slow"])
+def test_peft_export_needs_only_the_adapter_and_the_base_config(tokenizer, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = base_without_fast_tokenizer(tmp_path / "base", tokenizer)
+    ours = tiny_llama(tiny_tokenizer())
+    inject(ours, adapter_config("sbora-fa", rank=4, alpha=6.0, targets=["llama"]), name="task")
+    randomize([ours], "task")
+    adapter = save_adapter(ours, tmp_path / "adapter.safetensors", name="task", base_model=str(base))
+    (base / "model.safetensors").rename(tmp_path / "weights")  # the export must not read the base's weights either
+    assert main(["--adapter", str(adapter), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    (tmp_path / "weights").rename(base / "model.safetensors")
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "peft")).eval()
+    expected = logits(ours)
+    assert (expected - logits(tiny_llama(tiny_tokenizer()))).abs().max() > 1e-2
+    assert_close_to_signal(logits(theirs), expected)
+
+
+def test_merge_into_a_base_without_a_loadable_tokenizer_saves_the_model_and_says_so(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    base = base_without_fast_tokenizer(tmp_path / "base", "slow")
+    ours = tiny_llama(tiny_tokenizer())
+    inject(ours, AdapterConfig(method="lora", rank=4, alpha=6.0, targets=["llama"]), name="task")
+    randomize([ours], "task")
+    adapter = save_adapter(ours, tmp_path / "adapter.safetensors", name="task", base_model=str(base))
+    assert main(["--adapter", str(adapter), "--merge-into", str(base), "--out", str(tmp_path / "merged")]) == 0
+    err = capsys.readouterr().err
+    assert "note: the merged model was saved without a tokenizer" in err and ("sentencepiece" in err or "tiktoken" in err), err
+    assert not [p.name for p in (tmp_path / "merged").iterdir() if p.name.startswith("tokenizer")]
+    assert_close_to_signal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()), logits(ours))
 
 
 def test_peft_folders_of_a_concept_load_with_peft(base, tmp_path):
@@ -355,6 +405,144 @@ def test_downloaded_lora_composes_with_an_sbora_concept(base, tmp_path):
     assert abs(images(theirs) - ours).max() <= TOL
 
 
+# ---- every LoRA layout diffusers reads ---------------------------------------------------
+# diffusers' Stable Diffusion loaders rename these layouts to peft names before loading
+# (diffusers/utils/state_dict_utils.py: KEYS_TO_ALWAYS_REPLACE, UNET_TO_DIFFUSERS, DIFFUSERS_TO_PEFT,
+# DIFFUSERS_OLD_TO_PEFT). Each file is written by diffusers' own save function and judged by
+# diffusers' own loading of it.
+
+PROCESSOR = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out",  # the UNet's attention
+             "q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}  # the text encoder's
+
+
+def peft_names(path: str, factor: str) -> str:
+    return f"{path}.lora_{'A' if factor == 'down' else 'B'}.weight"
+
+
+def lora_dot(path: str, factor: str) -> str:  # UNET_TO_DIFFUSERS ".lora.down"
+    return f"{path}.lora.{factor}.weight"
+
+
+def linear_layer(path: str, factor: str) -> str:  # DIFFUSERS_TO_PEFT ".lora_linear_layer.down"
+    return f"{path}.lora_linear_layer.{factor}.weight"
+
+
+def processor(sep: str):
+    """Attention-processor names (``<attention>.processor.to_q_lora.down.weight``); None for a layer outside attention."""
+    def name(path: str, factor: str) -> str | None:
+        attention, leaf = next(((path[: -len(leaf) - 1], leaf) for leaf in PROCESSOR if path.endswith(f".{leaf}")), (None, None))
+        return None if attention is None else f"{attention}{sep}.{PROCESSOR[leaf]}_lora.{factor}.weight"
+    return name
+
+
+# layout: (UNet key namer, text-encoder key namer or None, the part prefixes diffusers' pipeline loader wants)
+LAYOUTS = {
+    "peft lora_A/lora_B": (peft_names, peft_names),
+    "DreamBooth-LoRA script: unet lora.down, text encoder lora_linear_layer": (lora_dot, linear_layer),
+    "attention processors": (processor(".processor"), processor("")),
+    "unet.save_attn_procs: no part prefix": (processor(".processor"), None),
+}
+UNET_LEAVES, TE_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
+
+
+def layout_file(pipe, layout: str, alphas: str | None, folder):
+    """A LoRA in `layout` for the tiny pipeline's UNet and text encoder, saved by diffusers' own save function.
+
+    Ranks alternate 4, 2 per module (uniform 4 with metadata). `alphas`: None (scale 1, diffusers'
+    default), "keys" (``<module>.alpha`` network alphas) or "metadata" (``lora_adapter_metadata``).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    g, parts, i = torch.Generator().manual_seed(7), {}, 0
+    unet_name, te_name = LAYOUTS[layout]
+    for part, model, leaves, namer in (("unet", pipe.unet, UNET_LEAVES, unet_name), ("text_encoder", pipe.text_encoder, TE_LEAVES, te_name)):
+        if namer is None:
+            continue
+        layers = parts.setdefault(part, {})
+        for path, m in model.named_modules():
+            file_path = classic_clip_path(path) if part == "text_encoder" else path
+            if not (isinstance(m, torch.nn.Linear) and path.endswith(leaves) and namer(file_path, "down")):
+                continue
+            k = 4 if alphas == "metadata" else (4, 2)[i % 2]
+            layers[namer(file_path, "down")] = torch.randn(k, m.in_features, generator=g) * 0.3
+            layers[namer(file_path, "up")] = torch.randn(m.out_features, k, generator=g) * 0.3
+            if alphas == "keys":  # per-module alphas on the UNet; one on the text encoder (see diffusers_load)
+                layers[f"{file_path}.alpha"] = torch.tensor((3.0, 6.0, 3.0)[i % 3] if part == "unet" else 1.5)
+            i += 1
+    if te_name is None:  # unet.save_attn_procs wrote the UNet's keys without a prefix
+        StableDiffusionPipeline.write_lora_layers(parts["unet"], str(folder), is_main_process=True, weight_name=None,
+                                                  save_function=None, safe_serialization=True)
+        return folder / "pytorch_lora_weights.safetensors"
+    metadata = {}
+    if alphas == "metadata":
+        metadata = {"unet_lora_adapter_metadata": {"r": 4, "lora_alpha": 8.0, "target_modules": list(UNET_LEAVES)},
+                    "text_encoder_lora_adapter_metadata": {"r": 4, "lora_alpha": 2.0, "target_modules": list(TE_LEAVES)}}
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=parts["unet"], text_encoder_lora_layers=parts["text_encoder"], **metadata)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def diffusers_load(pipe, file) -> None:
+    """diffusers' own loading of `file` into `pipe` as adapter "x"."""
+    from diffusers import StableDiffusionPipeline
+
+    with safe_open(str(file), framework="pt") as f:
+        keys = list(f.keys())
+    if not any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+        pipe.unet.load_lora_adapter(str(file), prefix=None, adapter_name="x")  # a bare UNet file: the model's own loader
+    elif not any(k.endswith(".alpha") for k in keys):
+        pipe.load_lora_weights(str(file), adapter_name="x")
+    else:
+        # The pipeline loader takes network alphas only from a kohya file it converted: hand them over as it does.
+        # (Its text-encoder loader matches them by classic CLIP names, which transformers >= 5 dropped, so the
+        # text encoder's alphas are one value here, which it applies to every module.)
+        state, _ = StableDiffusionPipeline.lora_state_dict(str(file))
+        alphas = {k: float(state.pop(k)) for k in [k for k in state if k.endswith(".alpha")]}
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, pipe.unet, adapter_name="x")
+        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, pipe.text_encoder, adapter_name="x")
+
+
+def part_outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    ids, sample, context = torch.randint(0, 400, (1, 8), generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 8, 32, generator=g)
+    with torch.no_grad():
+        return pipe.unet(sample, 10, context).sample, pipe.text_encoder(input_ids=ids).last_hidden_state
+
+
+@pytest.mark.parametrize("layout, alphas", [
+    ("peft lora_A/lora_B", None),
+    ("DreamBooth-LoRA script: unet lora.down, text encoder lora_linear_layer", None),
+    ("DreamBooth-LoRA script: unet lora.down, text encoder lora_linear_layer", "keys"),
+    ("DreamBooth-LoRA script: unet lora.down, text encoder lora_linear_layer", "metadata"),
+    ("attention processors", None),
+    ("attention processors", "keys"),
+    ("unet.save_attn_procs: no part prefix", None),
+])
+def test_every_diffusers_layout_imports_as_diffusers_loads_it(layout, alphas, base, tmp_path):
+    file = layout_file(base, layout, alphas, tmp_path / "lora")
+    theirs = copy.deepcopy(base)
+    diffusers_load(theirs, file)
+    ours = copy.deepcopy(base)
+    load_concept_adapter(ours, file, name="x")
+    plain_unet, plain_te = part_outputs(base)
+    unet, te = part_outputs(theirs)
+    assert (unet - plain_unet).abs().max() > 0.1 * plain_unet.abs().max()  # the LoRA matters: a lost module would show
+    ours_unet, ours_te = part_outputs(ours)
+    assert_close_to_signal(ours_unet, unet)
+    if LAYOUTS[layout][1] is not None:
+        assert (te - plain_te).abs().max() > 0.1 * plain_te.abs().max()
+        assert_close_to_signal(ours_te, te)
+    else:
+        assert untouched(ours.text_encoder)
+    # and the import is the exact LoRA: ΔW = alpha/k · up @ down of one module, read from the file
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    q = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    prefix = "unet." if LAYOUTS[layout][1] is not None else ""
+    down, up = (tensors[prefix + LAYOUTS[layout][0](q, factor)] for factor in ("down", "up"))
+    alpha = {"keys": float(tensors[f"unet.{q}.alpha"]) if alphas == "keys" else 0, "metadata": 8.0}.get(alphas) or down.shape[0]
+    assert_close_to_signal(ours.unet.get_submodule(q).cores["x"].delta_weight(), alpha / down.shape[0] * up @ down)
+
+
 # ---- bad files -----------------------------------------------------------------------------
 
 
@@ -367,6 +555,8 @@ def _kohya_case(change):
 
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+ATTN = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+LAYOUT_LIST = r"it reads peft/diffusers <module>\.lora_A\.weight.*lora\.down\.weight.*lora_linear_layer.*attention processors.*kohya"
 
 
 @pytest.mark.parametrize("case, make, message", [
@@ -377,6 +567,20 @@ Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     ("another base", _kohya_case(lambda t: t.update({k.replace("down_blocks_0", "down_blocks_7"): v.clone() for k, v in t.items() if k.startswith(Q)})), r"lora_unet_down_blocks_7_.*_to_q\.lora_down\.weight: UNet2DConditionModel has no linear layer"),
     ("convolution", _kohya_case(lambda t: t.__setitem__(f"{Q}.lora_down.weight", torch.zeros(4, 32, 1, 1))), "a convolution's LoRA"),
     ("SDXL", lambda pipe: {"text_encoder_2.x.lora_A.weight": torch.zeros(2, 4), "text_encoder_2.x.lora_B.weight": torch.zeros(4, 2)}, "second text encoder"),
+    ("SDXL, old layout", lambda pipe: {"text_encoder_2.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight": torch.zeros(2, 32),
+                                       "text_encoder_2.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight": torch.zeros(32, 2)},
+     r"key text_encoder_2\..*to_q_lora\.(down|up)\.weight adapts SDXL's second text encoder"),
+    ("unknown layout", lambda pipe: {f"{ATTN}.to_q.lora_magnitude_vector": torch.ones(32)},
+     rf"key {ATTN}\.to_q\.lora_magnitude_vector is in no LoRA layout this toolkit reads; {LAYOUT_LIST}"),
+    ("unknown key in an old layout", lambda pipe: {f"{ATTN}.to_q.lora.down.weight": torch.zeros(4, 32), f"{ATTN}.to_q.lora.up.weight": torch.zeros(32, 4),
+                                                   f"{ATTN}.to_q.lora_magnitude_vector": torch.ones(32)},
+     r"key .*to_q\.lora_magnitude_vector is not part of a plain diffusers LoRA in the layouts this toolkit reads \(peft/diffusers .*attention processors"),
+    ("missing partner, old layout", lambda pipe: {f"{ATTN}.processor.to_q_lora.down.weight": torch.zeros(4, 32)},
+     rf"key {ATTN}\.processor\.to_q_lora\.down\.weight has no partner {ATTN}\.processor\.to_q_lora\.up\.weight"),
+    ("one factor in two layouts", lambda pipe: {f"{ATTN}.to_q.lora.down.weight": torch.zeros(4, 32), f"{ATTN}.to_q.lora_A.weight": torch.zeros(4, 32),
+                                                f"{ATTN}.to_q.lora.up.weight": torch.zeros(32, 4)}, "hold the same LoRA factor in two layouts"),
+    ("wrong shape, old layout", lambda pipe: {f"{ATTN}.processor.to_out_lora.down.weight": torch.zeros(4, 7), f"{ATTN}.processor.to_out_lora.up.weight": torch.zeros(32, 4)},
+     rf"{ATTN}\.processor\.to_out_lora\.down\.weight: file has \(4, 7\), the layer .*attn1\.to_out\.0 needs \(4, 32\)"),
     ("LLM file", lambda pipe: {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
                                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2)},
      r"made for another model:\n  base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight: UNet2DConditionModel has no linear layer"),
@@ -388,6 +592,15 @@ def test_bad_lora_files_are_clear_errors_that_change_nothing(case, make, message
     pipe = copy.deepcopy(base)
     with pytest.raises(AdapterFileError, match=message):
         load_concept_adapter(pipe, path)
+    assert untouched(pipe.unet, pipe.text_encoder)
+
+
+def test_alpha_keys_beside_lora_metadata_are_refused(base, tmp_path):
+    tensors = {f"{ATTN}.to_q.lora.down.weight": torch.zeros(4, 32), f"{ATTN}.to_q.lora.up.weight": torch.zeros(32, 4), f"{ATTN}.to_q.alpha": torch.tensor(2.0)}
+    save_file(tensors, str(tmp_path / "both.safetensors"), metadata={"format": "pt", DIFFUSERS_METADATA: json.dumps({"unet.r": 4, "unet.lora_alpha": 8})})
+    pipe = copy.deepcopy(base)
+    with pytest.raises(AdapterFileError, match=rf"key {ATTN}\.to_q\.alpha gives an alpha, and the lora_adapter_metadata header gives LoRA alphas too"):
+        load_concept_adapter(pipe, tmp_path / "both.safetensors")
     assert untouched(pipe.unet, pipe.text_encoder)
 
 

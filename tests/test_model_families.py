@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from numeric import assert_close_to_signal
 import torch
 
 from sbora_diffusion.adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, merge_and_unload
+
+pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
 
 def tiny_unet():
@@ -62,15 +65,19 @@ def test_presets_match_the_attention_layers(build, run, targets, per_block, bloc
         y0 = run(model)
     wrapped = inject(model, AdapterConfig(method=method, rank=2, targets=targets))
     assert len(wrapped) == per_block * blocks
+    # std 0.1 makes each ΔW about the size of W: the adapters move the outputs by 50-150% of their
+    # largest value, while the intermediates stay where float32 round-off is ~1e-6 of the output on
+    # every kernel (at std 0.5 the attention logits reach hundreds and round-off grows a hundredfold).
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in adapter_parameters(model):
-            p.normal_(0, 0.5)
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
         y1 = run(model)
-    assert not torch.allclose(y0, y1)  # the adapters act
+    assert (y1 - y0).abs().max() > 0.05 * y1.abs().max()  # the adapters act, far beyond round-off
     merge_and_unload(model)
     assert not adapted_layers(model)
     with torch.no_grad():
-        torch.testing.assert_close(run(model), y1, atol=1e-4, rtol=1e-4)
+        assert_close_to_signal(run(model), y1)  # merged vs unmerged: other kernels, round-off at the outputs' size
 
 
 def test_peft_pairs_with_transformers_without_its_integration():

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from numeric import assert_close_to_signal
 import torch
 from conftest import TinyBlocks
 from llm_helpers import save_tiny_base
@@ -37,6 +38,8 @@ from sbora_diffusion.configuration import ConfigError
 from sbora_diffusion.engine import Engine, EngineConfig, TrainingInterrupted
 from sbora_diffusion.models import load_pipeline
 from sbora_diffusion.procedures import DeltaLoRA, DiffoRA, ProcedureConfig
+
+pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
 R = 4
 FIVE_BY = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(7))  # a fixed probe input of TinyBlocks
@@ -403,12 +406,13 @@ def test_concept_delta_and_diffora_resume_exactly_and_reload_exactly(tiny_pipe, 
     assert len(kept) == math.ceil(0.25 * total) and {k.split(".")[0] for k in kept} == {"unet", "text_encoder"}
     assert sorted(file.modules) == sorted(k[len("unet."):] for k in kept if k.startswith("unet."))
     assert all(float(t) == 2.0 for k, t in file.tensors.items() if k.endswith("delta_lambda"))
-    # Loading the files reproduces the trained pipeline's outputs exactly.
+    # Loading the files reproduces the trained pipeline's outputs (W's in-place Delta-LoRA writes vs the file's
+    # telescoped form: the same values by other arithmetic, so up to round-off).
     reloaded = load_pipeline("tiny", adapter=straight.adapter_path)
     trained = unet_out(straight.pipe)
-    assert torch.equal(unet_out(reloaded), trained)
-    with active_adapters((reloaded.unet, reloaded.text_encoder), {}):  # the adapters off: something else
-        assert not torch.equal(unet_out(reloaded), trained)
+    assert_close_to_signal(unet_out(reloaded), trained)
+    with active_adapters((reloaded.unet, reloaded.text_encoder), {}):  # the adapters off: something else, far beyond round-off
+        assert (unet_out(reloaded) - trained).abs().max() > 1e-3 * trained.abs().max()
 
 
 def test_concept_cli_delta_and_diffora(concept_dir, tmp_path, monkeypatch, capsys):
@@ -465,13 +469,14 @@ def test_llm_delta_lora_resumes_exactly_and_reloads_exactly(base_dir, tmp_path, 
     # Other procedure options than the checkpoint's are refused on resume.
     assert llm_train.main(llm_args(base_dir, tmp_path / "b", *options[:-1], "2", "--steps", "7", "--resume")) == 2
     assert "other settings (DeltaLoRA" in capsys.readouterr().err
-    # The file alone gives the trained model's logits, bit for bit; the base alone differs.
+    # The file alone gives the trained model's logits (up to round-off); the base alone differs.
     loaded, _ = load_base(str(base_dir))
     ids = torch.tensor([[5, 70, 71, 72, 73]])
     with torch.no_grad():
         base_logits = loaded(ids).logits
         load_adapter(loaded, tmp_path / "a" / "adapter.safetensors", name="arithmetic")
-        assert torch.equal(loaded(ids).logits, trained(ids).logits) and not torch.equal(base_logits, trained(ids).logits)
+        assert_close_to_signal(loaded(ids).logits, trained(ids).logits)
+        assert (base_logits - trained(ids).logits).abs().max() > 1e-3 * base_logits.abs().max()
     assert llm_train.main(llm_args(base_dir, tmp_path / "x", "--method", "delta-lora", "--dropout", "0.1", "--steps", "3")) == 2
     assert "Delta-LoRA needs dropout 0" in capsys.readouterr().err
 

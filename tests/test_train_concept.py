@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from numeric import differ, same_image
 import torch
 import yaml
 from PIL import Image
@@ -20,6 +21,8 @@ from sbora_diffusion.generate import main as generate_main
 from sbora_diffusion.generate import render
 from sbora_diffusion.models import ModelResolutionError, clip_tokenizer, load_pipeline
 from sbora_diffusion.concept.train import TrainConfig, load_train_config, main, train
+
+pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +102,9 @@ def test_saved_adapter_reloads_to_identical_images(method, token_mode, text_enco
     prompt = f"a photo of {token} toy"
     trained = images_of(result.pipe, prompt)
     reloaded = load_pipeline("tiny", adapter=result.adapter_path)
-    assert all(np.array_equal(a, b) for a, b in zip(trained, images_of(reloaded, prompt)))
-    assert not all(np.array_equal(a, b) for a, b in zip(trained, images_of(copy.deepcopy(tiny_pipe), prompt)))
+    # A fresh load and the trained pipeline run other code paths (deep copy vs load, fused vs plain FA): equal up to rounding.
+    assert all(same_image(a, b) for a, b in zip(trained, images_of(reloaded, prompt)))
+    assert any(differ(a, b) for a, b in zip(trained, images_of(copy.deepcopy(tiny_pipe), prompt)))
     te_file = result.out_dir / "adapter.text_encoder.safetensors"
     assert te_file.is_file() == text_encoder
     if text_encoder:
@@ -113,7 +117,7 @@ def test_saved_adapter_reloads_to_identical_images(method, token_mode, text_enco
         records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
         assert [r["prompt"] for r in records] == [p.format(token=token, class_word="toy") for p in ConceptConfig().eval_prompts]
         assert {(r["concept"], r["method"], r["token"], r["class_word"]) for r in records} == {("thing", method, token, "toy")}
-        assert np.array_equal(np.asarray(Image.open(out / records[0]["image"]).convert("RGB")), trained[0])
+        assert same_image(Image.open(out / records[0]["image"]).convert("RGB"), trained[0])
 
 
 def test_resume_continues_exactly(tiny_pipe, concept_dir, tmp_path):
@@ -304,6 +308,29 @@ def test_a_second_run_never_replaces_the_first_unless_asked(concept_dir, tmp_pat
     assert [json.loads(line)["step"] for line in (tmp_path / "other" / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_ctrl_c_while_samples_are_made_is_finished_by_resume(concept_dir, tmp_path, monkeypatch, capsys):
+    """After the last step the trainer writes the adapter and makes samples: a Ctrl-C there leaves a run that
+    the same command plus --resume finishes (samples, publication) without training further."""
+    import sbora_diffusion.concept.train as tc
+
+    out = tmp_path / "run"
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc, "sample_images", ctrl_c)
+    assert main(cli(concept_dir, out)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 2" in err and "--resume" in err and not (out / "adapter.safetensors").exists()
+    monkeypatch.undo()
+    assert main(cli(concept_dir, out, "--resume")) == 0
+    assert "resumed from step 2" in capsys.readouterr().err
+    assert (out / "samples.png").is_file() and (out / "adapter.safetensors").is_file() and not (out / ".partial").exists()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert main(cli(concept_dir, out, "--resume")) == 2  # finished: --resume now asks for more steps
+    assert "the run is finished; raise --steps" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_ctrl_c_at_a_random_point_resumes_bit_exactly(seed, tiny_pipe, concept_dir, tmp_path, monkeypatch):
     import os
@@ -418,3 +445,52 @@ def test_score_clip_scores_the_samples_against_the_photos(tiny_pipe, concept_dir
     # a CLIP that cannot be had stops the run before training, and nothing is written
     assert main(cli(concept_dir, tmp_path / "bad", "--score-clip", "no-such-clip")) == 2
     assert "no-such-clip" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+# diffusers' own README command line (examples/dreambooth/README.md, "Training with LoRA"), paths and sizes made tiny
+DIFFUSERS_README = ["--pretrained_model_name_or_path=tiny", "--instance_data_dir={data}", "--output_dir={out}", "--instance_prompt=a photo of sks dog",
+                    "--resolution=32", "--train_batch_size=1", "--gradient_accumulation_steps=1", "--checkpointing_steps=100",
+                    "--learning_rate=1e-4", "--report_to=wandb", "--lr_scheduler=constant", "--lr_warmup_steps=0", "--max_train_steps=2",
+                    "--validation_prompt=A photo of sks dog in a bucket", "--validation_epochs=50", "--seed=0", "--push_to_hub"]
+
+
+def test_a_diffusers_command_line_trains_and_options_without_equivalent_are_refused(concept_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = [a.format(data=concept_dir, out=out) for a in DIFFUSERS_README] + ["--sample-steps", "1", "--num-validation-images", "1"]
+    assert main(line) == 2
+    assert "--push_to_hub (diffusers) has no equivalent here: nothing is uploaded" in capsys.readouterr().err and not out.exists()
+    line.remove("--push_to_hub")
+    assert main(line) == 2
+    assert "--report_to wandb: this toolkit logs to tensorboard" in capsys.readouterr().err and not out.exists()
+    line[line.index("--report_to=wandb")] = "--report_to=tensorboard"
+    assert main(line) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"] == "tiny" and resolved["concept"]["instance_dir"] == str(concept_dir)
+    assert resolved["concept"]["token"] == "sks" and resolved["concept"]["class_word"] == "dog"
+    assert resolved["concept"]["instance_prompt"] == "a photo of {token} dog"
+    assert resolved["concept"]["validation_prompts"] == ["A photo of sks dog in a bucket"]
+    train_cfg = resolved["train"]
+    assert (train_cfg["steps"], train_cfg["lr"], train_cfg["batch_size"], train_cfg["grad_accum"], train_cfg["checkpoint_every"]) == (2, 1e-4, 1, 1, 100)
+    assert (train_cfg["lr_schedule"], train_cfg["warmup_steps"], train_cfg["resolution"], train_cfg["token_mode"]) == ("constant", 0, 32, "none")
+    assert train_cfg["validation_epochs"] == 50 and resolved["adapter"]["seed"] == 0
+    assert (out / "adapter.safetensors").is_file() and (out / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (["--steps", "7", "--lr", "0.002", "--batch-size", "2", "--grad-accum", "3", "--checkpoint-every", "5", "--lr-schedule", "cosine",
+      "--warmup-steps", "1", "--keep-checkpoints", "4", "--weight-decay", "0.1", "--class-dir", "/x", "--with-prior-preservation",
+      "--num-class-images", "9", "--train-text-encoder", "--snr-gamma", "5", "--gradient-checkpointing", "--rank", "8", "--resume"],
+     ["--max-train-steps", "7", "--learning-rate=0.002", "--train-batch-size", "2", "--gradient-accumulation-steps", "3", "--checkpointing-steps",
+      "5", "--lr_scheduler", "cosine", "--lr_warmup_steps=1", "--checkpoints_total_limit", "4", "--adam_weight_decay", "0.1",
+      "--class_data_dir", "/x", "--with_prior_preservation", "--num_class_images", "9", "--train_text_encoder", "--snr_gamma=5",
+      "--gradient_checkpointing", "--rank=8", "--resume_from_checkpoint", "latest"]),
+])
+def test_earlier_and_diffusers_names_mean_our_options(ours, theirs, concept_dir, monkeypatch):
+    import sbora_diffusion.concept.train as tc
+
+    calls = []
+    monkeypatch.setattr(tc, "train", lambda *args, **kwargs: calls.append((args, kwargs)) or tc.TrainResult(Path("o"), Path("o/a"), None, 0, [], False))
+    base = ["--concept", str(concept_dir), "--model", "tiny"]
+    assert main(base + ours) == 0 and main(base + theirs) == 0
+    assert calls[0] == calls[1] and calls[0][1]["resume"] is True
+    assert calls[0][1]["train_config"].steps == 7 and calls[0][1]["train_config"].train_text_encoder

@@ -31,6 +31,26 @@ factors and its alpha, and returns an ``AdapterFile`` of LoRA cores whose module
 still the file's own; ``fit_to_model`` then picks the part that belongs to the given model
 (UNet or text encoder of a diffusers/kohya file), maps the names to its layers and checks
 every shape, naming the file's key on any mismatch, before anything is changed.
+
+Layouts read (ACCEPTED_LAYOUTS): the three above, and every older layout diffusers' Stable
+Diffusion loaders still read, renamed to peft names first (``peft_key``) the way diffusers
+renames them (diffusers/utils/state_dict_utils.py), then read as the 'diffusers' layout (with a
+``unet.`` / ``text_encoder.`` prefix) or the 'peft' one (without, a UNet-only file):
+
+    <module>.lora.down.weight / .lora.up.weight                 UNET_TO_DIFFUSERS; the DreamBooth-LoRA
+                                                                script's pytorch_lora_weights.safetensors
+    <module>.lora_linear_layer.down.weight / .up.weight         DIFFUSERS_TO_PEFT (its text encoder)
+    <attention>.processor.to_q_lora.down.weight / .up.weight    attention processors (``save_attn_procs``):
+                                                                to_q/to_k/to_v/to_out -> the UNet's to_q ...
+                                                                to_out.0 (UNET_TO_DIFFUSERS), the text
+                                                                encoder's q_proj ... out_proj (DIFFUSERS_OLD_TO_PEFT);
+                                                                ".processor." is dropped (KEYS_TO_ALWAYS_REPLACE)
+    unet.<module>.alpha, text_encoder.<module>.alpha            a network alpha: scale alpha / k, the rule
+                                                                diffusers applies to network alphas (lora_alpha,
+                                                                alpha_pattern); not together with the metadata header
+
+A key in no layout is an error that lists these layouts. SDXL's second text encoder
+(``text_encoder_2.``, ``lora_te2_``) is refused in every layout.
 """
 
 from __future__ import annotations
@@ -39,7 +59,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,13 +82,37 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 # also valid peft-style keys, so the more specific forms come first.
 KEY_FORMS = {
     "kohya": re.compile(r"(lora_(?:unet|te|te1|te2)_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)"),
-    "diffusers": re.compile(r"((?:unet|text_encoder|text_encoder_2)\..+)\.(lora_A\.weight|lora_B\.weight)"),
+    "diffusers": re.compile(r"((?:unet|text_encoder|text_encoder_2)\..+)\.(lora_A\.weight|lora_B\.weight|alpha)"),
     "peft": re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight)"),
 }
 ROLES = {"lora_down.weight": "A", "lora_A.weight": "A", "lora_up.weight": "B", "lora_B.weight": "B", "alpha": "alpha"}
 SUFFIX = {"kohya": {"A": "lora_down.weight", "B": "lora_up.weight"}, "diffusers": {"A": "lora_A.weight", "B": "lora_B.weight"}}
 SUFFIX["peft"] = SUFFIX["diffusers"]
 LORA_CONFIG_DEFAULTS = {"r": 8, "lora_alpha": 8}  # peft's LoraConfig defaults, which apply when a config omits them
+
+# diffusers' older key layouts, which its Stable Diffusion loaders (``load_lora_weights``,
+# ``unet.load_lora_adapter``) rename to peft names before loading, by the tables of
+# diffusers/utils/state_dict_utils.py: KEYS_TO_ALWAYS_REPLACE (".processor." -> "."),
+# UNET_TO_DIFFUSERS (".lora.down" -> ".lora_A", ".to_q_lora.down" -> ".to_q.lora_A", ".to_out_lora" -> ".to_out.0"),
+# DIFFUSERS_TO_PEFT (".lora_linear_layer.down" -> ".lora_A") and DIFFUSERS_OLD_TO_PEFT (the text
+# encoder's ".to_q_lora.down" -> ".q_proj.lora_A", ".to_out_lora" -> ".out_proj"). ``peft_key``
+# applies the same renaming, so each layout is then read as the peft-named keys of KEY_FORMS.
+OLD_LAYOUTS = {
+    "lora.down/up": re.compile(r"(?P<module>.+)\.lora\.(?P<factor>down|up)\.weight"),
+    "lora_linear_layer": re.compile(r"(?P<module>.+)\.lora_linear_layer\.(?P<factor>down|up)\.weight"),
+    "attention processor": re.compile(r"(?P<module>.+)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<factor>down|up)\.weight"),
+}
+PROCESSOR_LAYERS = {  # an attention processor's projections: the UNet's layers, the CLIP text encoder's
+    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+}
+ACCEPTED_LAYOUTS = (
+    "peft/diffusers <module>.lora_A.weight + .lora_B.weight; diffusers' older <module>.lora.down.weight + .lora.up.weight, "
+    "<module>.lora_linear_layer.down.weight + .up.weight and attention processors "
+    "<attention>[.processor].to_q_lora.down.weight + .up.weight (to_q, to_k, to_v, to_out); these under a unet. or "
+    "text_encoder. prefix (or none, for one model), with an optional <module>.alpha beside a prefixed module; "
+    "kohya lora_unet_<path>/lora_te_<path> .lora_down.weight + .lora_up.weight + .alpha"
+)
 
 
 # ---------------------------------------------------------------------------- export
@@ -245,6 +289,29 @@ def _json(text: str, what: str, source: str) -> dict:
     return data
 
 
+def peft_key(key: str) -> str:
+    """`key` renamed as diffusers' loaders rename it when it is in one of its older layouts (OLD_LAYOUTS):
+    ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``; any other key is returned as it is."""
+    plain = key.replace(".processor.", ".")
+    for form in OLD_LAYOUTS.values():
+        m = form.fullmatch(plain)
+        if m is None:
+            continue
+        module = m["module"]
+        if "proj" in form.groupindex:
+            part = "text_encoder" if plain.startswith(("text_encoder.", "text_encoder_2.")) else "unet"
+            module = f"{module}.{PROCESSOR_LAYERS[part][m['proj']]}"
+        return f"{module}.lora_{'A' if m['factor'] == 'down' else 'B'}.weight"
+    return key
+
+
+@dataclass
+class ImportedLora(AdapterFile):
+    """An imported LoRA file: module names are still the file's (in peft names), `keys` its own key of each factor."""
+
+    keys: dict[str, str] = field(default_factory=dict)  # "<module>.A" / "<module>.B" -> the key in the file
+
+
 def file_format(tensors: dict[str, torch.Tensor]) -> str | None:
     """'kohya', 'diffusers' or 'peft' by the file's keys; None when no key is a LoRA key of any of them."""
     return next((fmt for fmt, form in KEY_FORMS.items() if any(form.fullmatch(k) for k in tensors)), None)
@@ -263,25 +330,42 @@ def lora_parts(file: AdapterFile) -> set[str]:
 
 
 def read_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile | None:
-    """A diffusers, kohya or peft LoRA file as LoRA cores (module names still the file's); None if it is none of them."""
+    """A diffusers (any layout of ACCEPTED_LAYOUTS), kohya or peft LoRA file as LoRA cores (module names still
+    the file's, in peft names); None if no key is a LoRA key."""
+    source = str(path)
+    file_keys: dict[str, str] = {}  # peft-named key -> the file's key
+    for key in tensors:
+        renamed = peft_key(key)
+        if renamed in file_keys:
+            raise AdapterFileError(f"{source}: keys {file_keys[renamed]} and {key} hold the same LoRA factor in two layouts; the file is ambiguous")
+        file_keys[renamed] = key
+    tensors = {renamed: tensors[key] for renamed, key in file_keys.items()}
     fmt = file_format(tensors)
     if fmt is None:
-        return None
-    source = str(path)
+        lora_like = next((key for key in file_keys.values() if "lora" in key.lower()), None)
+        if lora_like is None:
+            return None
+        raise AdapterFileError(f"{source}: key {lora_like} is in no LoRA layout this toolkit reads; it reads {ACCEPTED_LAYOUTS}")
     modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         m = KEY_FORMS[fmt].fullmatch(key)
         if m is None:
             raise AdapterFileError(
-                f"{source}: key {key} is not part of a plain {fmt} LoRA (lora_A/lora_B or lora_down/lora_up/alpha); "
-                "DoRA, LoHa, LoKr and bias-carrying LoRAs cannot be imported"
+                f"{source}: key {file_keys[key]} is not part of a plain {fmt} LoRA in the layouts this toolkit reads "
+                f"({ACCEPTED_LAYOUTS}); DoRA, LoHa, LoKr and bias-carrying LoRAs cannot be imported"
             )
         name, role = m.group(1), ROLES[m.group(2)]
         if name.startswith(("lora_te2_", "text_encoder_2.")):
-            raise AdapterFileError(f"{source}: key {key} adapts SDXL's second text encoder; this toolkit's pipelines (Stable Diffusion 1.x/2.x) have one")
-        modules.setdefault(name, {})[role] = (key, t)
+            raise AdapterFileError(f"{source}: key {file_keys[key]} adapts SDXL's second text encoder; this toolkit's pipelines (Stable Diffusion 1.x/2.x) have one")
+        modules.setdefault(name, {})[role] = (file_keys[key], t)
     if fmt == "diffusers":
         fields = _json(metadata[DIFFUSERS_METADATA], DIFFUSERS_METADATA, source) if DIFFUSERS_METADATA in metadata else None
+        alpha_key = next((pair["alpha"][0] for pair in modules.values() if "alpha" in pair), None)
+        if fields is not None and alpha_key is not None:  # diffusers refuses network alphas beside metadata too
+            raise AdapterFileError(
+                f"{source}: key {alpha_key} gives an alpha, and the {DIFFUSERS_METADATA} header gives LoRA alphas too; "
+                "a file may carry one or the other"
+            )
     elif fmt == "peft" and (path.parent / PEFT_CONFIG).is_file():
         fields = _json((path.parent / PEFT_CONFIG).read_text(), PEFT_CONFIG, source)
     else:
@@ -301,17 +385,30 @@ def read_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
         out[f"{name}.A"], out[f"{name}.B"] = A, B
     k, alpha, rslora = _most_common(list(configs.values()))
     config = AdapterConfig(method="lora", rank=k, alpha=alpha, rslora=rslora, targets=list(modules))
-    return AdapterFile(
+    return ImportedLora(
         config=config, modules=list(modules), tensors=out, base_model=base_model, extra=info, format=fmt,
         module_configs={n: replace(config, rank=c[0], alpha=c[1], rslora=c[2]) for n, c in configs.items() if c != (k, alpha, rslora)},
+        keys={f"{n}.{role}": pair[role][0] for n, pair in modules.items() for role in ("A", "B")},
     )
+
+
+FACTOR_SUFFIXES = (("lora_A.weight", "lora_B.weight"), ("lora_down.weight", "lora_up.weight"), ("down.weight", "up.weight"))
+
+
+def _partner(fmt: str, name: str, present: str, role: str) -> str:
+    """The key, in the present key's own layout, of the missing factor `role` ('A' or 'B') of module `name`."""
+    for pair in FACTOR_SUFFIXES:
+        for have, want in (pair, pair[::-1]):
+            if present.endswith(have):
+                return present[: -len(have)] + want
+    return f"{name}.{SUFFIX[fmt][role]}"  # the present key is the alpha
 
 
 def _factor_pair(fmt: str, name: str, pair: dict, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     for role in ("A", "B"):
         if role not in pair:
             present = next(key for key, _ in pair.values())
-            raise AdapterFileError(f"{source}: key {present} has no partner {name}.{SUFFIX[fmt][role]}; the file is incomplete")
+            raise AdapterFileError(f"{source}: key {present} has no partner {_partner(fmt, name, present, role)}; the file is incomplete")
     (key_a, A), (key_b, B) = pair["A"], pair["B"]
     for key, t in ((key_a, A), (key_b, B)):
         if t.ndim != 2 or not t.is_floating_point():
@@ -323,16 +420,19 @@ def _factor_pair(fmt: str, name: str, pair: dict, source: str) -> tuple[torch.Te
 
 
 def _alpha(fmt: str, name: str, k: int, pair: dict, fields: dict | None, source: str) -> tuple[float, bool]:
-    """(alpha, rsLoRA) of one module, by the rules its format's readers apply."""
-    if fmt == "kohya":
-        if "alpha" not in pair:
-            return float(k), False
+    """(alpha, rsLoRA) of one module, by the rules its format's readers apply.
+
+    An ``.alpha`` key (kohya's, or a diffusers file's network alpha) gives the scale alpha / k, as
+    diffusers applies network alphas (its LoraConfig's lora_alpha / alpha_pattern); else the
+    file's LoraConfig fields do; else alpha = k (scale 1), diffusers' and peft's default.
+    """
+    if "alpha" in pair:
         key, t = pair["alpha"]
         if t.numel() != 1:
             raise AdapterFileError(f"{source}: key {key} must hold one number, not a tensor of shape {tuple(t.shape)}")
         alpha = float(t.item())
         return (alpha or float(k)), False  # kohya reads a zero alpha as alpha = rank
-    if fields is None:
+    if fmt == "kohya" or fields is None:
         return float(k), False
     path = name.removeprefix(f"{part_of(fmt, name)}.").removeprefix(PEFT_PREFIX)
     names = [path, path.removeprefix("text_model.")]
@@ -366,10 +466,10 @@ def fit_to_model(file: AdapterFile, model: nn.Module, source: str) -> AdapterFil
         by_part.setdefault(part_of(file.format, name), []).append(name)
     part = max(by_part, key=lambda q: sum(n in lookup for n in by_part[q]))
     names = by_part[part]
-    suffix = SUFFIX[file.format]
+    suffix, file_keys = SUFFIX[file.format], getattr(file, "keys", {})
     problems, paths = [], {}
     for name in names:
-        key_a, key_b = f"{name}.{suffix['A']}", f"{name}.{suffix['B']}"
+        key_a, key_b = (file_keys.get(f"{name}.{role}", f"{name}.{suffix[role]}") for role in ("A", "B"))
         path = lookup.get(name)
         if path is None:
             problems.append(f"{key_a}: {type(model).__name__} has no linear layer by that name")

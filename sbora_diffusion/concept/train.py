@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +33,15 @@ import yaml
 from ..adapters import AdapterConfig, active_adapters, adapter_parameters, inject, load_adapter_config
 from ..cli import add_debug_flag, run_main
 from ..concept_adapter import save_concept_adapter
-from ..concepts import ConceptConfig, load_concept, safe_name
+from ..concepts import ConceptConfig, literal_prompt_token, load_concept, safe_name
 from ..configuration import (
     CONFIG_DIR,
     ConfigError,
     add_arguments,
+    aliases_help,
+    canonical_argv,
     check_fields,
+    field_aliases,
     from_dict,
     load_yaml,
     override,
@@ -74,6 +78,8 @@ class TrainConfig(ProcedureConfig):
     center_crop: bool = field(default=True, metadata={"help": "centre crop after resizing (else a random crop each time)"})
     random_flip: bool = field(default=False, metadata={"help": "flip images horizontally at random (off: keeps asymmetric concepts right)"})
     validation_steps: int = field(default=0, metadata={"help": "save a validation grid every N steps (0: only the final samples.png)"})
+    validation_epochs: int | None = field(default=None, metadata={"help": "as diffusers' scripts: a validation grid every N epochs of the photos "
+                                                                          "(an epoch: ceil(photos / batch size / grad accum) steps); replaces --validation-steps"})
     num_validation_images: int = field(default=2, metadata={"help": "images per validation prompt (seeds 0..N-1)"})
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps of validation, sample and class images"})
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance of validation, sample and class images"})
@@ -84,7 +90,7 @@ class TrainConfig(ProcedureConfig):
         super().validate()
         check_fields(self, {
             "resolution": (8, 4096), "text_encoder_lr": (0, None, "open"), "token_lr": (0, None), "prior_loss_weight": (0, None),
-            "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "validation_steps": (0, None),
+            "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "validation_steps": (0, None), "validation_epochs": (1, None),
             "num_validation_images": (1, 64), "sample_steps": (1, 1000), "guidance_scale": (0, 100),
         })
         if self.token_mode not in TOKEN_MODES:
@@ -240,6 +246,10 @@ def train(
         res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         check_resolution(pipe, res)
         instance_images = load_images(instance_paths, res)
+        validation_steps = cfg.validation_steps
+        if cfg.validation_epochs:  # diffusers' epoch: one pass over the photos (or the class images, if more)
+            epoch = math.ceil(math.ceil(max(len(instance_paths), cfg.num_class_images if cfg.with_prior_preservation else 0) / cfg.batch_size) / cfg.grad_accum)
+            validation_steps = cfg.validation_epochs * epoch
         named, groups, tokens = set_up_adapters(pipe, concept, adapter, te_adapter, cfg)  # rank/target errors surface here
         pipe.to(engine.device)
         class_images = []
@@ -279,7 +289,7 @@ def train(
         def after_step(step: int, loss: float) -> None:
             if on_step is not None:
                 on_step(step, loss)
-            if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.steps and engine.is_main:
+            if validation_steps and step % validation_steps == 0 and step < cfg.steps and engine.is_main:
                 grid = sample_grid(*sample_images(pipe, concept, cfg, res, engine.accelerator.autocast))
                 save_png(grid, engine.run_dir / "validation" / f"step-{step:06d}.png")
                 engine.log_image("validation", grid, step)
@@ -298,8 +308,8 @@ def train(
                 scores = sample_scores(scorer, cfg.score_clip, instance_paths, base, adapted)
                 write_json(engine.run_dir / "scores.json", {"prompts": prompts, **scores})
         engine.finish()
-    except BaseException:
-        engine.abort()
+    except BaseException as e:
+        engine.abort(e)  # a Ctrl-C after the last step: TrainingInterrupted (finish with --resume)
         raise
     for m in (pipe.unet, pipe.text_encoder):
         m.eval()
@@ -310,22 +320,58 @@ def train(
 # ---------------------------------------------------------------------------------------------
 # Command line: every field an option; --help shows the values this command line will use.
 
+# diffusers' DreamBooth-LoRA script (train_dreambooth_lora.py) names beyond the fields' own
+# aliases: a diffusers command line runs by changing only the script's name.
+DIFFUSERS_ALIASES = {"pretrained-model-name-or-path": "model", "instance-data-dir": "concept", "resume-from-checkpoint": "resume"}
+DIFFUSERS_REFUSED = {
+    "num-train-epochs": "the run's length is counted in optimizer steps here: use --steps (or --max_train_steps)",
+    "push-to-hub": "nothing is uploaded: the adapter is written to the output folder (sbora-export turns it into a diffusers or kohya file)",
+    "hub-token": "nothing is uploaded: drop it", "hub-model-id": "nothing is uploaded: drop it",
+    "logging-dir": "logs are written to <output-dir>/logs (tensorboard) and <output-dir>/log.jsonl",
+    "allow-tf32": "TF32 is PyTorch's own setting (torch.backends.cuda.matmul.allow_tf32); drop it",
+    "enable-xformers-memory-efficient-attention": "diffusers already uses PyTorch's fused scaled-dot-product attention; drop it",
+    "dataloader-num-workers": "the photos are decoded once and kept in memory; drop it",
+    "scale-lr": "give the learning rate you want with --lr (it is not scaled by batch size or processes)",
+    "lr-num-cycles": "not settable here (cosine_with_restarts makes one cycle)", "lr-power": "not settable here (polynomial decays linearly)",
+    "revision": "pass a local folder or a hub id with --model", "variant": "pass a local folder or a hub id with --model",
+    "tokenizer-name": "the model's own tokenizer is used", "sample-batch-size": "class images are made one batch of seeds at a time",
+    "prior-generation-precision": "class images are made in the run's --mixed-precision",
+    "local-rank": "start several processes with torchrun or accelerate launch (they set LOCAL_RANK)",
+    "pre-compute-text-embeddings": "not needed (the text encoder runs in each step)", "text-encoder-use-attention-mask": "not supported",
+    "tokenizer-max-length": "the tokenizer's own length (77) is used", "class-labels-conditioning": "not supported",
+    "validation-images": "not supported (validation is text-to-image)",
+}
+REPORT_TO = ("tensorboard", "all")  # what we log to: tensorboard (logs/) and log.jsonl
+
+
+def cli_aliases() -> dict[str, str]:
+    return {**field_aliases(ConceptConfig, AdapterConfig, TrainConfig), **DIFFUSERS_ALIASES}
+
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    argv = canonical_argv(argv or [], cli_aliases(), DIFFUSERS_REFUSED, "diffusers")
     pre = argparse.ArgumentParser(add_help=False)
     for flag in ("--concept", "--method", "--model", "--config"):
         pre.add_argument(flag)
-    known, _ = pre.parse_known_args(argv or [])
+    known, _ = pre.parse_known_args(argv)
     model, method = known.model or DEFAULT_MODEL, known.method or "sbora-fa"
-    p = argparse.ArgumentParser(prog="train_concept.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concept", required=True, help="concept name (configs/concepts/NAME.yaml), a concept YAML file, or a folder of images")
+    epilog = aliases_help(cli_aliases(), DIFFUSERS_REFUSED, "diffusers", note=(
+        "A diffusers DreamBooth-LoRA command line runs as it is, with train_concept.py as the script. --seed is the adapter's seed "
+        "(its index sets); the seed of data order and noise is --train-seed. A literal --instance-prompt such as 'a photo of sks dog' "
+        "trains 'sks' as the token, as plain text (--token-mode none) unless --token-mode says otherwise."))
+    p = argparse.ArgumentParser(prog="train_concept.py", description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", help="concept name (configs/concepts/NAME.yaml), a concept YAML file, or a folder of images (required)")
     p.add_argument("--method", default="sbora-fa", help="adapter method: configs/methods/METHOD.yaml or a YAML path (default: sbora-fa)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: '{DEFAULT_MODEL}' (embedded, offline), a local diffusers folder, or a hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--config", default=None, help="training config: configs/train/NAME.yaml or a YAML path "
                    "(default: configs/train/<model>.yaml for an embedded model that has one, else configs/train/default.yaml)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in the output folder from its newest checkpoint (or from the given step-N.pt file or folder); "
-                   "with a larger --steps it trains on, the schedule stretched over the new total")
+                   help="continue the run in the output folder from its newest checkpoint (or from the given step-N.pt file or folder; "
+                   "'latest' = the newest); with a larger --steps it trains on, the schedule stretched over the new total; a run "
+                   "interrupted after its last step is finished (samples, files) without training further")
+    p.add_argument("--validation-prompt", action="append", default=None, metavar="PROMPT",
+                   help="a validation prompt, taken whole (commas included); repeat for several; replaces the concept's validation_prompts")
+    p.add_argument("--report-to", default="tensorboard", help="where training is logged: tensorboard (logs/, plus log.jsonl); the only tracker here")
     add_debug_flag(p)
     concept_cfg = concept_src = None
     if known.concept:
@@ -348,13 +394,40 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def concept_overrides_of(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(concept overrides, training overrides) of the command line; a literal instance prompt
+    (diffusers' "a photo of sks dog") names the token, which stays plain text unless --token-mode says otherwise."""
+    concept, train_over = overrides_from_args(args, ConceptConfig), overrides_from_args(args, TrainConfig)
+    if args.validation_prompt:
+        concept["validation_prompts"] = args.validation_prompt
+    prompt = concept.get("instance_prompt")
+    if prompt and "{token}" not in prompt:
+        token, class_word = concept.get("token"), concept.get("class_word")
+        if token is None or token not in prompt:
+            token, found_class = literal_prompt_token(prompt, concept.get("class_prompt"))
+            class_word = class_word or found_class
+        concept.update(token=token, instance_prompt=prompt.replace(token, "{token}", 1), **({"class_word": class_word} if class_word else {}))
+        train_over.setdefault("token_mode", "none")
+        print(f"note: the instance prompt '{prompt}' trains the token '{token}' (class word '{concept.get('class_word', '')}'), "
+              f"token mode {train_over['token_mode']}", file=sys.stderr)
+    return concept, train_over
+
+
 def _main(argv: list[str]) -> int:
+    argv = canonical_argv(argv, cli_aliases(), DIFFUSERS_REFUSED, "diffusers")
     args = build_parser(argv).parse_args(argv)
-    cfg = load_train_config(args.config, args.model, **overrides_from_args(args, TrainConfig))
+    if not args.concept:
+        raise ConfigError("give the concept: --concept NAME (configs/concepts/NAME.yaml), a concept YAML file, or a folder of images "
+                          "(diffusers' --instance_data_dir works too)")
+    if args.report_to not in REPORT_TO:
+        raise ConfigError(f"--report_to {args.report_to}: this toolkit logs to tensorboard (<output-dir>/logs) and log.jsonl only; drop it "
+                          "or pass tensorboard")
+    concept_over, train_over = concept_overrides_of(args)
+    cfg = load_train_config(args.config, args.model, **train_over)
     result = train(
         args.concept, args.method, args.model, train_config=cfg,
         adapter_overrides={k: v for k, v in overrides_from_args(args, AdapterConfig).items() if k not in ("method", "delta")},  # --delta: TrainConfig's
-        concept_overrides=overrides_from_args(args, ConceptConfig), resume=args.resume,
+        concept_overrides=concept_over, resume=True if args.resume == "latest" else args.resume,
     )
     if result.is_main_process:
         print(f"done: {result.step} steps, final loss {result.losses[-1] if result.losses else float('nan'):.4f}\n"
