@@ -205,19 +205,26 @@ def is_correct(generated: str, answer: str) -> bool:
 # ---------------------------------------------------------------------------- JSONL files
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Instruction data, one JSON object a line with ``instruction``, ``output`` and optional ``input``, ``answer``."""
+def jsonl_lines(path: str | Path, missing: str = "no JSONL data file at {path}") -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; errors name the file and line.
+    `missing` is the message for a file that is not there ({path} filled in)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no JSONL data file at {path}")
-    examples = []
+        raise FileNotFoundError(missing.format(path=path))
+    rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+    return rows
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Instruction data, one JSON object a line with ``instruction``, ``output`` and optional ``input``, ``answer``."""
+    examples = []
+    for n, row in jsonl_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
             raise ValueError(f"{path}:{n} needs string fields 'instruction' and 'output' (and optionally 'input', 'answer')")
         output = row["output"]

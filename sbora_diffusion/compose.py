@@ -4,23 +4,34 @@ r"""Multi-concept composition: several trained concepts in one image, without re
 
 Concepts trained with one seed in different slots (``train_concept.py --slot k``) change
 disjoint columns (SBoRA-FA), rows (SBoRA-FB) or orthogonal basis rows (ortho) of every
-weight, so the composed model W + Σ_k w_k·ΔW_k applies each concept's update as if it were
-alone. ``Composer`` puts N concept adapters (UNet and text-encoder adapters plus learned token
-embeddings) onto one base, each with a weight, and
+weight, so in the composed model W + Σ_k w_k·ΔW_k each concept's update sits in its own part
+of W, exactly as trained, and merging one never changes another's entries. That is a
+statement about the weights, not the outputs: on concept i's own activations X_i the
+composed layer still adds w_j·ΔW_j X_i of every other concept j, which disjoint slots do not
+make zero (only inputs that vanish in the directions ΔW_j reads would). ``Composer`` puts N
+concept adapters (UNet and text-encoder adapters plus learned token embeddings) onto one
+base, each with a weight, and
 
 - refuses, before the model changes and with what to do, a concept trained on another base
   model, tokens that clash (two concepts claiming one token), a name used twice, and
   adapters whose shapes do not fit the base;
-- reports the overlap of every pair per layer from ``lora_factors()`` (``adapters.overlap``:
-  0 for disjoint slots, shared SBoRA indices, ‖A_i A_jᵀ‖ through the B's for ortho/LoRA) and
-  warns about pairs above ``overlap_threshold``;
+- reports, per pair and per layer, the **weight overlap** from ``lora_factors()``
+  (``adapters.overlap``: 0 for disjoint slots, shared SBoRA indices, ‖A_i A_jᵀ‖ through the
+  B's for ortho/LoRA) and warns about pairs above ``overlap_threshold``; and beside it the
+  **output cross-talk on calibration inputs** ‖ΔW_j X_i‖ / ‖ΔW_i X_i‖ (both directions), X_i
+  the layer's inputs during a short run of concept i's own prompts under its own adapter
+  (``Calibration``: by default up to 4 of its eval prompts, 2 denoising steps at 64 px; or
+  the prompts you give: ``calibration_prompts`` per concept or a file of templates);
 - runs **unmerged** (default: the cores stay beside the base and each call chooses the
   concepts and weights, ``adapters.active_adapters``; switching never reloads or touches the
   base, and threads may render different compositions on one model at once) or **merged**
   (W += w_k·ΔW_k: for SBoRA a sparse add to r columns/rows; ``unmerge`` restores the base
   bit-exactly);
 - samples regionally (``regional.py``): each concept in its box or mask with its own prompt,
-  the global prompt elsewhere.
+  the global prompt and the concepts without a region elsewhere; ``regional_mode`` says how far
+  a region confines its concept: ``latent`` (default: the region denoised as its own crop, so
+  nothing of the concept acts outside it), ``attention`` (the attention layers) or ``cross``
+  (cross-attention only, Mix-of-Show: its adapters still act everywhere in self-attention).
 
 **Fusion** says how the concepts' updates combine: ``fusion: sum`` is the plain sum above;
 ``fusion: gradient`` is Mix-of-Show's gradient fusion (``fusion.py``): per layer one fused
@@ -43,10 +54,14 @@ The composition YAML (``configs/compositions/*.yaml``; every scalar field is als
       - concept: duck
         slot: 1
         region: [0.5, 0.0, 1.0, 1.0]
+        calibration_prompts: ["a photo of <duck1> toy in a pond"]   # optional: its cross-talk inputs
     seeds: [0, 1, 2, 3]
+    calibration_prompts_file: prompts.txt   # optional: templates ({token}, {class_word}) for concepts without their own
+    crosstalk: true                          # --no-crosstalk: weight overlap only
 
 Writes ``<out>/<prompt#>-<slug>/<seed>.png``, ``<out>/manifest.jsonl`` (as ``generate``: image,
-prompt, seed, plus the concepts, mode and fusion) and ``<out>/overlap.json`` (the per-layer report);
+prompt, seed, plus the concepts, mode and fusion), ``<out>/overlap.json`` (the report: weight
+overlap and output cross-talk, per pair and per layer) and ``<out>/overlap.md`` (its tables);
 gradient fusion adds ``<out>/fused.safetensors`` and ``<out>/fusion.json`` (its per-layer errors).
 """
 
@@ -55,9 +70,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import re
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,8 +86,17 @@ from PIL import Image
 from .adapters import AdapterFileError, active_adapters, adapted_layers, read_adapter, remove, set_adapter_weight
 from .adapters import merge as merge_adapter
 from .adapters import unmerge as unmerge_adapter
+from .adapters.base import slot_clashes
 from .adapters.inject import check_adapter_name
-from .adapters.overlap import overlap_rows
+from .adapters.io import sibling_file, slot_layouts
+from .adapters.overlap import (
+    CROSSTALK_MEANING,
+    WEIGHT_OVERLAP_MEANING,
+    calibration_energies,
+    crosstalk_rows,
+    crosstalk_summary,
+    overlap_rows,
+)
 from .cli import add_debug_flag, run_main
 from .concept_adapter import TOKEN_TENSOR, load_concept_adapter
 from .configuration import (
@@ -83,16 +109,18 @@ from .configuration import (
     resolve_named_config,
     shown_path,
 )
-from .fileio import write_json
-from .fusion import Fused, fuse, save_fused
+from .fileio import write_json, write_text
+from .fusion import Fused, concept_prompts, fuse, save_fused
 from .generate import default_device, save_images
-from .regional import RegionalPrompt, RegionError, box_mask, image_mask, install_regional_processors, parse_box, regional_sampling
+from .regional import DEFAULT_MODE, MODES as REGIONAL_MODES, RegionalPrompt, RegionError, box_mask, image_mask, install_regional_processors, parse_box, regional_sampling
 from .tokens import install_concept_tokens, resolve_token_ids
 
 ADAPTER_FILE = "adapter.safetensors"
 MODES = ("unmerged", "merged")
 DEFAULT_OVERLAP_THRESHOLD = 1e-3  # above float32 round-off of orthogonal bases (~1e-7), far below real overlaps (~0.03+)
 REGIONAL_PROMPT = "a photo of {token} {class_word}"
+# The default calibration run of the output cross-talk: per concept up to 4 of its own prompts, 2 steps at 64 px.
+CALIBRATION_STEPS, CALIBRATION_SIZE, CALIBRATION_PROMPTS = 2, 64, 4
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 # HF fast tokenizers are not safe to call from two threads at once ("Already borrowed"): one at a time.
 _TOKENIZER_LOCK = threading.Lock()
@@ -118,6 +146,8 @@ class ConceptSpec:
     region: list[float] | None = field(default=None, metadata={"help": "box x0, y0, x1, y1 as fractions of the image (regional sampling)"})
     mask: str | None = field(default=None, metadata={"help": "mask image (white = the region) instead of a box"})
     prompt: str | None = field(default=None, metadata={"help": "its regional prompt (default: 'a photo of {token} {class_word}')"})
+    calibration_prompts: list[str] | None = field(default=None, metadata={"help": "the prompts its output cross-talk is measured on "
+                                                                                     "(default: up to 4 of its eval prompts)"})
 
     def validate(self) -> None:
         if not self.concept and not self.adapter:
@@ -150,20 +180,35 @@ class CompositionConfig:
     width: int | None = field(default=None, metadata={"help": "image width (none: the model's)"})
     batch_size: int = field(default=4, metadata={"help": "images per pipeline call"})
     mode: str = field(default="unmerged", metadata={"help": "unmerged (cores beside the base, chosen per call) or merged (added into the weights)"})
+    regional_mode: str = field(default=DEFAULT_MODE, metadata={"help": "how regions confine their concepts: latent (each region denoised as its own "
+                                                                       "crop: the concept lands in its box), attention (attention layers only) or "
+                                                                       "cross (cross-attention only, Mix-of-Show)"})
     fusion: str = field(default="sum", metadata={"help": "how the concepts' updates combine: sum (W + sum of w_k dW_k) or gradient "
                                                          "(Mix-of-Show: one fused weight per layer fitted to each concept's outputs)"})
-    overlap_threshold: float = field(default=DEFAULT_OVERLAP_THRESHOLD, metadata={"help": "warn about a pair of concepts whose per-layer interference exceeds this (0..1)"})
+    overlap_threshold: float = field(default=DEFAULT_OVERLAP_THRESHOLD, metadata={"help": "warn about a pair of concepts whose per-layer weight overlap (interference) exceeds this (0..1)"})
+    allow_overlap: bool = field(default=False, metadata={"help": "compose concepts whose slots share columns/rows (same method and seed, "
+                                                                 "meeting slot positions or different index layouts) instead of refusing them"})
+    crosstalk: bool = field(default=True, metadata={"help": "also report the output cross-talk |dW_j X_i| / |dW_i X_i| on calibration inputs "
+                                                            "(a short run of each concept's own prompts)"})
+    calibration_prompts_file: str | None = field(default=None, metadata={"help": "text file of calibration prompts, one a line, "
+                                                                                   "{token} and {class_word} filled in per concept (none: each "
+                                                                                   "concept's calibration_prompts, else its eval prompts)"})
+    calibration_steps: int = field(default=CALIBRATION_STEPS, metadata={"help": "denoising steps of each concept's calibration run"})
+    calibration_size: int = field(default=CALIBRATION_SIZE, metadata={"help": "image size (pixels, both sides) of the calibration run"})
     out: str | None = field(default=None, metadata={"help": "output folder (none: <outputs>/compositions/<name>)"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (none: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (none: float16 on CUDA, else float32)"})
 
     def validate(self) -> None:
         check_fields(self, {"steps": (1, 1000), "guidance_scale": (0, 100), "height": (8, 4096), "width": (8, 4096),
+                            "calibration_steps": (1, 1000), "calibration_size": (8, 4096),
                             "batch_size": (1, 64), "overlap_threshold": (0, 1)})
         if self.mode not in MODES:
             raise CompositionError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.fusion not in FUSIONS:
             raise CompositionError(f"fusion must be one of {', '.join(FUSIONS)}, got '{self.fusion}'")
+        if self.regional_mode not in REGIONAL_MODES:
+            raise CompositionError(f"regional_mode must be one of {', '.join(REGIONAL_MODES)}, got '{self.regional_mode}'")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise CompositionError(f"dtype must be float32, float16 or bfloat16, got '{self.dtype}'")
         if not _NAME.fullmatch(self.name):
@@ -172,6 +217,8 @@ class CompositionConfig:
             raise CompositionError(f"seeds must be one or more non-negative integers, got {self.seeds}")
         if self.mode == "merged" and any(c.region is not None or c.mask for c in self.concepts):
             raise CompositionError("regions need mode: unmerged (each region runs only its concept's adapters)")
+        if self.calibration_size % 8:
+            raise CompositionError(f"calibration_size must be a multiple of 8, got {self.calibration_size}")
 
 
 def load_composition(name_or_path: str | Path, **overrides) -> CompositionConfig:
@@ -237,6 +284,7 @@ class LoadedConcept:
     vectors: torch.Tensor | None = field(default=None, repr=False)  # (n, D) learned token embeddings
     claims: frozenset = frozenset()  # token pieces (new tokens) or ids (rare tokens) it owns
     eval_prompts: tuple[str, ...] = ()  # its file's prompt templates ({token}, {class_word})
+    slots: tuple = ()  # its files' slot layouts (adapters.base.SlotLayout): what the slot check compares
 
     def regional_prompt(self) -> str:
         return REGIONAL_PROMPT.format(token=self.token or "", class_word=self.class_word or "").strip()
@@ -254,6 +302,58 @@ class Region:
     box: str | Sequence[float] | None = None
     mask: Image.Image | None = None
     prompt: str | None = None
+
+
+@dataclass
+class Calibration:
+    """The inputs the output cross-talk is measured on (``Composer.crosstalk``).
+
+    Per concept i, one pipeline call of its calibration prompts (one image each, seed k for
+    prompt k, `steps` DDIM steps at `size`×`size` pixels, guidance's unconditional half
+    included, no VAE decoding) with only i's adapters on, at weight 1. Its prompts: `prompts`
+    [i] if given (the token written out, or ``{token}``/``{class_word}``), else `templates`
+    filled with its token and class word, else up to `max_prompts` of its file's eval
+    prompts (``fusion.concept_prompts``: its regional prompt if it has none).
+    """
+
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    templates: list[str] = field(default_factory=list)
+    steps: int = CALIBRATION_STEPS
+    size: int | None = CALIBRATION_SIZE  # None: the model's own size
+    guidance_scale: float = 7.5
+    max_prompts: int = CALIBRATION_PROMPTS
+
+    def prompts_for(self, concept: LoadedConcept) -> tuple[list[str], str]:
+        """(prompts, where they come from: "given", "templates" or "eval prompts") of `concept`."""
+
+        def fill(templates: Sequence[str]) -> list[str]:
+            try:
+                return [t.format(token=concept.token or "", class_word=concept.class_word or "") for t in templates]
+            except (KeyError, IndexError, ValueError) as e:
+                raise CompositionError(f"calibration prompt of '{concept.name}' has a placeholder other than {{token}} and "
+                                       f"{{class_word}} ({e}); write braces as {{{{ and }}}}") from None
+
+        if self.prompts.get(concept.name):
+            return fill(self.prompts[concept.name]), "given"
+        if self.templates:
+            return fill(self.templates), "templates"
+        return concept_prompts(concept)[: self.max_prompts], "eval prompts"
+
+    def settings(self) -> dict:
+        return {"steps": self.steps, "size": self.size, "guidance_scale": self.guidance_scale, "max_prompts": self.max_prompts}
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts of a text file, one a line (blank lines and lines starting with '#' skipped)."""
+    path = Path(path).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CompositionError(f"cannot read calibration prompts from {path} ({e}); give a text file, one prompt a line") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise CompositionError(f"{path} holds no calibration prompt: write one prompt a line")
+    return prompts
 
 
 def same_base(a: str | None, b: str | None) -> bool:
@@ -282,6 +382,7 @@ class Composer:
         self._tokenizer = copy.deepcopy(pipe.tokenizer)
         self._table = pipe.text_encoder.get_input_embeddings()
         self._pairs: dict[tuple[str, str], list[dict]] = {}
+        self._calibrated: dict[str, dict] = {}  # concept -> its calibration run's energies (``crosstalk``)
         install_regional_processors(pipe.unet)
 
     @property
@@ -294,11 +395,15 @@ class Composer:
 
     # -- loading --------------------------------------------------------------------------
 
-    def load(self, path: str | Path, name: str | None = None, weight: float = 1.0, slot: int | None = None) -> LoadedConcept:
+    def load(self, path: str | Path, name: str | None = None, weight: float = 1.0, slot: int | None = None,
+             allow_overlap: bool = False) -> LoadedConcept:
         """Put the concept adapter at `path` onto the pipeline as `name` (default: its trained name).
 
         Everything is checked first (file, name, base model, slot, tokens, shapes); on any
-        error the pipeline is left as it was.
+        error the pipeline is left as it was. Adapters whose slots would share columns/rows
+        with a loaded concept's (same method and seed, and positions that meet under their
+        ranks, or different index layouts: ``adapters.base.slot_clash``) are refused, naming
+        both files and the slot to retrain in, unless `allow_overlap`.
         """
         path = Path(path)
         file = read_adapter(path)
@@ -329,6 +434,16 @@ class Composer:
                     f"concepts '{other.name}' and '{name}' both claim token '{token}' (learned embeddings for the same "
                     f"{'pieces' if mode == 'new' else 'word ids'}): compose only one of them, or retrain one with another --token"
                 )
+        # Slots partition a layer only at one rank, seed and layout: refuse adapters whose shares meet.
+        try:
+            files = [path] + ([sibling_file(path, info["text_encoder_adapter"], "text-encoder adapter")] if info.get("text_encoder_adapter") else [])
+            slots = tuple(s for f in files if f.is_file() for s in slot_layouts(f, f"'{name}' ({f})"))
+        except AdapterFileError as e:
+            raise CompositionError(f"concept '{name}' cannot join this composition: {e}") from None
+        clashes = slot_clashes([s for c in self.concepts.values() for s in c.slots], list(slots))
+        if clashes and not allow_overlap:
+            raise CompositionError(f"concept '{name}' cannot join this composition: " + "; ".join(clashes)
+                                   + " (or compose them anyway, overlapping, with allow_overlap)")
         try:
             load_concept_adapter(self.pipe, path, name=name, weight=weight)
         except (AdapterFileError, ConfigError) as e:
@@ -338,7 +453,7 @@ class Composer:
             name=name, path=path, concept=info.get("concept") or name, method=info.get("method") or file.config.method,
             token=token, class_word=info.get("class_word"), token_mode=mode, slot=file.config.slot, seed=file.config.seed,
             base_model=file.base_model, weight=weight, vectors=vectors, claims=claims,
-            eval_prompts=tuple(p for p in info.get("eval_prompts") or () if isinstance(p, str)),
+            eval_prompts=tuple(p for p in info.get("eval_prompts") or () if isinstance(p, str)), slots=slots,
         )
         self.concepts[name] = concept
         return concept
@@ -391,8 +506,11 @@ class Composer:
 
     # -- overlap --------------------------------------------------------------------------
 
-    def overlap(self, names: Sequence[str] | None = None) -> OverlapReport:
-        """Per-layer interference of every pair of `names` (default: all loaded), from the cores' factors."""
+    def overlap(self, names: Sequence[str] | None = None, crosstalk: bool = True, calibration: Calibration | None = None) -> OverlapReport:
+        """The report on every pair of `names` (default: all loaded): per-layer weight overlap (interference, from
+        the cores' factors) and, with `crosstalk` (the default), the output cross-talk on calibration inputs
+        (``crosstalk``; `calibration` default: ``Calibration()``). Weight overlap alone is instant; the
+        cross-talk runs each concept once (cached until the concepts or the calibration change)."""
         names = list(self.selection({n: 1.0 for n in names} if names is not None else None))
         rows = []
         for i, a in enumerate(names):
@@ -401,7 +519,65 @@ class Composer:
                 if key not in self._pairs:
                     self._pairs[key] = overlap_rows(dict(zip(("unet", "text_encoder"), self.parts)), [a, b])
                 rows += self._pairs[key]
-        return OverlapReport(rows, self.overlap_threshold, {n: self.concepts[n] for n in names})
+        talk = self.crosstalk(names, calibration) if crosstalk else None
+        return OverlapReport(rows, self.overlap_threshold, {n: self.concepts[n] for n in names if n in self.concepts}, crosstalk=talk)
+
+    def crosstalk(self, names: Sequence[str] | None = None, calibration: Calibration | None = None) -> dict:
+        """Output cross-talk ‖ΔW_j X_i‖ / ‖ΔW_i X_i‖ of every ordered pair of the concepts `names` (default: all), per layer.
+
+        X_i: the inputs each layer sees while concept i alone (weight 1) runs its calibration
+        prompts (`calibration`, see ``Calibration``); ``adapters.overlap.calibration_energies``
+        reduces them to one number per layer and concept as the run ends. A concept's run is
+        kept and reused while it, the concepts it was measured against and the calibration
+        stay the same. Fused adapters are left out (they have no prompts of their own); with a
+        merged composition nothing is measured (the runs need the concepts switchable).
+
+        Returns ``{"layers": per-layer rows (``crosstalk_rows``), "pairs": per directed pair
+        (``crosstalk_summary``), "calibration": {concept: {"prompts", "source"}}, "settings",
+        "seconds": time of the runs made now, "skipped": why nothing was measured, or None}``.
+        """
+        calibration = calibration or Calibration()
+        names = [n for n in (names if names is not None else self.concepts) if n in self.concepts]
+        result = {"layers": [], "pairs": [], "calibration": {}, "settings": calibration.settings(), "seconds": 0.0, "skipped": None}
+        if self.merged:
+            result["skipped"] = "the composition is merged into the weights: unmerge it to measure cross-talk"
+            return result
+        if len(names) < 2:
+            return result  # no pair: nothing to run
+        prompts = {n: calibration.prompts_for(self.concepts[n]) for n in names}
+        result["calibration"] = {n: {"prompts": p, "source": src} for n, (p, src) in prompts.items()}
+        key = {n: json.dumps([p, calibration.settings()]) for n, (p, _) in prompts.items()}
+
+        def fresh(n: str) -> bool:
+            entry = self._calibrated.get(n)
+            return (entry is not None and entry["key"] == key[n] and entry["concept"] is self.concepts[n]
+                    and all(entry["against"].get(m) is self.concepts[m] for m in names))
+
+        stale = [n for n in names if not fresh(n)]
+        if stale:
+            runs = {n: (1.0, lambda n=n: self._calibration_run(prompts[n][0], calibration)) for n in stale}
+            start = time.perf_counter()
+            energies = calibration_energies(dict(zip(("unet", "text_encoder"), self.parts)), runs, others=list(self.concepts))
+            result["seconds"] = round(time.perf_counter() - start, 3)
+            for n in stale:
+                self._calibrated[n] = {"key": key[n], "concept": self.concepts[n], "against": dict(self.concepts), "energies": energies[n]}
+        result["layers"] = crosstalk_rows({n: self._calibrated[n]["energies"] for n in names}, names)
+        result["pairs"] = crosstalk_summary(result["layers"])
+        return result
+
+    def _calibration_run(self, prompts: Sequence[str], calibration: Calibration) -> None:
+        """One pipeline call of `prompts` (seed k for prompt k), stopped before the VAE: what the layers see is the point."""
+        pipe = self.pipe
+        size = calibration.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        cfg = calibration.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        device = pipe._execution_device
+        encoded = [self._encode(p, "", cfg, device) for p in prompts]
+        call = copy.copy(pipe)  # as ``render``: a call of its own, with its own scheduler
+        call.scheduler = copy.deepcopy(pipe.scheduler)
+        call.set_progress_bar_config(disable=True)
+        call(prompt_embeds=torch.cat([c for c, _ in encoded]), negative_prompt_embeds=torch.cat([u for _, u in encoded]) if cfg else None,
+             generator=[torch.Generator().manual_seed(k) for k in range(len(prompts))], num_inference_steps=calibration.steps,
+             guidance_scale=calibration.guidance_scale, height=size, width=size, output_type="latent")
 
     # -- merged mode ----------------------------------------------------------------------
 
@@ -450,12 +626,15 @@ class Composer:
     @torch.no_grad()
     def render(self, prompt: str, seeds: Sequence[int], weights: Mapping[str, float] | None = None, *,
                regions: Sequence[Region] = (), negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
-               height: int | None = None, width: int | None = None, batch_size: int = 4) -> list[Image.Image]:
+               height: int | None = None, width: int | None = None, batch_size: int = 4, regional_mode: str = DEFAULT_MODE) -> list[Image.Image]:
         """One image per seed of `prompt` with the concepts `weights` ({name: weight}; default all) active.
 
         Image k uses seed k through its own CPU generator, as ``generate.render``. With
-        `regions`, each concept of a region acts only there (``regional.py``). In merged mode
-        `weights` must be the merged ones.
+        `regions`, each concept of a region is confined to it as `regional_mode` says
+        (``regional.py``: ``latent``, the default, confines it in every layer; ``attention`` in
+        the attention layers; ``cross`` in cross-attention only); outside the regions act the
+        concepts that have none (in ``cross`` mode: all of them). In merged mode `weights` must be
+        the merged ones.
         """
         selection = self.selection(weights)
         if regions and self.merged:
@@ -477,7 +656,11 @@ class Composer:
         with active_adapters(self.parts, selection):
             cond, uncond = self._encode(prompt, negative_prompt, cfg, device)
             prompts = [self._region(r, selection, height, width, negative_prompt, cfg, device) for r in regions]
-            scope = regional_sampling(pipe.unet, prompts, (height // scale, width // scale), cfg) if prompts else contextlib.nullcontext()
+        # Outside the regions: the concepts that have no region (all of them in cross mode, as Mix-of-Show).
+        placed = {n for r in prompts for n in r.selection}
+        background = selection if regional_mode == "cross" else {n: w for n, w in selection.items() if n not in placed}
+        with active_adapters(self.parts, background):
+            scope = regional_sampling(pipe.unet, prompts, (height // scale, width // scale), cfg, regional_mode) if prompts else contextlib.nullcontext()
             with scope:
                 for i in range(0, len(seeds), batch_size):
                     chunk = list(seeds[i : i + batch_size])
@@ -491,24 +674,42 @@ class Composer:
         return images
 
 
-class OverlapReport:
-    """Per-layer interference rows (``adapters.overlap.overlap_rows``) and their summary per pair of concepts."""
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
-    def __init__(self, rows: list[dict], threshold: float, concepts: Mapping[str, LoadedConcept]):
-        self.rows, self.threshold, self.concepts = rows, threshold, dict(concepts)
+
+class OverlapReport:
+    """What a composition's concepts share, per pair and per layer: the weight overlap (``adapters.overlap.overlap_rows``)
+    and, when measured, the output cross-talk on calibration inputs (``Composer.crosstalk``); see the two meanings above."""
+
+    def __init__(self, rows: list[dict], threshold: float, concepts: Mapping[str, LoadedConcept], crosstalk: dict | None = None):
+        self.rows, self.threshold, self.concepts, self.crosstalk = rows, threshold, dict(concepts), crosstalk
 
     def pairs(self) -> list[dict]:
-        """Per pair: the worst layer, how many layers exceed the threshold, shared SBoRA indices (if comparable)."""
-        out: dict[tuple[str, str], dict] = {}
+        """Per pair a, b: the weight overlap (max interference, worst layer, layers above the threshold, shared SBoRA
+        indices if comparable) and the output cross-talk: ``crosstalk`` (the two directed summaries, b on a's inputs and
+        a on b's; None when not measured), ``median_crosstalk`` (the larger of the two medians over layers) and
+        ``max_crosstalk`` (the largest layer of either direction)."""
+        out: dict[frozenset, dict] = {}
         for row in self.rows:
-            s = out.setdefault(row["pair"], {"pair": "+".join(row["pair"]), "layers": 0, "above": 0, "max_interference": 0.0,
-                                             "worst_layer": None, "shared_indices": None})
+            s = out.setdefault(frozenset(row["pair"]), {"pair": "+".join(row["pair"]), "layers": 0, "above": 0, "max_interference": 0.0,
+                                                        "worst_layer": None, "shared_indices": None})
             s["layers"] += 1
             s["above"] += row["interference"] > self.threshold
             if row["interference"] >= s["max_interference"]:
                 s["max_interference"], s["worst_layer"] = row["interference"], f"{row['part']}.{row['layer']}"
             if row["shared_indices"] is not None:
                 s["shared_indices"] = (s["shared_indices"] or 0) + row["shared_indices"]
+        for s in out.values():
+            s.update(crosstalk=None, median_crosstalk=None, max_crosstalk=None)
+        for d in (self.crosstalk or {}).get("pairs", ()):
+            s = out.get(frozenset((d["inputs"], d["update"])))
+            if s is None:
+                continue
+            s["crosstalk"] = (s["crosstalk"] or []) + [d]
+            for k, v in (("median_crosstalk", d["median"]), ("max_crosstalk", d["max"])):
+                if v is not None:
+                    s[k] = v if s[k] is None else max(s[k], v)
         return list(out.values())
 
     def warnings(self) -> list[str]:
@@ -516,20 +717,56 @@ class OverlapReport:
         for s in self.pairs():
             if s["above"]:
                 a, b = s["pair"].split("+")
-                ca, cb = self.concepts[a], self.concepts[b]
-                why = (f"slot {ca.slot} twice" if (ca.slot, ca.seed) == (cb.slot, cb.seed) else
+                ca, cb = self.concepts.get(a), self.concepts.get(b)
+                why = ("a fused adapter" if ca is None or cb is None else f"slot {ca.slot} twice" if (ca.slot, ca.seed) == (cb.slot, cb.seed) else
                        f"seeds {ca.seed} and {cb.seed}" if ca.seed != cb.seed else f"{ca.method} and {cb.method}")
                 shared = f", {s['shared_indices']} shared indices" if s["shared_indices"] else ""
                 messages.append(
                     f"concepts {a} and {b} overlap on {s['above']} of {s['layers']} layers (interference up to "
                     f"{s['max_interference']:.3g} at {s['worst_layer']}{shared}; {why}): train them with the same --seed in "
-                    "different --slot values of sbora-fa, sbora-fb or ortho for a clean composition"
+                    "different --slot values of sbora-fa, sbora-fb or ortho so that their updates change disjoint parts of the weights"
                 )
         return messages
 
+    def lines(self) -> list[str]:
+        """The report as text lines (what ``sbora-compose`` prints): per pair its weight overlap, then its cross-talk."""
+        out = []
+        for s in self.pairs():
+            out.append(f"weight overlap {s['pair']}: max interference {s['max_interference']:.3g} over {s['layers']} layers"
+                       + (f", {s['shared_indices']} shared indices" if s["shared_indices"] is not None else ""))
+            for d in s["crosstalk"] or ():
+                out.append(f"output cross-talk on calibration inputs, |dW_{d['update']} X_{d['inputs']}| / |dW_{d['inputs']} X_{d['inputs']}|: "
+                           f"median {_fmt(d['median'])}, max {_fmt(d['max'])} ({d['worst_layer']}), overall {_fmt(d['overall'])} "
+                           f"over {d['layers']} layers")
+        if self.crosstalk and self.crosstalk.get("skipped"):
+            out.append(f"output cross-talk not measured: {self.crosstalk['skipped']}")
+        return out
+
+    def markdown(self) -> str:
+        """The report as Markdown: the per-pair table with both measures, what each guarantees, the calibration inputs."""
+        lines = ["| concepts | weight overlap (max interference) | layers above " + f"{self.threshold:g}" + " | shared indices | "
+                 "output cross-talk on calibration inputs (median over layers) | max (layer) |", "|---|---|---|---|---|---|"]
+        for s in self.pairs():
+            talk = "; ".join(f"{d['update']} on {d['inputs']}'s inputs {_fmt(d['median'])}" for d in s["crosstalk"] or ()) or "not measured"
+            worst = max((d for d in s["crosstalk"] or () if d["max"] is not None), key=lambda d: d["max"], default=None)
+            lines.append(f"| {s['pair']} | {s['max_interference']:.3g} | {s['above']} of {s['layers']} | "
+                         f"{'-' if s['shared_indices'] is None else s['shared_indices']} | {talk} | "
+                         f"{_fmt(worst['max']) + ' (' + worst['worst_layer'] + ')' if worst else '-'} |")
+        lines += ["", WEIGHT_OVERLAP_MEANING, "", CROSSTALK_MEANING]
+        if self.crosstalk:
+            if self.crosstalk.get("skipped"):
+                lines += ["", f"Output cross-talk not measured: {self.crosstalk['skipped']}."]
+            settings = self.crosstalk["settings"]
+            lines += ["", f"Calibration: {settings['steps']} denoising step(s) at {settings['size'] or 'the model size'} px, "
+                          f"guidance {settings['guidance_scale']:g}, each concept alone at weight 1, on:"]
+            lines += [f"- {n} ({c['source']}): " + "; ".join(c["prompts"]) for n, c in self.crosstalk["calibration"].items()]
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         return {"threshold": self.threshold, "pairs": self.pairs(),
-                "layers": [{**r, "pair": "+".join(r["pair"])} for r in self.rows]}
+                "layers": [{**r, "pair": "+".join(r["pair"])} for r in self.rows],
+                "crosstalk": self.crosstalk,
+                "meaning": {"weight_overlap": WEIGHT_OVERLAP_MEANING, "output_crosstalk": CROSSTALK_MEANING}}
 
 
 # ------------------------------------------------------------------------------------ fusion
@@ -561,6 +798,7 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
     if not config.concepts:
         raise CompositionError("a composition needs at least one concept")
     paths = [adapter_path(spec, config.outputs) for spec in config.concepts]
+    templates = read_prompt_file(config.calibration_prompts_file) if config.crosstalk and config.calibration_prompts_file else []
     masks = {}
     for spec in config.concepts:
         if spec.mask:
@@ -584,9 +822,14 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
     composer = Composer(pipe, overlap_threshold=config.overlap_threshold)
     weights = {}
     for spec, path in zip(config.concepts, paths):
-        concept = composer.load(path, name=spec.name, weight=spec.weight, slot=spec.slot)
+        concept = composer.load(path, name=spec.name, weight=spec.weight, slot=spec.slot, allow_overlap=config.allow_overlap)
         weights[concept.name] = spec.weight
-    report = composer.overlap(list(weights))
+    calibration = Calibration(
+        prompts={name: spec.calibration_prompts for name, spec in zip(weights, config.concepts) if spec.calibration_prompts},
+        templates=templates,
+        steps=config.calibration_steps, size=config.calibration_size,
+    )
+    report = composer.overlap(list(weights), crosstalk=config.crosstalk, calibration=calibration)
     for message in report.warnings():
         warnings.warn(message, stacklevel=2)
     render = dict(negative_prompt=config.negative_prompt, steps=config.steps, guidance_scale=config.guidance_scale,
@@ -598,7 +841,8 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
     if config.mode == "merged":
         composer.merge(selection)
     try:
-        images = composer.render(config.prompt, config.seeds, selection, regions=regions, batch_size=config.batch_size, **render)
+        images = composer.render(config.prompt, config.seeds, selection, regions=regions, batch_size=config.batch_size,
+                                 regional_mode=config.regional_mode, **render)
     finally:
         composer.unmerge()
     out = Path(config.out) if config.out else Path(config.outputs) / "compositions" / config.name
@@ -607,14 +851,16 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
         region = {"region": spec.region} if spec.region is not None else {"mask": spec.mask} if spec.mask else {}
         described.append({**composer.concepts[n].describe(), **region, **({"prompt": spec.prompt} if spec.prompt else {})})
     records = save_images(images, [config.prompt], list(config.seeds), out, negative_prompt=config.negative_prompt,
-                          concepts=described, mode=config.mode, fusion=config.fusion, base_model=composer.base_model)
+                          concepts=described, mode=config.mode, fusion=config.fusion, base_model=composer.base_model,
+                          **({"regional_mode": config.regional_mode} if regions else {}))
     write_json(out / "overlap.json", report.to_json())
+    write_text(out / "overlap.md", report.markdown() + "\n")
     fusion = {}
     for fused in (composer.fused[n] for n in selection if n in composer.fused):
         fusion = {**fused.summary(), "adapter": str(save_fused(composer, fused, out / "fused.safetensors", concept=config.name))}
         write_json(out / "fusion.json", fused.to_json())
     return {"out": str(out), "images": len(records), "concepts": names, "overlap": report.pairs(), "warnings": report.warnings(),
-            "fusion": fusion}
+            "fusion": fusion, "report": report.lines(), "crosstalk_seconds": report.crosstalk["seconds"] if report.crosstalk else None}
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -643,14 +889,14 @@ def _main(argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         result = compose(config)
-    for pair in result["overlap"]:
-        print(f"overlap {pair['pair']}: max interference {pair['max_interference']:.3g} over {pair['layers']} layers"
-              + (f", {pair['shared_indices']} shared indices" if pair["shared_indices"] is not None else ""))
+    for line in result["report"]:
+        print(line)
     fusion = result["fusion"]
     if fusion:
         print(f"gradient fusion of {fusion['layers']} layers in {fusion['seconds']:.1f} s: mean relative output error on the concepts' "
               f"own inputs {fusion['sum_error']:.3g} (plain sum) -> {fusion['fused_error']:.3g} (fused); wrote {fusion['adapter']}")
-    print(f"wrote {result['images']} images, {Path(result['out']) / 'manifest.jsonl'} and {Path(result['out']) / 'overlap.json'}")
+    print(f"wrote {result['images']} images, {Path(result['out']) / 'manifest.jsonl'} and {Path(result['out']) / 'overlap.json'} "
+          f"(weight overlap and output cross-talk, per layer; tables in overlap.md)")
     return 0
 
 

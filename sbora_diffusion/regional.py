@@ -1,32 +1,50 @@
-"""Regionally controllable sampling (as in Mix-of-Show): each concept acts only inside its region.
+"""Regionally controllable sampling (Mix-of-Show's regional sampling, and MultiDiffusion's): each concept in its region.
 
     install_regional_processors(pipe.unet)                  # once, before sampling
-    with active_adapters(parts, {"robot": 1.0, "duck": 1.0}), \
-            regional_sampling(pipe.unet, regions, latent_size=(16, 16), cfg=True):
+    with active_adapters(parts, background), \
+            regional_sampling(pipe.unet, regions, latent_size=(16, 16), cfg=True, mode="latent"):
         pipe(prompt_embeds=..., negative_prompt_embeds=..., ...)   # the global prompt
 
-Every cross-attention layer of the UNet then runs once for the global prompt (under the
-caller's selection: the whole composition) and once per region, with that region's prompt
-embeddings and only that region's concept active (a nested call-scoped selection,
-``adapters.scope``: the same cores, no second implementation of any method). The outputs are
-blended per position by the region masks, pooled to the layer's resolution, at every level
-of the UNet:
+Each region holds a concept's selection (``{"robot": 1.0}``), its prompt's embeddings and a
+mask. The caller's selection (``background``) is what acts outside every region: the concepts
+that have no region. Three modes confine a region's concept to different parts of the UNet:
 
-    out = Σ_k m_k·attn_k + (1 − Σ_k m_k)·attn_global      (m_k scaled down where regions overlap: Σ_k m_k ≤ 1)
+``cross``      Every cross-attention layer runs once for the global prompt (under the caller's
+               selection) and once per region, with that region's prompt and only its concept
+               active; the outputs are blended per position by the region masks, pooled to the
+               layer's resolution, at every level of the UNet:
 
-so the global prompt rules outside the regions. Self-attention, the ResNet blocks and the
-text encoder of the global prompt run as usual under the caller's selection. One region over
-the whole image, with the global prompt and the composition's one concept, is exactly plain
-composition: m = 1, and the global term (weight 0) is not even computed.
+                   out = Σ_k m_k·attn_k + (1 − Σ_k m_k)·attn_global     (Σ_k m_k ≤ 1 where regions overlap)
 
-The regions live in a ContextVar, like the adapter selection: the processors are installed
-once and shared by every thread, each call reads its own thread's regions, and outside
-``regional_sampling`` a processor passes straight through to the one it wraps.
+               Self-attention and the ResNet blocks run under the caller's selection, everywhere
+               (Mix-of-Show's region-aware cross-attention). On the pocket base a concept lands in
+               its box in about 3 of 4 images that draw it (``benchmarks/placement.py``).
+``attention``  As ``cross``, and self-attention too is blended the same way: inside a region its
+               concept's adapters act on the queries, keys, values and output of self-attention
+               (over the whole image's positions), outside only the background's do.
+``latent``     MultiDiffusion (Bar-Tal et al., ICML 2023): at every denoising step each region is
+               denoised as a picture of its own, the latent crop of its bounding box (rounded out
+               to the UNet's downsampling factor), with its prompt and only its concept active;
+               its noise prediction replaces the global one inside its mask:
+
+                   ε = Σ_k m_k·ε_k(crop_k) + (1 − Σ_k m_k)·ε_global
+
+               Nothing of a region's concept acts outside its box, in any layer, and the UNet
+               draws the concept in the crop as it draws it in a whole image: it lands in its box.
+               Costs one UNet call per region and step on its crop (about the crop's share of a
+               full call).
+
+One region over the whole image, with the global prompt and the composition's one concept, is
+exactly plain composition in every mode: m = 1, and the global term (weight 0) is not even
+computed. The regions live in a ContextVar, like the adapter selection: the processors and
+the UNet hook are installed once and shared by every thread, each call reads its own thread's
+regions, and outside ``regional_sampling`` both pass straight through.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -62,11 +80,15 @@ class RegionalPrompt:
         return torch.cat([self.uncond.expand(half, -1, -1), self.cond.expand(half, -1, -1)])
 
 
+MODES = ("cross", "attention", "latent")
+DEFAULT_MODE = "latent"
+
+
 class _Regions:
     """The regions of one sampling call, and their blending weights per layer resolution (cached)."""
 
-    def __init__(self, regions: Sequence[RegionalPrompt], latent_size: tuple[int, int], cfg: bool):
-        self.regions, self.latent_size, self.cfg = list(regions), latent_size, cfg
+    def __init__(self, regions: Sequence[RegionalPrompt], latent_size: tuple[int, int], cfg: bool, mode: str):
+        self.regions, self.latent_size, self.cfg, self.mode = list(regions), latent_size, cfg, mode
         self.masks = torch.stack([r.mask.float() for r in self.regions])  # (R, H, W)
         self._levels: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, list[bool], bool]] = {}
 
@@ -95,7 +117,8 @@ _REGIONS: ContextVar[_Regions | None] = ContextVar("sbora_regions", default=None
 
 
 class RegionalAttnProcessor:
-    """Wraps a diffusers attention processor: regional cross-attention inside ``regional_sampling``, else the wrapped one."""
+    """Wraps a diffusers attention processor: regional attention inside ``regional_sampling`` (modes
+    ``cross`` and ``attention``), else the wrapped one."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -104,7 +127,8 @@ class RegionalAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         state = _REGIONS.get()
-        if state is None or encoder_hidden_states is None or not attn.is_cross_attention:
+        cross = encoder_hidden_states is not None and attn.is_cross_attention
+        if state is None or state.mode == "latent" or not (cross or state.mode == "attention"):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         batch = hidden_states.shape[0]
         # (B, N, C) from a transformer block, or (B, C, h, w) for a spatial attention block
@@ -118,8 +142,8 @@ class RegionalAttnProcessor:
         for region, w, hit in zip(state.regions, weights, touched):
             if not hit:
                 continue
-            context = region.context(batch, state.cfg)
-            if context.shape[0] != encoder_hidden_states.shape[0]:
+            context = region.context(batch, state.cfg) if cross else encoder_hidden_states  # self-attention: its own states
+            if cross and context.shape[0] != encoder_hidden_states.shape[0]:
                 raise RegionError(f"regional prompts were prepared for {'guided' if state.cfg else 'unguided'} sampling, "
                                   f"but this call has {encoder_hidden_states.shape[0]} prompt rows for {batch} latents")
             with selection_scope(region.selection):
@@ -129,25 +153,82 @@ class RegionalAttnProcessor:
         return out
 
 
+def _crop(mask: torch.Tensor, factor: int) -> tuple[slice, slice]:
+    """The latent rows and columns of a region: its mask's bounding box, rounded out to multiples of
+    `factor` (the UNet's downsampling, so the crop's levels line up with the whole latent's)."""
+
+    def span(covered: torch.Tensor) -> slice:
+        idx = covered.nonzero().flatten()
+        return slice(int(idx.min()) // factor * factor, min(len(covered), -(-(int(idx.max()) + 1) // factor) * factor))
+
+    return span(mask.sum(1) > 0), span(mask.sum(0) > 0)
+
+
+_IN_REGION: ContextVar[bool] = ContextVar("sbora_in_region", default=False)
+
+
+def _regional_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, **kwargs):
+    """The UNet's forward under ``regional_sampling``: in ``latent`` mode each region's crop, denoised on
+    its own, replaces the global prediction inside its mask; otherwise (and in a region's own call) the plain forward."""
+    forward = type(unet).forward
+    state = _REGIONS.get()
+    if state is None or state.mode != "latent" or _IN_REGION.get():
+        return forward(unet, sample, timestep, encoder_hidden_states, **kwargs)
+    return_dict = kwargs.pop("return_dict", True)
+    weights, rest, touched, global_needed = state.level(tuple(sample.shape[-2:]))
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    eps = None
+    if global_needed:  # the global prompt, under the caller's selection, where no region covers
+        eps = forward(unet, sample, timestep, encoder_hidden_states, **kwargs, return_dict=False)[0] * rest.to(sample)
+    token = _IN_REGION.set(True)
+    try:
+        for region, w, hit in zip(state.regions, weights, touched):
+            if not hit:
+                continue
+            context = region.context(sample.shape[0], state.cfg)  # (B, T, D), laid out like the pipeline's
+            if encoder_hidden_states is not None and context.shape[0] != encoder_hidden_states.shape[0]:
+                raise RegionError(f"regional prompts were prepared for {'guided' if state.cfg else 'unguided'} sampling, "
+                                  f"but this call has {encoder_hidden_states.shape[0]} prompt rows for {sample.shape[0]} latents")
+            rows, cols = _crop(w, factor)
+            with selection_scope(region.selection):  # (B, C, h', w'): the crop, denoised as a picture of its own
+                part = forward(unet, sample[..., rows, cols], timestep, context, **kwargs, return_dict=False)[0]
+            placed = torch.zeros_like(sample)
+            placed[..., rows, cols] = part * w[rows, cols].to(part)
+            eps = placed if eps is None else eps + placed
+    finally:
+        _IN_REGION.reset(token)
+    if not return_dict:
+        return (eps,)
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=eps)
+
+
 def install_regional_processors(unet) -> None:
-    """Wrap every attention processor of `unet` (once; idempotent). Outside ``regional_sampling`` nothing changes.
+    """Wrap every attention processor of `unet`, and its forward for the ``latent`` mode (once; idempotent).
+    Outside ``regional_sampling`` nothing changes.
 
     Call it while no forward pass runs (when a composition is set up): it replaces processors.
     """
     processors = unet.attn_processors
     if not all(isinstance(p, RegionalAttnProcessor) for p in processors.values()):
         unet.set_attn_processor({k: p if isinstance(p, RegionalAttnProcessor) else RegionalAttnProcessor(p) for k, p in processors.items()})
+    if not isinstance(unet.__dict__.get("forward"), functools.partial):
+        unet.forward = functools.partial(_regional_forward, unet)
 
 
 @contextlib.contextmanager
-def regional_sampling(unet, regions: Sequence[RegionalPrompt], latent_size: tuple[int, int], cfg: bool) -> Iterator[None]:
-    """Within the block, this thread's UNet calls blend `regions` into every cross-attention layer (module docstring).
+def regional_sampling(unet, regions: Sequence[RegionalPrompt], latent_size: tuple[int, int], cfg: bool,
+                      mode: str = DEFAULT_MODE) -> Iterator[None]:
+    """Within the block, this thread's UNet calls confine each region's concept to its region (module docstring).
 
     `latent_size` is the (h, w) of the latents sampled; `cfg` whether the pipeline runs
-    classifier-free guidance (then every region needs its `uncond`).
+    classifier-free guidance (then every region needs its `uncond`); `mode` one of MODES.
     """
-    if not all(isinstance(p, RegionalAttnProcessor) for p in unet.attn_processors.values()):
+    if not all(isinstance(p, RegionalAttnProcessor) for p in unet.attn_processors.values()) or not isinstance(unet.__dict__.get("forward"), functools.partial):
         raise RuntimeError("the UNet has no regional attention processors: call install_regional_processors(unet) before sampling")
+    if mode not in MODES:
+        raise RegionError(f"regional mode must be one of {', '.join(MODES)}, got '{mode}'")
     if not regions:
         raise RegionError("regional sampling needs at least one region")
     shapes = {tuple(r.mask.shape) for r in regions}
@@ -155,7 +236,7 @@ def regional_sampling(unet, regions: Sequence[RegionalPrompt], latent_size: tupl
         raise RegionError(f"region masks must all be 2-D and of one size, got {sorted(shapes)}")
     if cfg and any(r.uncond is None for r in regions):
         raise RegionError("classifier-free guidance needs each region's negative-prompt embeddings (uncond)")
-    token = _REGIONS.set(_Regions(regions, latent_size, cfg))
+    token = _REGIONS.set(_Regions(regions, latent_size, cfg, mode))
     try:
         yield
     finally:

@@ -37,10 +37,11 @@ QUICK_YAML = "steps: 2\nresolution: 32\nlr: 1.0e-2\nvalidation_steps: 0\nnum_val
 
 
 def train_tiny_concept(pipe, outputs: Path, name: str, slot: int, method: str = "sbora-fa", token: str | None = None,
-                       rank: int = 4, seed: int = 0) -> Path:
-    """Train concept `name` (token <name1>) on a copy of `pipe` into <outputs>/<name>/<method>/; returns its adapter file."""
+                       rank: int = 4, seed: int = 0, layout: str | None = None) -> Path:
+    """Train concept `name` (token <name1>) on a copy of `pipe` into <outputs>/<name>/<method>/; returns its adapter file.
+    `layout`: the SBoRA index layout (none: the default)."""
     concept = ConceptConfig(name=name, instance_dir=str(photos(outputs.parent / "photos" / name, name)), token=token or f"<{name}1>",
                             class_word="toy", validation_prompts=["a photo of {token} {class_word}"])
     result = train(concept, method, train_config=quick_config(outputs / name / method), pipe=copy.deepcopy(pipe),
-                   adapter_overrides={"rank": rank, "slot": slot, "seed": seed})
+                   adapter_overrides={"rank": rank, "slot": slot, "seed": seed, **({"layout": layout} if layout else {})})
     return result.adapter_path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -39,10 +41,14 @@ class TinyBlocks(nn.Module):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_thread():
-    """Tiny models run faster on one intra-op thread, and a busy machine cannot oversubscribe it."""
+def test_threads():
+    """One intra-op thread by default: tiny models run faster, and a busy machine cannot oversubscribe it.
+
+    ``SBORA_TEST_THREADS=2`` runs the suite on two threads (``make test-cpus``): results must not
+    depend on how a reduction is split between threads.
+    """
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("SBORA_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(before)
 
@@ -90,3 +96,23 @@ def tiny_clip_files(tmp_path_factory):
     weights = folder / "tiny-test-clip.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     return arch, weights
+
+
+@pytest.fixture(scope="session")
+def demo_robot(tmp_path_factory):
+    """`make demo`'s run, as configured (robot, sbora-fa, configs/train/pocket.yaml, slot 0): trained once
+    for the tests that need a concept really learned on the pocket base (test_world, test_placement)."""
+    from sbora_diffusion.concept.train import load_train_config, train
+
+    out = tmp_path_factory.mktemp("demo") / "robot"
+    return train("robot", "sbora-fa", "pocket", train_config=load_train_config(model="pocket", output_dir=str(out)))
+
+
+@pytest.fixture(scope="session")
+def pocket_duck(tmp_path_factory):
+    """The held-out duck at the demo's budget in slot 1 (composable with demo_robot); its samples kept cheap."""
+    from sbora_diffusion.concept.train import load_train_config, train
+
+    out = tmp_path_factory.mktemp("demo") / "duck"
+    cfg = load_train_config(model="pocket", output_dir=str(out), score_clip=None, num_validation_images=1, sample_steps=2)
+    return train("duck", "sbora-fa", "pocket", train_config=cfg, adapter_overrides={"slot": 1})

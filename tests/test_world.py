@@ -219,15 +219,12 @@ def test_pocket_clip_tells_held_out_concepts_apart(pocket_scorer):
 DEMO_MARGIN = 0.25  # asserted gain of CLIP-I (cosine) over the base's; measured gain in the docstring
 
 
-def test_the_demo_budget_learns_the_example_concept(tmp_path):
-    """`make demo`'s run, as configured (robot, sbora-fa, configs/train/pocket.yaml): the adapted
-    samples look more like the robot's photos than the base's samples of the same prompts and
-    seeds, by at least DEMO_MARGIN in CLIP-I (pocket CLIP). Measured when written: -0.115 -> 0.378 (+0.49),
-    1.7 min on 2 idle CPU cores."""
-    from sbora_diffusion.concept.train import load_train_config, train
-
-    result = train("robot", "sbora-fa", "pocket", train_config=load_train_config(model="pocket", output_dir=str(tmp_path / "run")))
-    scores = result.scores
-    assert scores["clip_model"] == "pocket" and scores["images"] == 8 and scores["references"] == 5
+def test_the_demo_budget_learns_the_example_concept(demo_robot):
+    """`make demo`'s run, as configured (robot, sbora-fa, configs/train/pocket.yaml; the demo_robot
+    fixture): the adapted samples look more like the robot's photos than the base's samples of the
+    same prompts and seeds, by at least DEMO_MARGIN in CLIP-I (pocket CLIP). Measured when written:
+    -0.115 -> 0.378 (+0.49), 1.7 min on 2 idle CPU cores."""
+    scores = demo_robot.scores
+    assert scores["clip_model"] == "pocket" and scores["images"] == 16 and scores["references"] == 5
     assert scores["clip_i_adapted"] >= scores["clip_i_base"] + DEMO_MARGIN, scores
-    assert (tmp_path / "run" / "samples.png").is_file() and (tmp_path / "run" / "scores.json").is_file()
+    assert (demo_robot.out_dir / "samples.png").is_file() and (demo_robot.out_dir / "scores.json").is_file()

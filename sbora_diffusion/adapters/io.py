@@ -4,10 +4,15 @@
     _extra.<key>             tensors a trainer adds (e.g. learned token embeddings)
 
 Metadata (safetensors header, all strings): format, format_version, config (the
-AdapterConfig as JSON: method, rank, alpha, targets, slot, seed, ...), modules (JSON list of
-adapted paths), base_model, package_version, extra (JSON the trainer adds). The index sets
-of SBoRA (``*.indices``) and ortho's fixed basis (``*.A``) are tensors of the file, so a
-loaded adapter never depends on re-deriving them.
+AdapterConfig as JSON: method, rank, alpha, targets, slot, seed, layout, ...), modules (JSON
+list of adapted paths), base_model, package_version, extra (JSON the trainer adds),
+layout_version (the version of the index layout: 1 scattered, 2 blocks; the config records
+the layout in effect, its method's default when none was asked for). The index sets of
+SBoRA (``*.indices``) and ortho's fixed basis (``*.A``) are tensors of the file, so a loaded
+adapter never depends on re-deriving them. A file whose config has no ``layout`` was written
+before layouts were recorded and is read as layout 1 (``scattered``): its saved indices are
+those of that layout. ``slot_layouts`` reads (method, rank, slot, seed, layout, modules) from
+the metadata alone, for the slot check of compositions (``base.slot_clashes``).
 
 Loading checks the content, not only the shapes, before the model changes at all: every
 module path exists, every tensor has the expected shape and dtype kind, every value is
@@ -39,7 +44,8 @@ from torch import nn
 from .. import __version__
 from ..configuration import ConfigError, from_dict
 from ..fileio import atomic_path
-from .config import AdapterConfig
+from .base import SlotLayout
+from .config import LAYOUTS, LEGACY_LAYOUT, AdapterConfig
 from .inject import adapted_layers, build_cores, inject
 
 FORMAT = "sbora-adapter"
@@ -84,6 +90,8 @@ def save_adapter(
             tensors[f"{p}.{k}"] = t.detach().cpu().contiguous()
     for k, t in (extra_tensors or {}).items():
         tensors[EXTRA + k] = t.detach().cpu().contiguous()
+    # Files record the index layout in effect (a config without one takes its method's default).
+    configs = {p: dataclasses.replace(c, layout=c.index_layout) for p, c in configs.items()}
     config = next(iter(configs.values()))
     module_configs = {p: dataclasses.asdict(c) for p, c in configs.items() if c != config}
     metadata = {
@@ -94,6 +102,7 @@ def save_adapter(
         "base_model": base_model or "",
         "package_version": __version__,
         "extra": json.dumps(extra or {}),
+        "layout_version": str(LAYOUTS[config.index_layout]),
         **({"module_configs": json.dumps(module_configs)} if module_configs else {}),
     }
     path = Path(path)
@@ -153,18 +162,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
                 "nor a diffusers, kohya or peft LoRA file"
             )
         return imported
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterFileError(f"{path} has adapter format version {meta.get('format_version')}; this toolkit reads {FORMAT_VERSION}")
-    try:
-        config = from_dict(AdapterConfig, json.loads(meta["config"]), source=f"{path} metadata")
-        modules = json.loads(meta["modules"])
-        extra = json.loads(meta.get("extra", "{}"))
-        overrides = json.loads(meta.get("module_configs", "{}"))
-        module_configs = {p: from_dict(AdapterConfig, c, source=f"{path} metadata ({p})") for p, c in overrides.items()}
-    except (KeyError, json.JSONDecodeError, ConfigError, AttributeError, TypeError) as e:
-        raise AdapterFileError(f"{path} has broken metadata: {e}") from None
-    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules) or not isinstance(extra, dict):
-        raise AdapterFileError(f"{path} has broken metadata: modules must be a list of module paths and extra a mapping")
+    config, modules, extra, module_configs = _parse_metadata(meta, path)
     check_values(tensors, str(path))
     return AdapterFile(
         config=config,
@@ -176,6 +174,57 @@ def read_adapter(path: str | Path) -> AdapterFile:
         extra=extra,
         module_configs=module_configs,
     )
+
+
+def _config(data: object, source: str) -> AdapterConfig:
+    """An AdapterConfig from a file's JSON; no ``layout`` (a file older than layouts) means the legacy layout."""
+    if isinstance(data, dict) and "layout" not in data:
+        data = {**data, "layout": LEGACY_LAYOUT}
+    return from_dict(AdapterConfig, data, source=source)  # validates: an unknown layout is an error
+
+
+def _parse_metadata(meta: dict, path: Path) -> tuple[AdapterConfig, list[str], dict, dict[str, AdapterConfig]]:
+    """(config, modules, extra, module_configs) of one of our files' metadata; AdapterFileError if broken."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterFileError(f"{path} has adapter format version {meta.get('format_version')}; this toolkit reads {FORMAT_VERSION}")
+    try:
+        config = _config(json.loads(meta["config"]), f"{path} metadata")
+        modules = json.loads(meta["modules"])
+        extra = json.loads(meta.get("extra", "{}"))
+        overrides = json.loads(meta.get("module_configs", "{}"))
+        module_configs = {p: _config(c, f"{path} metadata ({p})") for p, c in overrides.items()}
+    except (KeyError, json.JSONDecodeError, ConfigError, AttributeError, TypeError) as e:
+        raise AdapterFileError(f"{path} has broken metadata: {e}") from None
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules) or not isinstance(extra, dict):
+        raise AdapterFileError(f"{path} has broken metadata: modules must be a list of module paths and extra a mapping")
+    return config, modules, extra, module_configs
+
+
+def slot_layouts(path: str | Path, label: str | None = None) -> list[SlotLayout]:
+    """The slot layouts of the adapter at `path`, one per distinct config, from its metadata alone (no tensor is read).
+
+    Empty for imported LoRA files (diffusers, kohya, peft); methods without slots (LoRA,
+    DiffLoRA, ...) give layouts whose ``space`` is None. `label` names the adapter in messages
+    (default: the path).
+    """
+    path = Path(path)
+    if path.is_dir():  # a peft adapter folder: LoRA, no slots
+        return []
+    if not path.is_file():
+        raise AdapterFileError(f"no adapter file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from None
+    if meta.get("format") != FORMAT:
+        return []
+    config, modules, _, module_configs = _parse_metadata(meta, path)
+    groups: dict[tuple, set[str]] = {}
+    for p in modules:
+        c = module_configs.get(p, config)
+        groups.setdefault((c.method, c.rank, c.slot, c.seed, c.index_layout), set()).add(p)
+    return [SlotLayout(label or str(path), *key, modules=frozenset(paths)) for key, paths in groups.items()]
 
 
 def load_adapter(

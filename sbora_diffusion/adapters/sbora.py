@@ -7,9 +7,13 @@ of W change, with half of LoRA's trainable parameters:
     SBoRA-FB:  B = columns e_j, j ∈ J (fixed);  ΔY[..., J] += s·A x';  ΔW = s·A in rows J.
 
 I and J are slot k's share of a per-layer permutation (base.slot_indices), so adapters in
-different slots touch disjoint columns/rows. Everything is a gather or an ``index_add_``;
-no one-hot matrix is ever built. For FA, autograd keeps only the r-wide gathered input
-x'[..., I] (index_select's backward needs just the index and the input's shape).
+different slots of one rank (and seed and layout) touch disjoint columns/rows. With the
+default ``blocks`` layout the permutation moves 16-wide blocks, so I and J are runs of
+consecutive indices, and a merge on CPU copies and adds whole runs (strided slices of W)
+instead of single entries: a switch writes ⌈r/16⌉ 64-byte lines of each row of W for FA
+rather than up to r. Everything is a gather, an ``index_add_`` or a slice; no one-hot matrix
+is ever built. For FA, autograd keeps only the r-wide gathered input x'[..., I]
+(index_select's backward needs just the index and the input's shape).
 
 On a frozen float base FA runs base and branch as one fused op (``BaseWithColumnBranch``):
 the branch's share of the input gradient goes straight into the r columns I of the base's
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import Core, slot_indices
+from .base import Core, index_runs, slot_indices
 from .config import AdapterConfig
 
 
@@ -54,6 +58,35 @@ class _StandardBasisCore(Core):
         t = self.trained()
         return t.new_zeros(self.d_out, self.d_in).index_add_(self.axis, self.indices, t * self.scale)
 
+    def _swap_state(self) -> dict:
+        """Plain per-core state of merges (kept out of nn.Module's attribute machinery: a switch is a hot path)."""
+        state = self.__dict__.get("_swap")
+        if state is None:
+            state = self.__dict__["_swap"] = {}
+        return state
+
+    def _runs(self, W: torch.Tensor) -> list[tuple[int, int, int]] | None:
+        """The index set as runs of consecutive indices (start, length, position), when slicing beats indexing.
+
+        On CPU with runs of 4 or more on average (the ``blocks`` layout: one run per 16-wide
+        block), each run is a strided slice of W that plain copies and adds stream through;
+        ``index_select``/``index_copy_`` instead visit every element through the index. Cached
+        per index tensor (a reload or ``.to`` makes a new one).
+        """
+        if W.device.type != "cpu":
+            return None
+        state = self._swap_state()
+        key = (self.indices.data_ptr(), self.indices._version)
+        if state.get("runs_key") != key:
+            runs = index_runs(self.indices)
+            state["runs_key"], state["runs"] = key, runs if 4 * len(runs) <= self.rank else None
+        return state["runs"]
+
+    def _update(self, dtype: torch.dtype) -> torch.Tensor:
+        """s·(trained factor) in `dtype`: (d_out, r) for columns I (FA), (r, d_in) for rows J (FB). s = 1 costs no pass."""
+        t = self.trained()
+        return (t if self.scale == 1 else t * self.scale).to(dtype)
+
     @torch.no_grad()
     def merge_into(self, W: torch.Tensor, weight: float = 1.0) -> None:
         """W += weight·ΔW in r columns (FA) or rows (FB) only: a sparse add, never a dense B@A.
@@ -61,18 +94,39 @@ class _StandardBasisCore(Core):
         The touched slices before and after are kept, so that ``unmerge_from`` can put the
         original values back bit-exactly (any dtype) as long as nobody changed them since.
         """
-        before = W.index_select(self.axis, self.indices)  # (d_out, r) columns I (FA) or (r, d_in) rows J (FB)
-        after = before.add((self.trained() * self.scale).to(W.dtype), alpha=weight)
-        W.index_copy_(self.axis, self.indices, after)  # one gather and one scatter: the slices are strided for FA
-        self._merged = (before, after)
+        update = self._update(W.dtype)
+        runs = self._runs(W)
+        if runs is None:
+            before = W.index_select(self.axis, self.indices)  # the r slices: strided for FA
+            after = before.add(update, alpha=weight)
+            W.index_copy_(self.axis, self.indices, after)  # one gather and one scatter
+        else:  # one slice per run of consecutive indices: before, after and the write stream through memory
+            before, after, axis = [], [], self.axis
+            for start, n, pos in runs:
+                view = W.narrow(axis, start, n)
+                b = view.clone()
+                a = b.add(update if n == self.rank else update.narrow(axis, pos, n), alpha=weight)
+                view.copy_(a)
+                before.append(b)
+                after.append(a)
+        self._swap_state()["merged"] = (before, after, runs)
 
     @torch.no_grad()
     def unmerge_from(self, W: torch.Tensor, weight: float = 1.0) -> None:
-        saved, self._merged = getattr(self, "_merged", None), None
-        if saved is not None and torch.equal(W.index_select(self.axis, self.indices), saved[1]):
-            W.index_copy_(self.axis, self.indices, saved[0])
-        else:  # the slices changed since the merge (another adapter merged on top): subtract
-            W.index_add_(self.axis, self.indices, (self.trained() * self.scale).to(W.dtype), alpha=-weight)
+        saved = self._swap_state().pop("merged", None)
+        if saved is not None and saved[2] is None:
+            if torch.equal(W.index_select(self.axis, self.indices), saved[1]):
+                W.index_copy_(self.axis, self.indices, saved[0])
+                return
+        elif saved is not None:
+            before, after, runs = saved
+            views = [W.narrow(self.axis, start, n) for start, n, _ in runs]
+            if all(torch.equal(v, a) for v, a in zip(views, after)):
+                for v, b in zip(views, before):
+                    v.copy_(b)
+                return
+        # Not merged by this core, or the slices changed since (another adapter merged on top): subtract.
+        W.index_add_(self.axis, self.indices, self._update(W.dtype), alpha=-weight)
 
 
 # Where to merge s·B into a copy of W instead of adding the branch in place. Merging costs two
