@@ -62,3 +62,36 @@ def problems_needed(discordance: float, points: float = 1.0, power: float = 0.5)
     delta = points / 100
     z = Z95 + statistics.NormalDist().inv_cdf(power)
     return math.ceil(z * z * max(discordance - delta * delta, 0.0) / (delta * delta))
+
+
+def _ratio_terms(num: list[bool], den: list[bool]) -> tuple[float, list[float]]:
+    """r = mean(num) / mean(den) and each problem's linearized contribution (num_i − r·den_i) / mean(den)."""
+    if not num or len(num) != len(den):
+        raise ValueError(f"answer sheets do not pair: {len(num)} and {len(den)} problems")
+    b = statistics.fmean(den)
+    if not b:
+        return math.nan, [math.nan] * len(num)
+    r = statistics.fmean(num) / b
+    return r, [(int(x) - r * int(y)) / b for x, y in zip(num, den)]
+
+
+def ratio_interval(num: list[bool], den: list[bool]) -> tuple[float, float]:
+    """Ratio of two accuracies on the same problems (e.g. merged / solo: the share kept) and the
+    half-width of its 95% interval (delta method over problems); nan when `den` got nothing right."""
+    r, z = _ratio_terms(num, den)
+    if r != r or len(z) < 2:
+        return r, math.nan
+    return r, Z95 * statistics.stdev(z) / math.sqrt(len(z))
+
+
+def ratio_difference(num_a: list[bool], den_a: list[bool], num_b: list[bool], den_b: list[bool]) -> tuple[float, float]:
+    """r_a − r_b for two ratios of accuracies on the same problems (e.g. the share SBoRA keeps
+    merged minus the share LoRA keeps) and its 95% half-width, paired over problems (delta method)."""
+    ra, za = _ratio_terms(num_a, den_a)
+    rb, zb = _ratio_terms(num_b, den_b)
+    if len(za) != len(zb):
+        raise ValueError(f"answer sheets do not pair: {len(za)} and {len(zb)} problems")
+    d = [x - y for x, y in zip(za, zb)]
+    if ra != ra or rb != rb or len(d) < 2:
+        return ra - rb, math.nan
+    return ra - rb, Z95 * statistics.stdev(d) / math.sqrt(len(d))

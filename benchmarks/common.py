@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import os
 import platform
 import statistics
@@ -408,7 +409,7 @@ def run_benchmark(
     payload = {"config": {"preset": inv.preset, **asdict(inv.config)}, "environment": environment(), "command": inv.command, "results": {}}
 
     def save(final: bool = False) -> None:
-        payload["complete"] = final
+        payload["complete"] = final and not payload["results"].get("pending")  # a resumable run's merge may leave units to do
         payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
         payload["environment"]["load_average_end"] = list(os.getloadavg())
         paths = write_results(inv.stem, payload, markdown(payload), figure(payload), Path(inv.config.out_dir or DOCS_DIR))
@@ -420,6 +421,74 @@ def run_benchmark(
     for what, ok, got in targets(payload["results"]) if targets else []:
         print(f"{'met   ' if ok else 'MISSED'} {what}: {got}")
     return payload
+
+
+# ---------------------------------------------------------------------------- resumable runs in units (LLM benchmarks)
+
+
+def parse_worker(text: str) -> tuple[int, int]:
+    """``"k/n"`` -> (k, n): worker k of n, 0 <= k < n."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--worker takes K/N (worker K of N, counted from 0), e.g. 0/2; got '{text}'") from None
+    if not 0 <= k < n:
+        raise ConfigError(f"--worker {text}: K must be in 0..N-1")
+    return k, n
+
+
+class UnitStore:
+    """The finished units of a resumable benchmark: one JSON file per unit in `folder`, written
+    atomically by the one worker that owns the unit (so no two processes ever write one file).
+
+    Every file carries `protocol` (the settings all units of one run share: steps, data
+    sizes...); reading a file of another protocol is an error, so a changed setting never
+    mixes with old results silently."""
+
+    def __init__(self, folder: str | Path, protocol: dict):
+        self.folder, self.protocol = Path(folder), protocol
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def load(self, key: str) -> dict | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        theirs = data.get("protocol") or {}
+        if theirs != self.protocol:
+            diff = ", ".join(f"{k} {theirs.get(k)} (now {self.protocol.get(k)})" for k in sorted({*theirs, *self.protocol}) if theirs.get(k) != self.protocol.get(k))
+            raise ConfigError(f"{path} belongs to a run with other settings: {diff}; use another --work-dir, or that run's settings")
+        return data["result"]
+
+    def save(self, key: str, result: dict) -> None:
+        write_json(self.path(key), {"protocol": self.protocol, "result": result}, indent=None)
+
+
+def run_units(units: list, worker: tuple[int, int], is_done: Callable[[object], bool], ready: Callable[[object], bool],
+              do: Callable[[object], None], wait_seconds: float = 60, sleep: Callable[[float], None] = time.sleep) -> list:
+    """Run worker k of n's share of `units` (every n-th, from the k-th: the schedule's order,
+    e.g. seed-major, is kept within each worker), skipping those already done. A unit whose
+    inputs another worker has not finished (`ready` false) is passed over until it is ready;
+    when only such units are left, wait `wait_seconds` between looks. Returns the units run."""
+    k, n = worker
+    mine, ran, said = units[k::n], [], None
+    while True:
+        pending = [u for u in mine if not is_done(u)]
+        if not pending:
+            return ran
+        unit = next((u for u in pending if ready(u)), None)
+        if unit is None:
+            if said != pending:
+                print(f"worker {k}/{n}: waiting for other workers' units before {', '.join(map(str, pending))}", flush=True)
+                said = pending
+            sleep(wait_seconds)
+            continue
+        do(unit)
+        if not is_done(unit):
+            raise RuntimeError(f"unit {unit} ran but is still not done: a bug in the benchmark's bookkeeping")
+        ran.append(unit)
 
 
 def mib(n: float) -> str:
