@@ -60,10 +60,12 @@ from gradio.data_classes import FileData
 import pandas as pd
 from PIL import Image, ImageChops
 
-from sbora_diffusion.adapters import METHODS, AdapterConfig, AdapterFileError, load_adapter_config, read_adapter
-from sbora_diffusion.adapters.base import SLOT_SPACES, SlotLayout, free_slot, slot_clash
+from sbora_diffusion.adapters import AdapterConfig, AdapterFileError, load_adapter_config, read_adapter
+from sbora_diffusion.adapters.config import DEFAULT_METHOD
 from sbora_diffusion.adapters.io import slot_layouts
 from sbora_diffusion.adapters.overlap import CROSSTALK_MEANING, WEIGHT_OVERLAP_MEANING
+from sbora_diffusion.adapters.registry import CONCEPT, METHOD_SPECS, trained_methods
+from sbora_diffusion.adapters.slots import SlotLayout, free_slot, slot_clash
 from sbora_diffusion.cli import EXPECTED, add_debug_flag, run_main
 from sbora_diffusion.compose import FUSIONS, Composer, Region, same_base, find_concepts
 from sbora_diffusion.concept.train import load_train_config, train
@@ -92,6 +94,7 @@ MAX_PROMPT = 1000
 MAX_CONCEPTS = 8
 MAX_RANK = 128
 MAX_SLOT = 255
+TRAINED_METHODS = sorted(trained_methods(CONCEPT))  # the Train tab's methods: exactly the registry's that train_concept.py trains
 # One range per generation setting, for the page's controls and the API's checks alike.
 WEIGHT_RANGE = (0.0, 2.0)
 GUIDANCE_RANGE = (0.0, 20.0)
@@ -262,7 +265,7 @@ class Studio:
 
     def _card(self, cid: object, cards: dict[str, Card]) -> Card:
         if not isinstance(cid, str) or not CONCEPT_ID.fullmatch(cid):
-            raise AppInputError(f"{cid!r} is not a concept name: use one listed by the app, '<concept>/<method>' (e.g. 'robot/sbora-fa')")
+            raise AppInputError(f"{cid!r} is not a concept name: use one listed by the app, '<concept>/<method>' (e.g. 'robot/{DEFAULT_METHOD}')")
         if cid not in cards:
             raise AppInputError(f"no concept '{cid}' in the outputs folder; available: {', '.join(cards) or 'none yet (train one first)'}")
         return cards[cid]
@@ -286,10 +289,10 @@ class Studio:
         return sorted({c.id for c in self.cards().values() if c.id != skip for s in c.slots
                        if s.method == method and s.seed == seed and s.layout != layout})
 
-    def next_slot(self, method: str = "sbora-fa", rank: int | None = None, skip: str | None = None) -> int:
+    def next_slot(self, method: str = DEFAULT_METHOD, rank: int | None = None, skip: str | None = None) -> int:
         """The smallest slot whose share of each layer no listed concept of `method` (same seed and layout) holds at
         `rank` (none: the method's own): a new concept there composes with all of them. 0 for a method without slots."""
-        if method not in SLOT_SPACES:
+        if not has_slots(method):
             return 0
         rank = method_defaults(method).rank if rank in (None, "") else int(rank)
         _, theirs = self.partition(method, skip)
@@ -298,7 +301,7 @@ class Studio:
     def slot_clash(self, method: str, rank: int, slot: int, skip: str | None = None) -> str | None:
         """Why slot `slot` at `rank` of `method` would share indices with a listed concept of its layout (``partition``),
         worded for the page; None if it shares none."""
-        if method not in SLOT_SPACES:
+        if not has_slots(method):
             return None
         layout, theirs = self.partition(method, skip)
         planned = SlotLayout("the new concept", method, rank, slot, method_defaults(method).seed, layout)
@@ -349,7 +352,7 @@ class Studio:
         cfg = self.config
         all_cards = self.cards()
         if not isinstance(concepts, dict):
-            raise AppInputError("concepts must map concept names to weights, e.g. {'robot/sbora-fa': 1.0}")
+            raise AppInputError(f"concepts must map concept names to weights, e.g. {{'robot/{DEFAULT_METHOD}': 1.0}}")
         if len(concepts) > MAX_CONCEPTS:
             raise AppInputError(f"at most {MAX_CONCEPTS} concepts at once, got {len(concepts)}")
         chosen = {}
@@ -422,7 +425,7 @@ class Studio:
     # -- train ----------------------------------------------------------------------------
 
     def start_training(self, name: str = "", class_word: str = "", photos: list | None = None, example: str = "",
-                       method: str = "sbora-fa", rank: int | None = None, slot: int | None = None, steps: int | None = None,
+                       method: str = DEFAULT_METHOD, rank: int | None = None, slot: int | None = None, steps: int | None = None,
                        overwrite: bool = False) -> TrainJob:
         """Check the request, save the photos, and start training in a background thread; returns the job.
 
@@ -430,8 +433,8 @@ class Studio:
         takes the next free one; a slot whose indices a trained concept of the same method and seed uses is refused.
         """
         cfg = self.config
-        if not isinstance(method, str) or method not in METHODS:
-            raise AppInputError(f"unknown method {method!r}; pick one of {', '.join(sorted(METHODS))}")
+        if not isinstance(method, str) or method not in TRAINED_METHODS:  # exactly the registry's methods the concept trainer trains
+            raise AppInputError(f"unknown method {method!r}; pick one of {', '.join(TRAINED_METHODS)}")
         rank = method_defaults(method).rank if rank in (None, "") else int(_number(rank, "rank", 1, MAX_RANK, integer=True))
         photos = list(photos or [])
         if example:
@@ -477,7 +480,7 @@ class Studio:
             job = TrainJob(concept=cid, total=train_config.steps)
             self.job = job
         overrides = {"rank": rank, "slot": slot}
-        if method in SLOT_SPACES:  # the index layout of the concepts it is to compose with (``partition``)
+        if has_slots(method):  # the index layout of the concepts it is to compose with (``partition``)
             overrides["layout"] = self.partition(method, skip=cid)[0]
             apart = self.other_layouts(method, skip=cid)
             if apart:  # concepts of both layouts already listed: the new one can join only one group
@@ -560,6 +563,12 @@ class Studio:
 def method_defaults(method: str) -> AdapterConfig:
     """The method's own config (configs/methods/<method>.yaml): the rank and seed the command line trains with."""
     return load_adapter_config(method)
+
+
+def has_slots(method: str) -> bool:
+    """Whether `method`'s concepts take slots (the registry's slot side): the slot proposal and check apply."""
+    spec = METHOD_SPECS.get(method)
+    return bool(spec and spec.composable)
 
 
 # The trainer's and the composer's messages name command-line flags; the page has fields for them.
@@ -710,7 +719,7 @@ def _escape(text: str) -> str:
 
 def build_ui(studio: Studio) -> gr.Blocks:
     cfg = studio.config
-    methods = sorted(METHODS)
+    methods = TRAINED_METHODS
 
     @shown_in_page
     def api_generate(prompt: str, concepts: dict[str, float], regions: dict[str, list[float]] | None = None,
@@ -729,7 +738,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
     @shown_in_page
     def api_train(name: str = "", class_word: str = "", photos: list[FileData] | None = None, example: str = "",
-                  method: str = "sbora-fa", rank: int | None = None, slot: int | None = None, steps: int | None = None,
+                  method: str = DEFAULT_METHOD, rank: int | None = None, slot: int | None = None, steps: int | None = None,
                   overwrite: bool = False) -> dict:
         """Train a concept from 3-20 photos (or a shipped example concept) and wait for it: returns its id
         ("<name>/<method>"), status, steps, final loss and seconds. rank: none takes the method's own (as the command
@@ -856,7 +865,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         class_word = gr.Textbox(label="Class word", placeholder="e.g. dog", elem_id="class-word", interactive=True)
                     token = gr.Markdown("Its token in prompts: `<name1>` (from the concept name)", elem_id="token")
                     with gr.Row():
-                        first_method = "sbora-fa" if "sbora-fa" in methods else methods[0]
+                        first_method = DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0]
                         method = gr.Dropdown(methods, value=first_method, label="Method", elem_id="method", interactive=True)
                         slot = gr.Number(label="Slot (the next free one is proposed)", value=studio.next_slot(first_method), precision=0,
                                          minimum=0, maximum=MAX_SLOT, elem_id="slot", interactive=True)

@@ -48,12 +48,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sbora_diffusion.adapters import AdaptedLinear, AdapterConfig, inject, match_targets
+from sbora_diffusion.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, methods_where, peft_baseline
 from sbora_diffusion.configuration import ConfigError, add_arguments, override, overrides_from_args
 from sbora_diffusion.fileio import atomic_path, write_json, write_text
 
-REFERENCE = "peft-lora"  # every time is a ratio to this method, measured in the same round
+REFERENCE = peft_baseline(REFERENCE_METHOD)  # peft-lora: every time is a ratio to this method, measured in the same round
 FLOOR = "floor"
-OUR_METHODS = ["lora", "sbora-fa", "sbora-fb", "ortho", "difflora"]
+OUR_METHODS = methods_where(base=None, low_rank=True)  # the registry's low-rank cores: lora, sbora-fa, sbora-fb, ortho, difflora
 COST_METHODS = [REFERENCE, *OUR_METHODS, FLOOR]
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
@@ -90,14 +91,15 @@ def add_method(model: nn.Module, method: str, rank: int, targets: list[str], see
     """Put `method` on every targeted linear layer of a frozen `model` (s = alpha/r = 1 for all);
     returns the trainable parameters."""
     model.requires_grad_(False)
-    if method in ("peft-lora", "peft-dora"):
+    spec = METHOD_SPECS.get(method)
+    if spec is not None and spec.peft_backed:  # peft-lora, peft-dora (the registry's peft options)
         from peft import LoraConfig, inject_adapter_in_model
 
         torch.manual_seed(seed)  # peft draws its Kaiming A from the global generator
-        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, use_dora=method == "peft-dora")
+        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, **spec.peft_config)
         inject_adapter_in_model(cfg, model)
     elif method == FLOOR:
-        cfg = AdapterConfig(method="lora", rank=1, targets=targets)  # only for its target matching
+        cfg = AdapterConfig(method=REFERENCE_METHOD, rank=1, targets=targets)  # only for its target matching
         for path in match_targets(model, cfg):
             parent, _, child = path.rpartition(".")
             holder = model.get_submodule(parent) if parent else model

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sbora_diffusion.adapters import adapted_layers, sbora
+from sbora_diffusion.adapters.registry import label
 from sbora_diffusion.configuration import ConfigError
 
 from .common import (
@@ -50,7 +51,7 @@ from .train_cost import BUILDERS, TrainCostConfig
 
 # variant name -> (method put on the base, label)
 VARIANTS = {
-    REFERENCE: ("peft-lora", "peft LoRA"),
+    REFERENCE: (REFERENCE, label(REFERENCE)),
     "fa-unfused": ("sbora-fa", "FA unfused (autograd)"),
     "fa-in-place": ("sbora-fa", "FA fused, in place"),
     "fa-shipped": ("sbora-fa", "FA fused, shipped (merges where cheaper)"),

@@ -51,16 +51,29 @@ from tqdm.auto import tqdm
 
 from sbora_diffusion.adapters import AdapterConfig, adapted_layers, inject, merge, unmerge
 from sbora_diffusion.adapters.base import cache_lines
+from sbora_diffusion.adapters.config import DEFAULT_LAYOUTS, LEGACY_LAYOUT
+from sbora_diffusion.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, composable_methods, label, labels, layout_label, peft_baseline
 from sbora_diffusion.configuration import ConfigError
 
 from .common import add_method, clone_sharing_weights, run_benchmark, targets_table
 from .train_cost import BUILDERS, TrainCostConfig
 
-# SBoRA in each index layout, named explicitly (the default is scattered: adapters.config.DEFAULT_LAYOUTS)
-METHODS = {"peft-lora": "peft LoRA", "lora": "LoRA (ours)", "sbora-fa@blocks": "SBoRA-FA (blocks, v2)", "sbora-fa@scattered": "SBoRA-FA (scattered, v1)",
-           "sbora-fb@scattered": "SBoRA-FB (scattered, v1)", "sbora-fb@blocks": "SBoRA-FB (blocks, v2)", "ortho": "Ortho"}
-TARGETED = ("sbora-fa@blocks", "sbora-fb@scattered")  # the fast layout of each side: FA's runs, FB's rows (contiguous either way)
-BASELINE = "lora"  # ratios are to our own LoRA merge (and peft's is reported beside it)
+BASELINE = REFERENCE_METHOD  # ratios are to our own LoRA merge (and peft's is reported beside it)
+PEFT = peft_baseline(BASELINE)
+
+
+def _variants() -> dict[str, str]:
+    """key -> label: peft's LoRA, ours, and every method with slots (the registry's), a method with index layouts once per
+    layout (``method@layout``, its fastest-switching layout first; the default is scattered: adapters.config.DEFAULT_LAYOUTS)."""
+    out = labels([PEFT, BASELINE])
+    for m in composable_methods():
+        out.update({f"{m}@{layout}": layout_label(m, layout) for layout in METHOD_SPECS[m].layouts} or {m: label(m)})
+    return out
+
+
+METHODS = _variants()
+# the fast layout of each side: FA's runs, FB's rows (contiguous either way)
+TARGETED = tuple(f"{m}@{METHOD_SPECS[m].fast_layout}" for m in composable_methods() if METHOD_SPECS[m].layouts)
 CAPABILITIES = ("native", "avx2", "default")  # native: torch's own choice for this CPU (AVX-512 where it has it)
 CHILD = "SBORA_HOT_SWAP_CHILD"  # set in the per-capability processes
 LINE = 64  # bytes per cache line
@@ -96,9 +109,14 @@ def add(model: torch.nn.Module, key: str, rank: int, targets: list[str], seed: i
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _spec(key: str):
+    """The registry's spec of a key (``method`` or ``method@layout``)."""
+    return METHOD_SPECS[key.partition("@")[0]]
+
+
 def switch_fn(method: str, model: torch.nn.Module) -> Callable[[], None]:
     """One switch (merge + unmerge of the concept) for `method` on `model`."""
-    if method.startswith("peft"):
+    if _spec(method).peft_backed:
         from peft.tuners.lora.layer import LoraLayer
 
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
@@ -124,16 +142,17 @@ def written(method: str, model: torch.nn.Module, rank: int) -> dict[str, int]:
     """
     per_line = LINE // 4
     entries = lines = 0
-    if method.startswith("peft"):
+    side = _spec(method).slot_side
+    if _spec(method).peft_backed:
         shapes = [(m.out_features, m.in_features, None) for m in model.modules() if hasattr(m, "base_layer") and isinstance(m.base_layer, torch.nn.Linear)]
     else:
         shapes = [(layer.out_features, layer.in_features, layer.cores["default"]) for layer in adapted_layers(model).values()]
     for d_out, d_in, core in shapes:
         row_lines = -(-d_in // per_line)
-        if method.startswith("sbora-fa"):
+        if side == "columns":  # SBoRA-FA
             entries += rank * d_out
             lines += d_out * cache_lines(core.indices, d_in)
-        elif method.startswith("sbora-fb"):
+        elif side == "rows":  # SBoRA-FB
             entries += rank * d_in
             lines += rank * row_lines
         else:
@@ -182,11 +201,11 @@ def measure_here(config: HotSwapConfig, results: dict, save: Callable[[], None])
                     t0 = time.process_time()
                     switches[method]()
                     times[method].append(time.process_time() - t0)
-        layers = len(adapted_layers(models["lora"]))
+        layers = len(adapted_layers(models[BASELINE]))
         rows = {}
         for method in METHODS:
             ratio = [t / b for t, b in zip(times[method], times[BASELINE], strict=True)]
-            peft = [t / b for t, b in zip(times[method], times["peft-lora"], strict=True)]
+            peft = [t / b for t, b in zip(times[method], times[PEFT], strict=True)]
             rows[method] = {
                 "label": METHODS[method], "ms_median": 1e3 * statistics.median(times[method]),
                 "x_lora_median": statistics.median(ratio), "x_peft_median": statistics.median(peft),
@@ -235,6 +254,15 @@ def targets_check(res: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def _column(key: str) -> str:
+    """A summary column's head: "SBoRA-FA (blocks)", "SBoRA-FB (scattered, default)", "Ortho"."""
+    method, _, layout = key.partition("@")
+    if not layout:
+        return _spec(key).label
+    default = ", default" if layout == DEFAULT_LAYOUTS.get(method, LEGACY_LAYOUT) else ""
+    return f"{_spec(key).label} ({layout}{default})"
+
+
 def markdown(payload: dict) -> str:
     env, res = payload["environment"], payload["results"]
     cpus = _cpus(res)
@@ -250,22 +278,21 @@ def markdown(payload: dict) -> str:
         "indices, as the SBoRA paper) and `blocks` (v2, `--layout blocks`: runs of 16-wide blocks).", "",
     ]
     if cpus:
+        slotted = [k for k in METHODS if k not in (PEFT, BASELINE)]
         lines += ["## Speed-up of a switch over LoRA's (ours), per kernel set", "",
-                  "| kernels | rank | SBoRA-FA (blocks) | SBoRA-FA (scattered, default) | SBoRA-FB (scattered, default) | SBoRA-FB (blocks) | Ortho | LoRA ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| kernels | rank | " + " | ".join(_column(k) for k in slotted) + f" | {_spec(BASELINE).label} ms |",
+                  "|---|---:|" + "---:|" * (len(slotted) + 1)]
         for cap, r in cpus.items():
             for rank, v in r.get("ranks", {}).items():
                 m = v["methods"]
-                lines.append(f"| {cap} ({r.get('kernels')}) | {rank} | {m['sbora-fa@blocks']['speedup_vs_lora']:.1f}× | "
-                             f"{m['sbora-fa@scattered']['speedup_vs_lora']:.1f}× | {m['sbora-fb@scattered']['speedup_vs_lora']:.1f}× | "
-                             f"{m['sbora-fb@blocks']['speedup_vs_lora']:.1f}× | "
-                             f"{m['ortho']['speedup_vs_lora']:.1f}× | {m['lora']['ms_median']:.0f} |")
+                lines.append(f"| {cap} ({r.get('kernels')}) | {rank} | " + "".join(f"{m[k]['speedup_vs_lora']:.1f}× | " for k in slotted)
+                             + f"{m[BASELINE]['ms_median']:.0f} |")
         lines.append("")
     for cap, r in cpus.items():
         lines += [f"## Kernels: {cap} ({r.get('kernels')}; ATEN_CPU_CAPABILITY={r.get('aten_cpu_capability') or 'unset'}), {r.get('cpu', '')}", ""]
         for rank, v in r.get("ranks", {}).items():
             lines += [f"### rank {rank}", "",
-                      "| method | ms per switch | × LoRA (ours) | × peft LoRA | faster than LoRA | bytes written | lines written | line traffic |",
+                      f"| method | ms per switch | × {METHODS[BASELINE]} | × {METHODS[PEFT]} | faster than LoRA | bytes written | lines written | line traffic |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for row in v["methods"].values():
                 lines.append(f"| {row['label']} | {row['ms_median']:.2f} | {row['x_lora_median']:.4f} | {row['x_peft_median']:.4f} | "

@@ -32,13 +32,15 @@ import torch
 from tqdm.auto import tqdm
 
 from sbora_diffusion.adapters import AdapterConfig, active_adapters, adapter_parameters, inject
+from sbora_diffusion.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, label, labels, peft_baseline
 from sbora_diffusion.configuration import ConfigError, check_fields
 
 from .common import clone_sharing_weights, run_benchmark, targets_table
 from .hot_swap import randomize
 from .train_cost import BUILDERS, TrainCostConfig
 
-METHODS = {"sbora-fa": "SBoRA-FA", "lora": "LoRA (ours)", "peft-lora": "peft LoRA"}
+SUBJECT = "sbora-fa"  # the method whose unmerged and regional multi-concept inference this measures
+METHODS = labels([SUBJECT, REFERENCE_METHOD, peft_baseline(REFERENCE_METHOD)])  # -> its label, beside our LoRA and peft's
 
 
 @dataclass
@@ -68,7 +70,7 @@ def with_concepts(base, method: str, n: int, rank: int, targets: list[str], seed
     """A shared-weight copy of `base` with `n` concepts of `method`; returns (model, context manager activating all)."""
     model = clone_sharing_weights(base)
     names = [f"c{k}" for k in range(n)]
-    if method == "peft-lora":
+    if METHOD_SPECS[method].peft_backed:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora.layer import LoraLayer
 
@@ -81,7 +83,7 @@ def with_concepts(base, method: str, n: int, rank: int, targets: list[str], seed
                 m.set_adapter(names)
         return model, contextlib.nullcontext
     for k, name in enumerate(names):
-        slot = {"slot": k} if method == "sbora-fa" else {}
+        slot = {"slot": k} if METHOD_SPECS[method].composable else {}  # disjoint slots; LoRA: one seed per concept
         inject(model, AdapterConfig(method=method, rank=rank, alpha=float(rank), targets=targets, seed=seed + (0 if slot else k), **slot), name=name)
         randomize(adapter_parameters(model, name), seed + k)
     return model, lambda: active_adapters(model, {name: 1.0 for name in names})
@@ -91,7 +93,7 @@ def regional_runner(base, n: int, rank: int, targets: list[str], seed: int, cont
     """SBoRA-FA concepts in `n` side-by-side regions through the regional processor."""
     from sbora_diffusion.regional import RegionalPrompt, box_mask, install_regional_processors, regional_sampling
 
-    model, activate = with_concepts(base, "sbora-fa", n, rank, targets, seed)
+    model, activate = with_concepts(base, SUBJECT, n, rank, targets, seed)
     install_regional_processors(model)
     regions = [RegionalPrompt(selection={f"c{k}": 1.0}, cond=context[:1], uncond=context[1:], mask=box_mask([k / n, 0, (k + 1) / n, 1], latent, latent))
                for k in range(n)]
@@ -118,7 +120,7 @@ def measure(config: InferenceConfig, results: dict, save: Callable[[], None]) ->
             runners[f"{method}-{n}"] = (f"{METHODS[method]}, {n} unmerged", model, scope)
     for n in config.regions:
         model, scope = regional_runner(base, n, config.rank, targets, config.seed, context, s)
-        runners[f"regional-{n}"] = (f"SBoRA-FA, {n} regions", model, scope)
+        runners[f"regional-{n}"] = (f"{label(SUBJECT)}, {n} regions", model, scope)
     times: dict[str, list[float]] = {k: [] for k in runners}
     order = list(runners)
     with torch.no_grad():
@@ -145,11 +147,12 @@ def measure(config: InferenceConfig, results: dict, save: Callable[[], None]) ->
 def targets_check(res: dict) -> list[tuple[str, bool, str]]:
     v = res["variants"]
     out = []
-    if "sbora-fa-1" in v:
-        x = v["sbora-fa-1"]["x_merged_median"]
+    one, eight = f"{SUBJECT}-1", f"{SUBJECT}-8"
+    if one in v:
+        x = v[one]["x_merged_median"]
         out.append(("one SBoRA concept unmerged ≤ 5% slower than merged", x <= 1.05, f"{x:.3f}× merged"))
-    if "sbora-fa-8" in v and "sbora-fa-1" in v:
-        x = v["sbora-fa-8"]["ms_median"] / v["sbora-fa-1"]["ms_median"]
+    if eight in v and one in v:
+        x = v[eight]["ms_median"] / v[one]["ms_median"]
         out.append(("8 SBoRA concepts unmerged ≤ 1.25× one", x <= 1.25, f"{x:.3f}× one"))
     return out
 

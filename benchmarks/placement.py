@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sbora_diffusion.adapters.config import DEFAULT_METHOD
 from sbora_diffusion.configuration import ConfigError, check_fields
 from sbora_diffusion.regional import DEFAULT_MODE, MODES
 
@@ -54,7 +55,7 @@ class PlacementConfig:
     concepts: list[str] = field(default_factory=lambda: ["robot", "duck"], metadata={"help": "two concepts (configs/concepts/), slots 0 and 1"})
     hues: list[str] = field(default_factory=lambda: ["340-20", "40-65"], metadata={"help": "each concept's colour as a hue range in degrees (red: 340-25)"})
     adapters: list[str] = field(default_factory=list, metadata={"help": "trained adapter files, one per concept (empty: train them into --work-dir)"})
-    method: str = field(default="sbora-fa", metadata={"help": "method of the concepts trained here"})
+    method: str = field(default=DEFAULT_METHOD, metadata={"help": "method of the concepts trained here"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "regional modes: " + ", ".join(MODES)})
     seeds: int = field(default=8, metadata={"help": "seeds per case (image k: seed k)"})
     weight: float = field(default=1.0, metadata={"help": "each concept's weight"})

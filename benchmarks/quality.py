@@ -65,25 +65,29 @@ from pathlib import Path
 
 import torch
 
+from sbora_diffusion.adapters.registry import CONCEPT, METHOD_SPECS, REFERENCE_METHOD, composable_methods, composition_label, label, trained_methods
 from sbora_diffusion.configuration import ConfigError
 
 from .accuracy import seed_interval
 from .common import run_benchmark
 
-# name -> (method YAML, TrainConfig overrides)
+DIFFORA = "diffora"  # DiffoRA selection (a training procedure, --select diffora) over the paper's SBoRA-FA
+DIFFORA_METHOD = "sbora-fa"
+# name -> (method, TrainConfig overrides): every method of the registry the concept trainer trains (the low-rank ones, then
+# DiffoRA over SBoRA-FA, then the dense ones)
+_TRAINED = trained_methods(CONCEPT)
 METHODS: dict[str, tuple[str, dict]] = {
-    "lora": ("lora", {}), "sbora-fa": ("sbora-fa", {}), "sbora-fb": ("sbora-fb", {}), "ortho": ("ortho", {}),
-    "difflora": ("difflora", {}), "delta-lora": ("delta-lora", {}), "diffora": ("sbora-fa", {"select": "diffora"}),
-    "custom-diffusion": ("custom-diffusion", {}),
+    **{m: (m, {}) for m in _TRAINED if METHOD_SPECS[m].low_rank}, DIFFORA: (DIFFORA_METHOD, {"select": DIFFORA}),
+    **{m: (m, {}) for m in _TRAINED if not METHOD_SPECS[m].low_rank},
 }
-SLOT_METHODS = {"sbora-fa": "in", "ortho": "in", "diffora": "in", "sbora-fb": "out"}  # -> which dimension the slots cut
-FLOOR, CEILING, REFERENCE = "zero-shot", "full-ft", "lora"
-LABELS = {FLOOR: "zero-shot base (floor)", "lora": "LoRA", "sbora-fa": "SBoRA-FA", "sbora-fb": "SBoRA-FB", "ortho": "Ortho",
-          "difflora": "DiffLoRA", "delta-lora": "Delta-LoRA", "diffora": "DiffoRA (SBoRA-FA, best 50%)",
-          "custom-diffusion": "Custom Diffusion", CEILING: "full UNet fine-tune (ceiling)"}
-MULTI_METHODS = ("lora", "sbora-fa", "sbora-fb", "ortho")
+# -> which dimension the slots cut (the registry's slot side): the methods trained in slot k for concept k
+SLOT_METHODS = {name: METHOD_SPECS[m].slot_dim for name, (m, _) in METHODS.items() if METHOD_SPECS[m].composable}
+FLOOR, CEILING, REFERENCE = "zero-shot", "full-ft", REFERENCE_METHOD
+LABELS = {FLOOR: "zero-shot base (floor)", **{name: label(m) for name, (m, extra) in METHODS.items() if not extra},
+          DIFFORA: f"DiffoRA ({label(DIFFORA_METHOD)}, best 50%)", CEILING: "full UNet fine-tune (ceiling)"}
+MULTI_METHODS = (REFERENCE, *composable_methods())  # LoRA as the naive sum; the slot methods in their disjoint slots
 MULTI_MODES = ("sum", "regional")
-MULTI_LABELS = {"lora": "LoRA, naive sum", "sbora-fa": "SBoRA-FA, slots", "sbora-fb": "SBoRA-FB, slots", "ortho": "Ortho, slots"}
+MULTI_LABELS = {m: composition_label(m) for m in MULTI_METHODS}
 BOXES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))  # concept A's half (left), concept B's (right): x0, y0, x1, y1
 PAIR_PROMPT = "a photo of {a} on the left and {b} on the right"  # the world's two-object grammar
 # Prompts of the world's grammar that name none of the concepts' classes: what an adapter should leave alone.
@@ -451,7 +455,7 @@ def train_one(ctx: Context, method: str, concept, seed: int) -> tuple[object, di
     else:
         yaml_name, extra = METHODS[method]
         tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, **extra, "train_seed": seed, "output_dir": str(out)})
-        adapter = {"seed": seed, **({"rank": cfg.rank, "alpha": float(cfg.rank)} if cfg.rank and method != "custom-diffusion" else {})}
+        adapter = {"seed": seed, **({"rank": cfg.rank, "alpha": float(cfg.rank)} if cfg.rank and METHOD_SPECS[yaml_name].low_rank else {})}
         if method in SLOT_METHODS:
             adapter["slot"] = ctx.slots[concept.name]
         stamps: list[float] = []

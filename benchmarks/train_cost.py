@@ -32,10 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sbora_diffusion.adapters import TARGET_PRESETS
+from sbora_diffusion.adapters.registry import labels
 from sbora_diffusion.configuration import CONFIG_DIR, ConfigError
 
 from .common import (
     COST_METHODS,
+    FLOOR,
     REFERENCE,
     Variant,
     add_method,
@@ -58,7 +60,7 @@ BASES = ("sd15-unet", "smollm2")
 class TrainCostConfig:
     bases: list[str] = field(default_factory=lambda: list(BASES), metadata={"help": "bases to measure: " + ", ".join(BASES)})
     ranks: list[int] = field(default_factory=lambda: [4, 16, 64], metadata={"help": "adapter ranks"})
-    methods: list[str] = field(default_factory=lambda: list(COST_METHODS), metadata={"help": "methods (peft-lora, the reference, is always added)"})
+    methods: list[str] = field(default_factory=lambda: list(COST_METHODS), metadata={"help": f"methods ({REFERENCE}, the reference, is always added)"})
     repeats: int = field(default=5, metadata={"help": "timed rounds (one step per method per round); medians over rounds"})
     layer_repeats: int = field(default=15, metadata={"help": "timed rounds of the adapted layers alone (cheap: they resolve the overhead)"})
     latent_size: int = field(default=32, metadata={"help": "SD: latent height and width (32 = 256×256 pixels)"})
@@ -150,8 +152,7 @@ def measure_base(name: str, config: TrainCostConfig, result: dict, save: Callabl
 
 # --------------------------------------------------------------------------- report
 
-LABELS = {"peft-lora": "peft LoRA", "lora": "LoRA (ours)", "sbora-fa": "SBoRA-FA", "sbora-fb": "SBoRA-FB",
-          "ortho": "Ortho", "difflora": "DiffLoRA", "floor": "floor (bias only)"}
+LABELS = {**labels([m for m in COST_METHODS if m != FLOOR]), FLOOR: "floor (bias only)"}  # the registry's labels
 
 
 def targets_check(results: dict) -> list[tuple[str, bool, str]]:

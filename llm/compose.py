@@ -58,7 +58,6 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora_diffusion.adapters import adapted_layers, read_adapter
-from sbora_diffusion.adapters.base import slot_clashes
 from sbora_diffusion.adapters.io import slot_layouts
 from sbora_diffusion.adapters.overlap import (
     CROSSTALK_MEANING,
@@ -68,6 +67,8 @@ from sbora_diffusion.adapters.overlap import (
     crosstalk_summary,
 )
 from sbora_diffusion.adapters.overlap import interference as layer_interference
+from sbora_diffusion.adapters.registry import composable_methods, or_list
+from sbora_diffusion.adapters.slots import slot_clashes
 from sbora_diffusion.configuration import ConfigError, check_fields
 from sbora_diffusion.fileio import write_json
 
@@ -213,7 +214,7 @@ def report_lines(report: dict) -> list[str]:
 
 def check_slots(paths: list[str], allow_overlap: bool = False) -> None:
     """Refuse (before any model is loaded) adapter files whose slots would write the same columns/rows
-    (``adapters.base.slot_clash``: same method and seed, slot positions that meet under their ranks,
+    (``adapters.slots.slot_clash``: same method and seed, slot positions that meet under their ranks,
     or different index layouts), naming both files and the slot to retrain in; with
     `allow_overlap` they are merged anyway and the interference report warns."""
     loaded: list = []
@@ -243,7 +244,7 @@ def compose(config: ComposeConfig, model: PreTrainedModel | None = None, tokeniz
         if value > INTERFERENCE_TOLERANCE:
             warnings.warn(
                 f"adapters {pair} interfere (weight overlap up to {value:.3g} per layer): train them with the same --seed in different "
-                "--slot values of sbora-fa/sbora-fb/ortho so that their updates change disjoint parts of the weights", stacklevel=2,
+                f"--slot values of {or_list(composable_methods(), '/', '/')} so that their updates change disjoint parts of the weights", stacklevel=2,
             )
     talk = crosstalk_report(model, tokenizer, adapters, config, given) if config.crosstalk else None
     output = save_merged(model, tokenizer, config.output)

@@ -27,25 +27,25 @@ from sbora_diffusion.adapters import AdapterConfig
 from sbora_diffusion.adapters.formats import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 from sbora_diffusion.fileio import atomic_path, write_json
 
-PEFT_DORA = "peft-dora"
 REFUSED = {"delta": "--delta", "select": "--select", "merge": "--merge", "quantize": "--quantize"}  # TrainConfig fields this path refuses
 
 
-def lora_config(adapter: AdapterConfig):
-    """peft's ``LoraConfig`` with DoRA on, from our LoRA settings."""
+def lora_config(adapter: AdapterConfig, options: dict):
+    """peft's ``LoraConfig`` from our LoRA settings and the method's peft options (the registry's ``peft_options``:
+    ``use_dora=True`` for peft-dora)."""
     from peft import LoraConfig
 
     return LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout, use_rslora=adapter.rslora,
-                      target_modules=adapter.target_suffixes(), use_dora=True)
+                      target_modules=adapter.target_suffixes(), **options)
 
 
-def inject_dora(model: nn.Module, adapter: AdapterConfig, name: str) -> None:
-    """peft's DoRA layers on `model` as adapter `name`, initialized from `adapter.seed`."""
+def inject_dora(model: nn.Module, adapter: AdapterConfig, name: str, options: dict) -> None:
+    """peft's layers (DoRA's, with ``options`` {"use_dora": True}) on `model` as adapter `name`, initialized from `adapter.seed`."""
     from peft import inject_adapter_in_model
 
     with torch.random.fork_rng(devices=[]):  # peft draws its Kaiming A from the global generator: seed it without moving the run's streams
         torch.manual_seed(adapter.seed)
-        inject_adapter_in_model(lora_config(adapter), model, adapter_name=name)
+        inject_adapter_in_model(lora_config(adapter, options), model, adapter_name=name)
 
 
 def dora_layers(model: nn.Module) -> list[nn.Module]:
@@ -67,7 +67,7 @@ def dora_off(model: nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
-def save_dora(model: nn.Module, folder: str | Path, adapter: AdapterConfig, name: str, base_model: str | None) -> Path:
+def save_dora(model: nn.Module, folder: str | Path, adapter: AdapterConfig, name: str, base_model: str | None, options: dict) -> Path:
     """Adapter `name` as a peft adapter folder (``PeftModel.from_pretrained(base, folder)``); returns the weights file."""
     from peft import get_peft_model_state_dict
 
@@ -75,7 +75,7 @@ def save_dora(model: nn.Module, folder: str | Path, adapter: AdapterConfig, name
     tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
     with atomic_path(folder / PEFT_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    config = lora_config(adapter)
+    config = lora_config(adapter, options)
     config.base_model_name_or_path, config.task_type = base_model, "CAUSAL_LM"
     write_json(folder / PEFT_CONFIG, {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()})
     return folder / PEFT_WEIGHTS

@@ -43,7 +43,9 @@ import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sbora_diffusion.adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, load_adapter_config, save_adapter
+from sbora_diffusion.adapters import AdapterConfig, MethodSpec, adapted_layers, adapter_parameters, inject, load_adapter_config, save_adapter
+from sbora_diffusion.adapters.config import DEFAULT_METHOD
+from sbora_diffusion.adapters.registry import LLM, METHOD_SPECS, check_trained_method, trained_methods
 from sbora_diffusion.configuration import ConfigError, check_fields, to_dict
 from sbora_diffusion.engine import Engine, Micro
 from sbora_diffusion.fileio import write_text
@@ -53,8 +55,16 @@ from .cli import run_command
 from .data import InstructionDataset, carve_validation, collate, load_task, prompt_text, task_name
 from .evaluate import score_with_zero_shot, write_results
 from .models import DEFAULT_BASE, context_length, prepare_base, save_merged
-from .peft_dora import PEFT_DORA, PEFT_WEIGHTS, REFUSED, dora_layers, dora_off, inject_dora, save_dora
+from .peft_dora import PEFT_WEIGHTS, REFUSED, dora_layers, dora_off, inject_dora, save_dora
 from .quant import QUANT_MODES, resolve_mode
+
+
+def _method_help() -> str:
+    """--method's help: the registry's methods this trainer trains, its peft baselines apart."""
+    ours = [m for m in trained_methods(LLM) if not METHOD_SPECS[m].peft_backed]
+    peft = [METHOD_SPECS[m] for m in trained_methods(LLM) if METHOD_SPECS[m].peft_backed]
+    return "; ".join([f"adapter method (configs/methods/<method>.yaml) or a YAML path: {', '.join(ours)}",
+                      *(f"{s.name}: {s.label}, peft's own layers with {METHOD_SPECS[s.base].label}'s settings (a baseline)" for s in peft)])
 
 
 @dataclass
@@ -68,8 +78,7 @@ class TrainConfig(ProcedureConfig):
     test_fraction: float = field(default=0.1, metadata={"help": "JSONL task without eval_data: fraction held out for testing"})
     val_size: int = field(default=0, metadata={"help": "hold this many training examples out (fixed by the data, not --train-seed) and score "
                                                        "them after training instead of the test split: for choosing learning rates"})
-    method: str = field(default="sbora-fa", metadata={"help": "adapter method (configs/methods/<method>.yaml): lora, sbora-fa, sbora-fb, ortho, difflora, "
-                                                              f"delta-lora; {PEFT_DORA}: DoRA from peft with LoRA's settings (a baseline)"})
+    method: str = field(default=DEFAULT_METHOD, metadata={"help": _method_help()})
     rank: int | None = field(default=None, metadata={"help": "adapter rank (none: the method's YAML)"})
     alpha: float | None = field(default=None, metadata={"help": "adapter scale numerator, s = alpha/r (none: the method's YAML)"})
     dropout: float | None = field(default=None, metadata={"help": "dropout on the adapter branch (none: the method's YAML)"})
@@ -97,15 +106,26 @@ class TrainConfig(ProcedureConfig):
             "max_length": (8, None), "eval_limit": (1, None), "eval_batch_size": (1, None), "max_new_tokens": (1, None),
         })
         resolve_mode(self.quantize)
-        if self.method == PEFT_DORA:
+        if self.peft_backed:
             used = [flag for key, flag in REFUSED.items() if getattr(self, key) not in (False, "none")]
             if used:
-                raise ConfigError(f"--method {PEFT_DORA} trains peft's own layers, which {', '.join(used)} cannot act on; drop it or use one of our methods")
+                raise ConfigError(f"--method {self.method} trains peft's own layers, which {', '.join(used)} cannot act on; drop it or use one of our methods")
+
+    @property
+    def spec(self) -> MethodSpec | None:
+        """The registry's spec of --method (a method this trainer trains; a ConfigError otherwise), None for a YAML path."""
+        return check_trained_method(self.method, LLM)
+
+    @property
+    def peft_backed(self) -> bool:
+        """--method is a peft baseline (peft-dora): peft's own layers on the same loop (``peft_dora.py``)."""
+        return bool(self.spec and self.spec.peft_backed)
 
     def adapter_config(self) -> AdapterConfig:
-        """``configs/methods/<method>.yaml`` with this run's overrides (targets default to the llama preset); LoRA's for peft-dora."""
+        """``configs/methods/<method>.yaml`` with this run's overrides (targets default to the llama preset); a peft baseline's
+        base method's (LoRA's for peft-dora)."""
         fields = ("rank", "alpha", "dropout", "targets", "slot", "seed", "layout")
-        method = "lora" if self.method == PEFT_DORA else self.method
+        method = self.spec.yaml if self.spec else self.method
         return self.adapter_with_procedures(load_adapter_config(method, **{k: getattr(self, k) for k in fields if getattr(self, k) is not None}))
 
     def resolved_output_dir(self) -> Path:
@@ -170,14 +190,14 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
         dataset = InstructionDataset(tokenizer, train_set, config.max_length, truncate=config.truncate)
         check_context(model, tokenizer, config, dataset, test_set)
         model.requires_grad_(False)
-        dora = config.method == PEFT_DORA
+        dora = config.peft_backed
         if dora:
-            inject_dora(model, adapter_config, name)
+            inject_dora(model, adapter_config, name, config.spec.peft_config)
         else:
             inject(model, adapter_config, name=name)
         (prepared,) = engine.prepare(model)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        fingerprint = {"adapter": to_dict(adapter_config), "adapter_name": name, "quantize": quantize, **({"peft": PEFT_DORA} if dora else {})}
+        fingerprint = {"adapter": to_dict(adapter_config), "adapter_name": name, "quantize": quantize, **({"peft": config.method} if dora else {})}
         procedures = build_procedures(config, adapter_config, {"": model}, name)
         params = list(named.values()) if dora else adapter_parameters(model, name)
         engine.setup(named, [{"params": params}], fingerprint=fingerprint, procedures=procedures)
@@ -210,9 +230,9 @@ def _finish(config: TrainConfig, resolved: dict, adapter_config: AdapterConfig, 
             test_set: list) -> dict:
     """Save the adapter, score it beside the base, and save the merged model if asked (main process, into .partial/)."""
     out, run_dir = config.resolved_output_dir(), engine.run_dir
-    dora = config.method == PEFT_DORA
+    dora = config.peft_backed
     if dora:
-        save_dora(model, run_dir, adapter_config, name, base_model=config.base)
+        save_dora(model, run_dir, adapter_config, name, base_model=config.base, options=config.spec.peft_config)
     else:
         save_adapter(model, run_dir / "adapter.safetensors", name=name, base_model=config.base,
                      extra={"task": task_name(config.task), "steps": step, "train_config": resolved, **adapter_metadata(engine.procedures)})

@@ -86,7 +86,7 @@ from PIL import Image
 from .adapters import AdapterFileError, active_adapters, adapted_layers, read_adapter, remove, set_adapter_weight
 from .adapters import merge as merge_adapter
 from .adapters import unmerge as unmerge_adapter
-from .adapters.base import slot_clashes
+from .adapters.config import DEFAULT_METHOD
 from .adapters.inject import check_adapter_name
 from .adapters.io import sibling_file, slot_layouts
 from .adapters.overlap import (
@@ -97,6 +97,8 @@ from .adapters.overlap import (
     crosstalk_summary,
     overlap_rows,
 )
+from .adapters.registry import composable_methods, or_list
+from .adapters.slots import slot_clashes
 from .cli import add_debug_flag, run_main
 from .concept_adapter import TOKEN_TENSOR, load_concept_adapter
 from .configuration import (
@@ -138,7 +140,7 @@ class ConceptSpec:
     """One concept of a composition YAML."""
 
     concept: str = field(default="", metadata={"help": "the trained concept: its adapter is <outputs>/<concept>/<method>/adapter.safetensors"})
-    method: str = field(default="sbora-fa", metadata={"help": "the method folder the concept was trained into"})
+    method: str = field(default=DEFAULT_METHOD, metadata={"help": "the method folder the concept was trained into"})
     adapter: str | None = field(default=None, metadata={"help": "the adapter file itself (instead of concept and method)"})
     name: str | None = field(default=None, metadata={"help": "the concept's name in this composition (default: the one it was trained as)"})
     slot: int | None = field(default=None, metadata={"help": "the slot it was trained in (checked against the file)"})
@@ -284,7 +286,7 @@ class LoadedConcept:
     vectors: torch.Tensor | None = field(default=None, repr=False)  # (n, D) learned token embeddings
     claims: frozenset = frozenset()  # token pieces (new tokens) or ids (rare tokens) it owns
     eval_prompts: tuple[str, ...] = ()  # its file's prompt templates ({token}, {class_word})
-    slots: tuple = ()  # its files' slot layouts (adapters.base.SlotLayout): what the slot check compares
+    slots: tuple = ()  # its files' slot layouts (adapters.slots.SlotLayout): what the slot check compares
 
     def regional_prompt(self) -> str:
         return REGIONAL_PROMPT.format(token=self.token or "", class_word=self.class_word or "").strip()
@@ -402,7 +404,7 @@ class Composer:
         Everything is checked first (file, name, base model, slot, tokens, shapes); on any
         error the pipeline is left as it was. Adapters whose slots would share columns/rows
         with a loaded concept's (same method and seed, and positions that meet under their
-        ranks, or different index layouts: ``adapters.base.slot_clash``) are refused, naming
+        ranks, or different index layouts: ``adapters.slots.slot_clash``) are refused, naming
         both files and the slot to retrain in, unless `allow_overlap`.
         """
         path = Path(path)
@@ -724,7 +726,7 @@ class OverlapReport:
                 messages.append(
                     f"concepts {a} and {b} overlap on {s['above']} of {s['layers']} layers (interference up to "
                     f"{s['max_interference']:.3g} at {s['worst_layer']}{shared}; {why}): train them with the same --seed in "
-                    "different --slot values of sbora-fa, sbora-fb or ortho so that their updates change disjoint parts of the weights"
+                    f"different --slot values of {or_list(composable_methods())} so that their updates change disjoint parts of the weights"
                 )
         return messages
 

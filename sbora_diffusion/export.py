@@ -38,11 +38,12 @@ from safetensors.torch import save_file
 
 from .adapters import AdapterFile, adapted_layers, load_adapter, merge_and_unload, read_adapter
 from .adapters.formats import PARTS, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, diffusers_lora, kohya_lora, lora_entries, peft_adapter, textual_inversion
+from .adapters.registry import EXPORT_FORMATS, spec_of
 from .cli import add_debug_flag, run_main
 from .configuration import ConfigError, add_arguments, from_dict, overrides_from_args
 from .fileio import atomic_folder, atomic_path, write_json
 
-FORMATS = ("diffusers", "kohya", "peft")
+FORMATS = EXPORT_FORMATS  # the registry's: each method's spec says which of them its adapters go to
 EMBEDDINGS = "learned_embeds.safetensors"  # the name diffusers' textual-inversion script gives its file
 UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "time_embedding.", "add_embedding.", "encoder_hid_proj")
 NAME = "export"  # the adapter's name inside the model while it is exported
@@ -226,6 +227,10 @@ def export(config: ExportConfig) -> dict:
     plus "notes": [lines for the user] when something was left out (a merged LLM saved without its tokenizer)."""
     config.validate()
     file = read_adapter(config.adapter)
+    spec = spec_of(file.config)  # the method's spec: the formats it goes to (imported LoRA files: LoRA's)
+    if config.format and config.format not in spec.export_formats:
+        raise ConfigError(f"{config.adapter} is a {spec.label} adapter (--method {spec.name}), which exports to "
+                          f"{', '.join(spec.export_formats) or 'no format'}, not {config.format}")
     out, pipeline = Path(config.out), is_pipeline_adapter(file)
     if not pipeline and config.format in ("diffusers", "kohya"):
         raise ConfigError(f"{config.adapter} adapts a transformers model, not a Stable Diffusion pipeline: export it with --format peft")

@@ -149,7 +149,7 @@ def test_composer_reports_overlap_per_layer_and_warns_above_the_threshold(compos
     assert quiet.warnings() == [] and quiet.pairs()[0]["above"] == 0
     gamma = outputs / "gamma" / "sbora-fa" / "adapter.safetensors"
     with pytest.raises(CompositionError, match="(?s)'alpha'.*rank 4 slot 0.*'gamma'.*rank 4 slot 0.*--slot 2"):
-        composer.load(gamma)  # the same slot twice: refused before sampling (adapters.base.slot_clash)
+        composer.load(gamma)  # the same slot twice: refused before sampling (adapters.slots.slot_clash)
     composer.load(gamma, allow_overlap=True)
     loud = composer.overlap(["alpha", "gamma"])
     (pair,) = loud.pairs()

@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sbora_diffusion.adapters import METHODS, AdapterConfig, inject, merge, read_adapter, save_adapter, unmerge
-from sbora_diffusion.adapters.base import BLOCK, SlotLayout, cache_lines, index_runs, layer_generator, slot_clash, slot_clashes, slot_indices
+from sbora_diffusion.adapters.base import BLOCK, cache_lines, index_runs, layer_generator, slot_indices
+from sbora_diffusion.adapters.slots import SlotLayout, slot_clash, slot_clashes
 from sbora_diffusion.adapters.io import slot_layouts
 from sbora_diffusion.adapters.ortho import orthogonal_rows
 from sbora_diffusion.concept.train import train

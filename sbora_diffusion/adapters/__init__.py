@@ -18,16 +18,18 @@ from .inject import (
 )
 from .io import AdapterFile, AdapterFileError, load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLinear
-from .registry import METHODS
+from .registry import METHOD_SPECS, METHODS, MethodSpec, method_spec
 
 __all__ = [
     "METHODS",
+    "METHOD_SPECS",
     "TARGET_PRESETS",
     "AdaptedLinear",
     "AdapterConfig",
     "AdapterFile",
     "AdapterFileError",
     "Core",
+    "MethodSpec",
     "active_adapters",
     "adapted_layers",
     "adapter_names",
@@ -38,6 +40,7 @@ __all__ = [
     "match_targets",
     "merge",
     "merge_and_unload",
+    "method_spec",
     "read_adapter",
     "remove",
     "save_adapter",

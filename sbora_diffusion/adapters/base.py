@@ -23,13 +23,12 @@ on a frozen float base.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..configuration import ConfigError
-from .config import LAYOUTS, AdapterConfig
+from .config import AdapterConfig
 
 # Indices per 64-byte cache line of a float32 row: the block of the default slot layout.
 BLOCK = 16
@@ -71,7 +70,7 @@ def slot_indices(config: AdapterConfig, dim: int, path: str, role: str) -> torch
     """Slot k's r indices out of the layer's permutation P (``layout_permutation``): P[k·r:(k+1)·r], sorted.
 
     Different slots of the same rank, seed and layout on the same layer are disjoint by
-    construction; other combinations may overlap (``slot_clashes`` says when).
+    construction; other combinations may overlap (``slots.slot_clashes`` says when).
     """
     check_slot(config, dim, f"{role} indices", path)
     perm = layout_permutation(config, dim, path, role)
@@ -94,85 +93,6 @@ def cache_lines(indices: torch.Tensor, row_elements: int, element_size: int = 4,
     per_line = line // element_size
     row = torch.arange(row_elements)[indices.cpu()] if row_elements else indices.cpu()
     return int(torch.unique(row // per_line).numel())
-
-
-# ---------------------------------------------------------------------- slot layouts of files
-
-
-@dataclass(frozen=True)
-class SlotLayout:
-    """Which share of a layer's index space (or ortho basis) an adapter holds: enough to tell,
-    without any tensor, whether two adapters of one layer can write the same columns/rows."""
-
-    source: str  # the file (or name) it belongs to, for messages
-    method: str
-    rank: int
-    slot: int
-    seed: int
-    layout: str
-    modules: frozenset = frozenset()  # the module paths it adapts (empty: unknown, assumed shared)
-
-    @property
-    def space(self) -> str | None:
-        """What its slots partition: None for methods without slots (LoRA, DiffLoRA, ...)."""
-        return SLOT_SPACES.get(self.method)
-
-    @property
-    def positions(self) -> range:
-        return range(self.slot * self.rank, (self.slot + 1) * self.rank)
-
-    def describe(self) -> str:
-        layout = f", layout {self.layout} (v{LAYOUTS[self.layout]})" if self.method in LAYOUT_METHODS else ""
-        return f"{self.method} rank {self.rank} slot {self.slot}, seed {self.seed}{layout}"
-
-
-# What a method's slots partition; its positions k·r…(k+1)·r−1 index the layer's permutation
-# (SBoRA: ``layout_permutation``) or ortho's basis columns (the same for every layout).
-SLOT_SPACES = {"sbora-fa": "input columns", "sbora-fb": "output rows", "ortho": "basis vectors"}
-LAYOUT_METHODS = ("sbora-fa", "sbora-fb")  # methods whose indices depend on the layout
-
-
-def free_slot(rank: int, taken: list[range]) -> int:
-    """The smallest slot k whose positions k·r…(k+1)·r−1 meet none of `taken`."""
-    k = 0
-    while any(k * rank < t.stop and t.start < (k + 1) * rank for t in taken):
-        k += 1
-    return k
-
-
-def slot_clash(a: SlotLayout, b: SlotLayout, others: list[SlotLayout] = ()) -> str | None:
-    """Why `a` and `b` (one layer's adapters) may write the same columns/rows, and what to retrain `b` with; None if they cannot.
-
-    They clash when they are of one method with slots (same side), one seed, share a module,
-    and either their layouts differ (SBoRA: unrelated index sets) or their positions
-    intersect (slot k at rank r holds positions k·r…(k+1)·r−1, so equal ranks in different
-    slots never meet, but a rank-4 slot 1 lies inside a rank-8 slot 0). Different seeds or
-    methods are not slots of one partition: ``adapters.overlap`` measures those.
-    """
-    if a.space is None or a.method != b.method or a.seed != b.seed or (a.modules and b.modules and not a.modules & b.modules):
-        return None
-    taken = [x.positions for x in (a, *others) if x.method == b.method and x.seed == b.seed and x.layout == b.layout]
-    if b.method in LAYOUT_METHODS and a.layout != b.layout:
-        why = (f"their {a.space} come from different index layouts ({a.layout} v{LAYOUTS[a.layout]} and {b.layout} "
-               f"v{LAYOUTS[b.layout]}), so they share some at random")
-        same = [x.positions for x in (a, *others) if x.method == b.method and x.seed == b.seed and x.layout == a.layout]
-        fix = (f"retrain {b.source} with --layout {a.layout} --slot {free_slot(b.rank, same)} (rank {b.rank}), "
-               f"or retrain {a.source} with --layout {b.layout}")
-    else:
-        shared = range(max(a.positions.start, b.positions.start), min(a.positions.stop, b.positions.stop))
-        if not shared:
-            return None
-        why = (f"slot k at rank r holds positions k·r…(k+1)·r−1 of each layer's {a.space}, so {a.positions.start}…"
-               f"{a.positions.stop - 1} and {b.positions.start}…{b.positions.stop - 1} share {len(shared)} per layer")
-        fix = f"retrain {b.source} with --slot {free_slot(b.rank, taken)} (rank {b.rank})"
-        if a.rank != b.rank:
-            fix += f", or with --rank {a.rank} --slot {free_slot(a.rank, taken)}"
-    return f"{a.source} ({a.describe()}) and {b.source} ({b.describe()}) would write the same {a.space}: {why}; {fix}"
-
-
-def slot_clashes(loaded: list[SlotLayout], new: list[SlotLayout]) -> list[str]:
-    """Every clash (``slot_clash``) between the adapters `new` and the `loaded` ones, one message each."""
-    return [m for b in new for a in loaded if (m := slot_clash(a, b, loaded)) is not None]
 
 
 def kaiming_(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -30,11 +30,12 @@ LEGACY_LAYOUT = "scattered"
 # interval far wider than any effect that matters (docs/benchmarks/hot_swap.md). SBoRA-FB's r rows
 # are contiguous in memory whatever they are, so blocks gain it little (DESIGN.md §3, issue #25).
 DEFAULT_LAYOUTS: dict[str, str] = {}
+DEFAULT_METHOD = "sbora-fa"  # what every command trains and composes unless told otherwise (one of adapters.registry.METHODS)
 
 
 @dataclass
 class AdapterConfig:
-    method: str = field(default="sbora-fa", metadata={"help": "adapter method: lora, sbora-fa, sbora-fb, ortho, difflora, custom-diffusion"})
+    method: str = field(default=DEFAULT_METHOD, metadata={"help": "adapter method: a core method of the registry (adapters/registry.py: METHODS)"})
     rank: int = field(default=16, metadata={"help": "rank r: indices per layer (SBoRA/ortho) or inner dimension (LoRA)"})
     alpha: float = field(default=16.0, metadata={"help": "scale numerator: s = alpha/r (alpha/sqrt(r) with --rslora)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter branch's input only"})

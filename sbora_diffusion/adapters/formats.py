@@ -69,6 +69,7 @@ from .config import AdapterConfig
 from .inject import _linear_paths, adapted_layers
 from .io import AdapterFile, AdapterFileError
 from .layer import AdaptedLinear
+from .registry import METHOD_SPECS
 
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # the header key diffusers reads its LoraConfig fields from
 INFO_METADATA = "sbora_info"  # our provenance header: base model, concept, method, token
@@ -257,14 +258,22 @@ def _header(metadata: dict[str, str], info: dict | None) -> dict[str, str]:
 # ---------------------------------------------------------------------------- import
 
 
+def refuse_peft_baseline(config: dict, source: str) -> None:
+    """Refuse a peft config of a registry method that is peft's own layers and no LoRA (peft-dora: use_dora), naming it."""
+    for spec in METHOD_SPECS.values():
+        if spec.peft_backed and spec.peft_options and all(config.get(k) == v for k, v in spec.peft_options):
+            options = ", ".join(k for k, _ in spec.peft_options)
+            raise AdapterFileError(f"{source} is a {spec.label} adapter ({options}: --method {spec.name}), which exports to "
+                                   f"{', '.join(spec.export_formats) or 'no format'}; only plain LoRA adapters can be imported")
+
+
 def _fields(config: dict | None, source: str) -> dict | None:
     """LoraConfig fields of a file, or None when it has none (then alpha = k, as in diffusers and peft)."""
     if config is None:
         return None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"{source} is a peft {config['peft_type']} adapter; only LoRA adapters can be imported")
-    if config.get("use_dora"):
-        raise AdapterFileError(f"{source} is a DoRA adapter (use_dora); only plain LoRA adapters can be imported")
+    refuse_peft_baseline(config, source)
     return {**LORA_CONFIG_DEFAULTS, **config}
 
 
@@ -333,6 +342,8 @@ def read_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
     """A diffusers (any layout of ACCEPTED_LAYOUTS), kohya or peft LoRA file as LoRA cores (module names still
     the file's, in peft names); None if no key is a LoRA key."""
     source = str(path)
+    if path.name == PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():  # a peft folder: its config says what it is
+        refuse_peft_baseline(_json((path.parent / PEFT_CONFIG).read_text(), PEFT_CONFIG, source), source)
     file_keys: dict[str, str] = {}  # peft-named key -> the file's key
     for key in tensors:
         renamed = peft_key(key)

@@ -12,7 +12,7 @@ SBoRA (``*.indices``) and ortho's fixed basis (``*.A``) are tensors of the file,
 adapter never depends on re-deriving them. A file whose config has no ``layout`` was written
 before layouts were recorded and is read as layout 1 (``scattered``): its saved indices are
 those of that layout. ``slot_layouts`` reads (method, rank, slot, seed, layout, modules) from
-the metadata alone, for the slot check of compositions (``base.slot_clashes``).
+the metadata alone, for the slot check of compositions (``slots.slot_clashes``).
 
 Loading checks the content, not only the shapes, before the model changes at all: every
 module path exists, every tensor has the expected shape and dtype kind, every value is
@@ -44,9 +44,9 @@ from torch import nn
 from .. import __version__
 from ..configuration import ConfigError, from_dict
 from ..fileio import atomic_path
-from .base import SlotLayout
 from .config import LAYOUTS, LEGACY_LAYOUT, AdapterConfig
 from .inject import adapted_layers, build_cores, inject
+from .slots import SlotLayout
 
 FORMAT = "sbora-adapter"
 FORMAT_VERSION = "1"

@@ -31,6 +31,8 @@ import torch
 import yaml
 
 from ..adapters import AdapterConfig, active_adapters, adapter_parameters, inject, load_adapter_config
+from ..adapters.config import DEFAULT_METHOD
+from ..adapters.registry import CONCEPT, check_trained_method, method_help
 from ..cli import add_debug_flag, run_main
 from ..concept_adapter import save_concept_adapter
 from ..concepts import ConceptConfig, literal_prompt_token, load_concept, safe_name
@@ -217,7 +219,7 @@ def resolved_config(model: str, method: str, concept, adapter, te_adapter, cfg) 
 
 
 def train(
-    concept: str | ConceptConfig, method: str = "sbora-fa", model: str | None = None, *,
+    concept: str | ConceptConfig, method: str = DEFAULT_METHOD, model: str | None = None, *,
     train_config: TrainConfig | None = None, adapter_overrides: dict | None = None, concept_overrides: dict | None = None,
     resume: bool | str = False, pipe=None, stop_event=None, on_step=None,
 ) -> TrainResult:
@@ -230,6 +232,7 @@ def train(
     # 1. Everything that can be wrong is checked before the output folder is touched.
     concept = concept if isinstance(concept, ConceptConfig) else load_concept(concept, **(concept_overrides or {}))
     instance_paths = concept.instance_images()
+    check_trained_method(method, CONCEPT)  # a method of the registry this trainer trains, or a YAML path
     adapter = load_adapter_config(method, **(adapter_overrides or {}))
     label = cfg.label_with_procedures(method_label(method, adapter), adapter)
     adapter = cfg.adapter_with_procedures(adapter)
@@ -354,14 +357,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for flag in ("--concept", "--method", "--model", "--config"):
         pre.add_argument(flag)
     known, _ = pre.parse_known_args(argv)
-    model, method = known.model or DEFAULT_MODEL, known.method or "sbora-fa"
+    model, method = known.model or DEFAULT_MODEL, known.method or DEFAULT_METHOD
     epilog = aliases_help(cli_aliases(), DIFFUSERS_REFUSED, "diffusers", note=(
         "A diffusers DreamBooth-LoRA command line runs as it is, with train_concept.py as the script. --seed is the adapter's seed "
         "(its index sets); the seed of data order and noise is --train-seed. A literal --instance-prompt such as 'a photo of sks dog' "
         "trains 'sks' as the token, as plain text (--token-mode none) unless --token-mode says otherwise."))
     p = argparse.ArgumentParser(prog="train_concept.py", description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concept", help="concept name (configs/concepts/NAME.yaml), a concept YAML file, or a folder of images (required)")
-    p.add_argument("--method", default="sbora-fa", help="adapter method: configs/methods/METHOD.yaml or a YAML path (default: sbora-fa)")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"adapter method: {method_help(CONCEPT)} (configs/methods/METHOD.yaml), "
+                   f"or a YAML path (default: {DEFAULT_METHOD})")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: '{DEFAULT_MODEL}' (embedded, offline), a local diffusers folder, or a hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--config", default=None, help="training config: configs/train/NAME.yaml or a YAML path "
                    "(default: configs/train/<model>.yaml for an embedded model that has one, else configs/train/default.yaml)")
