@@ -1,5 +1,5 @@
 """Packaging hook: a built wheel carries configs/ (the single source of the YAML configs) as
-sbora_diffusion/configs/, so a non-editable install finds its method, training and model
+sbora/configs/, so a non-editable install finds its method, training and model
 configs. Everything else is in pyproject.toml."""
 
 import shutil
@@ -14,7 +14,7 @@ class BuildWithConfigs(build_py):
         super().run()
         source = Path(__file__).resolve().parent / "configs"
         if source.is_dir() and not self.editable_mode:
-            shutil.copytree(source, Path(self.build_lib) / "sbora_diffusion" / "configs", dirs_exist_ok=True)
+            shutil.copytree(source, Path(self.build_lib) / "sbora" / "configs", dirs_exist_ok=True)
 
 
 setup(cmdclass={"build_py": BuildWithConfigs})

@@ -6,7 +6,7 @@ Also works as ``accelerate launch train_concept.py ...``. The trainer lives in
 
 import sys
 
-from sbora_diffusion.concept.train import main
+from sbora_diffusion.concept.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,6 @@ bytes saved for backward, bytes allocated) is counted instead of timed.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -47,10 +46,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sbora_diffusion.adapters import AdaptedLinear, AdapterConfig, inject, match_targets
-from sbora_diffusion.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, methods_where, peft_baseline
-from sbora_diffusion.configuration import ConfigError, add_arguments, override, overrides_from_args
-from sbora_diffusion.fileio import atomic_path, write_json, write_text
+from sbora.adapters import AdaptedLinear, AdapterConfig, inject, match_targets
+from sbora.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, methods_where, peft_baseline
+from sbora.cli import Command, Section, parse, run_main
+from sbora.configuration import ConfigError
+from sbora.fileio import atomic_path, write_json, write_text
 
 REFERENCE = peft_baseline(REFERENCE_METHOD)  # peft-lora: every time is a ratio to this method, measured in the same round
 FLOOR = "floor"
@@ -345,20 +345,31 @@ class Invocation:
     stem: str  # results file name: <name> for the quick preset, <name>_<preset> otherwise
 
 
+def benchmark_command(name: str, doc: str, config_cls: type, presets: dict[str, dict]) -> Command:
+    """The command line of ``python -m benchmarks.<name>`` on the command frame (``sbora/cli.py``): ``--preset`` plus
+    one option per config field (the preset's values, then the command line's)."""
+
+    def preset(chosen: str) -> tuple[dict, str]:
+        if chosen not in presets:
+            raise ConfigError(f"unknown preset '{chosen}'; choose {' or '.join(sorted(presets))}")
+        return presets[chosen], f"from preset {chosen}"
+
+    return Command(f"python -m benchmarks.{name}", doc, sections=(
+        Section("benchmark", config_cls, title="benchmark options (override the preset)", option="preset", default="quick", load=preset,
+                option_help=f"{' or '.join(sorted(presets))} defaults"),))
+
+
 def parse_invocation(name: str, doc: str, config_cls: type, presets: dict[str, dict], argv: list[str] | None) -> Invocation:
-    """``--preset`` plus one option per config field (the preset's values, then the command line's)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(presets), default="quick", help="quick or full defaults (default: quick)")
-    add_arguments(parser, config_cls)
-    args = parser.parse_args(argv)
-    try:
-        config = override(override(config_cls(), presets[args.preset], f"preset {args.preset}"), overrides_from_args(args, config_cls), "command line")
-    except ConfigError as e:
-        parser.error(str(e))  # exit 2 with the usage line, no traceback
+    """The benchmark's command line (``benchmark_command``); a bad option or value exits 2 with one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parsed = []
+    code = run_main(lambda args: parsed.append(parse(benchmark_command(name, doc, config_cls, presets), args)), argv)
+    if code:
+        raise SystemExit(code)
+    chosen, config = parsed[0].args.preset, parsed[0].configs["benchmark"]
     if config.threads:
         torch.set_num_threads(config.threads)
-    command = (f"python -m benchmarks.{name} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    return Invocation(args.preset, config, command, name if args.preset == "quick" else f"{name}_{args.preset}")
+    return Invocation(chosen, config, f"python -m benchmarks.{name} {' '.join(argv)}".strip(), name if chosen == "quick" else f"{name}_{chosen}")
 
 
 def environment() -> dict[str, object]:

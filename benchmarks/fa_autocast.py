@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from sbora_diffusion.adapters import AdapterConfig, adapted_layers, inject
-from sbora_diffusion.adapters.sbora import BaseWithColumnBranch
+from sbora.adapters import AdapterConfig, adapted_layers, inject
+from sbora.adapters.sbora import BaseWithColumnBranch
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sbora_diffusion.adapters import adapted_layers, sbora
-from sbora_diffusion.adapters.registry import label
-from sbora_diffusion.configuration import ConfigError
+from sbora.adapters import adapted_layers, sbora
+from sbora.adapters.registry import label
+from sbora.configuration import ConfigError
 
 from .common import (
     FLOOR,

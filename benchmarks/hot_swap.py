@@ -49,11 +49,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sbora_diffusion.adapters import AdapterConfig, adapted_layers, inject, merge, unmerge
-from sbora_diffusion.adapters.base import cache_lines
-from sbora_diffusion.adapters.config import DEFAULT_LAYOUTS, LEGACY_LAYOUT
-from sbora_diffusion.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, composable_methods, label, labels, layout_label, peft_baseline
-from sbora_diffusion.configuration import ConfigError
+from sbora.adapters import AdapterConfig, adapted_layers, inject, merge, unmerge
+from sbora.adapters.base import cache_lines
+from sbora.adapters.config import DEFAULT_LAYOUTS, LEGACY_LAYOUT
+from sbora.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, composable_methods, label, labels, layout_label, peft_baseline
+from sbora.configuration import ConfigError
 
 from .common import add_method, clone_sharing_weights, run_benchmark, targets_table
 from .train_cost import BUILDERS, TrainCostConfig

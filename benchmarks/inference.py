@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from sbora_diffusion.adapters import AdapterConfig, active_adapters, adapter_parameters, inject
-from sbora_diffusion.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, label, labels, peft_baseline
-from sbora_diffusion.configuration import ConfigError, check_fields
+from sbora.adapters import AdapterConfig, active_adapters, adapter_parameters, inject
+from sbora.adapters.registry import METHOD_SPECS, REFERENCE_METHOD, label, labels, peft_baseline
+from sbora.configuration import ConfigError, check_fields
 
 from .common import clone_sharing_weights, run_benchmark, targets_table
 from .hot_swap import randomize

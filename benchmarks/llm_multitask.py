@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from sbora_diffusion.configuration import ConfigError
+from sbora.configuration import ConfigError
 
 from .accuracy import paired_difference, ratio_difference, ratio_interval
 from .common import UnitStore, clone_sharing_weights, parse_worker, run_benchmark, run_units
@@ -143,8 +143,8 @@ def task_config(config: MultitaskConfig, method: str, task: str, slot: int, trai
 
     return TrainConfig(
         method=method, task=str(train_file), eval_data=str(train_file.with_name(f"{task}-test.jsonl")), adapter_name=task,
-        slot=slot if method in DISJOINT else 0, seed=config.seed, train_seed=config.seed, rank=config.rank, alpha=float(config.rank),
-        dropout=0.0, steps=config.steps, batch_size=config.batch_size, lr=config.lr, lr_schedule="cosine", warmup_steps=config.steps // 15,
+        adapter={"slot": slot if method in DISJOINT else 0, "seed": config.seed, "rank": config.rank, "alpha": float(config.rank), "dropout": 0.0},
+        train_seed=config.seed, steps=config.steps, batch_size=config.batch_size, lr=config.lr, lr_schedule="cosine", warmup_steps=config.steps // 15,
         eval=False, cpu=config.cpu, checkpoint_every=0, overwrite=True, output_dir=str(Path(config.work_dir) / method / task),
     )
 
@@ -177,7 +177,7 @@ def run(config: MultitaskConfig, res: dict, save: Callable[[], None]) -> None:
         t0, merged = time.time(), copy.deepcopy(base)  # its own weights: compose folds the adapters into them
         with warnings.catch_warnings(record=True) as caught:  # LoRA's interference warning: recorded, expected
             warnings.simplefilter("always")
-            report = compose(ComposeConfig(adapter=files, output=str(Path(config.work_dir) / method / "merged")), model=merged, tokenizer=tokenizer)
+            report = compose(ComposeConfig(adapter=files, out=str(Path(config.work_dir) / method / "merged")), model=merged, tokenizer=tokenizer)
         row["interference"], row["warnings"] = report["interference"], [str(w.message) for w in caught if "interfere" in str(w.message)]
         for task, (_, test_set) in tasks.items():
             row["merged"][task] = sheet(merged, tokenizer, test_set, config, f"merged {method} {task}")
@@ -247,7 +247,7 @@ class Worker:
             merged = copy.deepcopy(self.base)  # its own weights: compose folds the adapters into them
             with warnings.catch_warnings(record=True) as caught:  # LoRA's interference warning: recorded, expected
                 warnings.simplefilter("always")
-                report = compose(ComposeConfig(adapter=files, output=str(Path(self.config.work_dir) / method / "merged")), model=merged,
+                report = compose(ComposeConfig(adapter=files, out=str(Path(self.config.work_dir) / method / "merged")), model=merged,
                                  tokenizer=self.tokenizer)
             result.update(interference=report["interference"], warnings=[str(w.message) for w in caught if "interfere" in str(w.message)])
             talk = report.get("crosstalk") or {}  # llm.compose's output cross-talk on calibration inputs, where it reports one

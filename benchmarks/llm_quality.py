@@ -79,8 +79,8 @@ from pathlib import Path
 
 import torch
 
-from sbora_diffusion.configuration import ConfigError
-from sbora_diffusion.engine import TrainingDiverged
+from sbora.configuration import ConfigError
+from sbora.engine import TrainingDiverged
 
 from .accuracy import discordance, paired_difference, problems_needed, seed_interval
 from .common import UnitStore, clone_sharing_weights, parse_worker, run_benchmark, run_units
@@ -170,7 +170,7 @@ def run_config(config: LLMQualityConfig, method: str, lr: float, seed: int):
     from llm.train import TrainConfig
 
     return TrainConfig(
-        **METHODS[method], rank=config.rank, alpha=float(config.rank), dropout=0.0, seed=seed, train_seed=seed, steps=config.steps,
+        **METHODS[method], adapter={"rank": config.rank, "alpha": float(config.rank), "dropout": 0.0, "seed": seed}, train_seed=seed, steps=config.steps,
         batch_size=config.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=config.warmup_steps, train_size=config.train_size,
         test_size=config.test_size, val_size=config.val_size, select_warmup=config.select_warmup, eval=False, cpu=config.cpu,
         checkpoint_every=0, overwrite=True, output_dir=str(Path(config.work_dir) / method / f"lr{lr:g}-seed{seed}"),
@@ -190,7 +190,7 @@ def score_sheet(model, tokenizer, examples, config: LLMQualityConfig, desc: str)
 
 def update_profile(model, name: str) -> dict[str, dict[str, float]]:
     """Mean ‖ΔW‖_F / ‖W‖_F of adapter `name` per projection (q/k/v/o_proj) and per third of the depth."""
-    from sbora_diffusion.adapters import adapted_layers
+    from sbora.adapters import adapted_layers
 
     rows = []
     for path, layer in adapted_layers(model, name).items():
@@ -354,8 +354,8 @@ class Worker:
         """A copy of the base with the adapter of (method, lr, seed): read from its folder when a
         finished training is there, else trained (which may raise TrainingDiverged)."""
         from llm.train import train
-        from sbora_diffusion.adapters import load_adapter
-        from sbora_diffusion.fileio import write_json
+        from sbora.adapters import load_adapter
+        from sbora.fileio import write_json
 
         cfg = run_config(self.config, method, lr, seed)
         folder, model = Path(cfg.output_dir), clone_sharing_weights(self.base)

@@ -30,7 +30,6 @@ mode's images with the boxes drawn). Concept adapters are trained once into ``--
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sbora_diffusion.adapters.config import DEFAULT_METHOD
-from sbora_diffusion.configuration import ConfigError, check_fields
+from sbora.adapters.config import DEFAULT_METHOD
+from sbora.configuration import ConfigError, check_fields
 from sbora_diffusion.regional import DEFAULT_MODE, MODES
 
 from .common import run_benchmark, targets_table

@@ -1,6 +1,6 @@
 """Personalization quality on the pocket world: every method learns the held-out concepts, scored with the pocket CLIP.
 
-Protocol (DESIGN.md §5, Mix-of-Show's, which the SBoRA paper follows, at pocket scale):
+Protocol (docs/architecture.md §5, Mix-of-Show's, which the SBoRA paper follows, at pocket scale):
 
 1. **Training.** Each method learns each held-out concept (``sbora_diffusion.world.concepts``:
    robot, duck, beachball, checkerflag, boltbadge; photos in ``data/concepts/``, configs in
@@ -65,8 +65,10 @@ from pathlib import Path
 
 import torch
 
-from sbora_diffusion.adapters.registry import CONCEPT, METHOD_SPECS, REFERENCE_METHOD, composable_methods, composition_label, label, trained_methods
-from sbora_diffusion.configuration import ConfigError
+from sbora.adapters.registry import CONCEPT, METHOD_SPECS, REFERENCE_METHOD, composable_methods, composition_label, label, trained_methods
+from sbora.configuration import ConfigError
+from sbora.engine import fit
+from sbora_diffusion.concept.train import ConceptTask, concept_token, trainable_parameters
 
 from .accuracy import seed_interval
 from .common import run_benchmark
@@ -136,7 +138,7 @@ class QualityConfig:
     out_dir: str | None = field(default=None, metadata={"help": "results folder (default docs/benchmarks)"})
 
     def validate(self) -> None:
-        from sbora_diffusion.concepts import load_concept
+        from sbora_diffusion.concept.config import load_concept
 
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
@@ -188,7 +190,7 @@ PRESETS: dict[str, dict] = {
 
 def slot_capacity(unet: torch.nn.Module, targets_config, side: str) -> int:
     """How many disjoint slots of rank r the narrowest targeted layer holds (input side for FA/ortho, output for FB)."""
-    from sbora_diffusion.adapters import match_targets
+    from sbora.adapters import match_targets
 
     paths = match_targets(unet, targets_config)
     if not paths:
@@ -328,57 +330,25 @@ def estimate_seconds(config: QualityConfig, timing: dict, steps: int) -> dict[st
 # ---------------------------------------------------------------------------- the full-UNet ceiling
 
 
-def train_full_unet(pipe, concept, cfg, lr: float, seed: int) -> dict:
-    """Fine-tune every UNet weight of `pipe` in place (plus the concept token's embedding, as the adapters' runs):
-    the trainer's loss and data, AdamW, the config's steps, batch, schedule and clipping. Returns losses and counts."""
-    from diffusers import DDPMScheduler
-    from transformers import get_scheduler
+class FullUNetTask(ConceptTask):
+    """The concept trainer's task (its data, loss, token and engine: schedule, clipping, checkpoints) with every
+    UNet weight trained at `lr` in place of adapters. Writes no adapter: the benchmark scores the pipeline it trained."""
 
-    from sbora_diffusion.concept.data import load_images, sample_batch, tokenize
-    from sbora_diffusion.concept.loss import diffusion_loss
-    from sbora_diffusion.tokens import install_concept_tokens
+    def __init__(self, concept, model: str, cfg, pipe, lr: float):
+        if cfg.with_prior_preservation or cfg.train_text_encoder:
+            raise ConfigError("the full-UNet ceiling supports the plain DreamBooth loss only (no prior preservation or text-encoder adapter)")
+        super().__init__(concept, CEILING, CEILING, model, None, None, cfg, concept.instance_images(), pipe=pipe)
+        self.lr = lr
 
-    if cfg.with_prior_preservation or cfg.train_text_encoder or cfg.grad_accum != 1:
-        raise ConfigError("the full-UNet ceiling supports the plain DreamBooth loss only (no prior preservation, "
-                          "text-encoder adapter or gradient accumulation)")
-    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
-        part.requires_grad_(False)
-    res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = load_images(concept.instance_images(), res)
-    groups = []
-    tokens = None
-    if cfg.token_mode != "none":
-        tokens = install_concept_tokens(pipe.tokenizer, pipe.text_encoder, concept.token, cfg.token_mode, init_word=concept.class_word)
-        groups.append({"params": [tokens.vectors], "lr": cfg.token_lr, "weight_decay": 0.0})
-    pipe.unet.requires_grad_(True)
-    unet_params = list(pipe.unet.parameters())
-    groups.insert(0, {"params": unet_params, "lr": lr, "weight_decay": cfg.weight_decay})
-    opt = torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **({"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}))
-    instance_ids = tokenize(pipe.tokenizer, concept.fill(concept.instance_prompt), cfg.batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    pipe.unet.train()
-    pipe.text_encoder.train(tokens is not None)
-    trainable = [p for g in groups for p in g["params"]]
-    losses = []
-    for _ in range(cfg.steps):
-        pixels, ids = sample_batch(images, [], instance_ids, instance_ids, cfg.batch_size, res, cfg.center_crop, cfg.random_flip, gen)
-        loss = diffusion_loss(pipe.vae, noise_scheduler, pipe.unet, pipe.text_encoder, pixels, ids, n_instance=cfg.batch_size, gen=gen,
-                              snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset)
-        loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    pipe.unet.requires_grad_(False)
-    if tokens is not None:
-        tokens.vectors.requires_grad_(False)
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    return {"losses": losses, "trainable_params": sum(p.numel() for p in unet_params), "steps": cfg.steps}
+    def trainables(self, pipe) -> tuple[dict, list[dict], object]:
+        for part in (pipe.text_encoder, pipe.vae):
+            part.requires_grad_(False)
+        pipe.unet.requires_grad_(True)
+        token_groups, tokens = concept_token(pipe, self.concept, self.cfg)
+        return trainable_parameters(pipe), [{"params": list(pipe.unet.parameters()), "lr": self.lr}, *token_groups], tokens
+
+    def save(self, engine, state) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------- one run: train, then score
@@ -417,7 +387,7 @@ def _generate(ctx: Context, pipe, prompts: list[str], seeds: list[int], out: Pat
 def score_pipe(ctx: Context, pipe, concept, out: Path, zero_shot: bool = False) -> dict:
     """CLIP-T, CLIP-I and drift of `pipe` for `concept` (zero_shot: the prompts with the class word, no drift)."""
     from sbora_diffusion.clip_score import drift, score
-    from sbora_diffusion.concept.train import base_prompt
+    from sbora_diffusion.concept.samples import base_prompt
 
     cfg = ctx.config
     prompts = [concept.fill(p) for p in concept.eval_prompts[: cfg.num_prompts]]
@@ -439,7 +409,7 @@ def score_pipe(ctx: Context, pipe, concept, out: Path, zero_shot: bool = False) 
 
 def train_one(ctx: Context, method: str, concept, seed: int) -> tuple[object, dict]:
     """Train `method` on `concept` with `seed` on a fresh copy of the base; returns (trained pipe, run record)."""
-    from sbora_diffusion.adapters import adapter_parameters
+    from sbora.adapters import adapter_parameters
     from sbora_diffusion.concept.train import load_train_config, train
 
     cfg = ctx.config
@@ -448,10 +418,13 @@ def train_one(ctx: Context, method: str, concept, seed: int) -> tuple[object, di
     t0 = time.time()
     per_step = None
     if method == CEILING:
-        tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, "train_seed": seed})
-        info = train_full_unet(pipe, concept, tcfg, cfg.full_ft_lr, seed)
-        record = {"trainable_params": info["trainable_params"], "final_loss": _mean(info["losses"][-10:]), "steps": info["steps"],
-                  "lr": cfg.full_ft_lr, "adapter": None}
+        tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, "train_seed": seed, "output_dir": str(out)})
+        state, _ = fit(FullUNetTask(concept, cfg.model, tcfg, pipe, cfg.full_ft_lr), tcfg, out)
+        for part in (pipe.unet, pipe.text_encoder):
+            part.requires_grad_(False)
+            part.eval()
+        record = {"trainable_params": sum(p.numel() for p in pipe.unet.parameters()), "final_loss": _mean(state.losses[-10:]),
+                  "steps": state.step, "lr": cfg.full_ft_lr, "adapter": None}
     else:
         yaml_name, extra = METHODS[method]
         tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, **extra, "train_seed": seed, "output_dir": str(out)})
@@ -476,7 +449,7 @@ def train_one(ctx: Context, method: str, concept, seed: int) -> tuple[object, di
 def run_pair(ctx: Context, pair: str, method: str, seed: int, runs: dict) -> list[dict]:
     """Compose the pair's two single-concept adapters of `method` and `seed`; CLIP-I of each concept in its half, per mode."""
     from sbora_diffusion.compose import Composer, Region
-    from sbora_diffusion.concepts import load_concept
+    from sbora_diffusion.concept.config import load_concept
 
     cfg = ctx.config
     a, b = (load_concept(c) for c in pair.split("+"))
@@ -508,7 +481,7 @@ def run_pair(ctx: Context, pair: str, method: str, seed: int, runs: dict) -> lis
 
 
 def zero_shot_pair(ctx: Context, pair: str) -> dict:
-    from sbora_diffusion.concepts import load_concept
+    from sbora_diffusion.concept.config import load_concept
     from sbora_diffusion.generate import render
 
     a, b = (load_concept(c) for c in pair.split("+"))
@@ -536,10 +509,10 @@ def load_scorer(config: QualityConfig):
 
 def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, scorer=None) -> None:
     """Fill `res` (zero-shot, then method by method, then the pairs), calling `save` after each part."""
-    from sbora_diffusion.adapters import load_adapter_config
-    from sbora_diffusion.concept.train import load_train_config, train_config_path
-    from sbora_diffusion.concepts import load_concept
-    from sbora_diffusion.configuration import shown_path
+    from sbora.adapters import load_adapter_config
+    from sbora_diffusion.concept.options import load_train_config, train_config_path
+    from sbora_diffusion.concept.config import load_concept
+    from sbora.configuration import shown_path
     from sbora_diffusion.models import load_pipeline
 
     config.validate()
@@ -555,7 +528,7 @@ def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, s
     for part in (base.unet, base.text_encoder, base.vae):
         part.requires_grad_(False).eval()
     scorer = scorer if scorer is not None else load_scorer(config)
-    from sbora_diffusion.concept.train import TrainConfig
+    from sbora_diffusion.concept.options import TrainConfig
 
     # The trainer's own outputs are not scored here: no validation grids, one small sample image, no checkpoints on the way.
     overrides = {"checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True, "cpu": True}
@@ -777,7 +750,7 @@ def write_readme(results: str | Path = "docs/benchmarks/quality.json", out: str 
     """docs/readme/quality.md from a results file: the intro above and the run's tables (with its command)."""
     import json
 
-    from sbora_diffusion.fileio import write_text
+    from sbora.fileio import write_text
 
     payload = json.loads(Path(results).read_text())
     note = "" if payload.get("complete") else "\n*(partial: the run had not finished when these tables were written)*\n"

@@ -1,10 +1,16 @@
 """Training cost of every adapter method next to peft's LoRA: step time, parameters, memory.
 
-Two bases, weights irrelevant to cost: the Stable Diffusion 1.5-architecture UNet with random
+Bases, weights irrelevant to cost: the Stable Diffusion 1.5-architecture UNet with random
 weights (``configs/models/sd15-unet.json``, 860M parameters; 32×32 latents, batch 1, 77-token
-text context; targets ``to_q,to_k,to_v,to_out.0``) and SmolLM2-135M (the embedded GGUF,
-sequence length 256, batch 1; targets ``q_proj,k_proj,v_proj,o_proj``). Per base and rank,
-every method sits on its own shared-weight copy of the base with its own AdamW, and then
+text context; targets ``to_q,to_k,to_v,to_out.0``), SmolLM2-135M (the embedded GGUF,
+sequence length 256, batch 1; targets ``q_proj,k_proj,v_proj,o_proj``), and, asked for by
+``--bases sdxl-unet`` (``--preset sdxl``), the SDXL base-architecture UNet with random weights
+(``configs/models/sdxl-unet.json``, 2.57B parameters; 64×64 latents (512 px), batch 1, a 77-token
+context of width 2048, the pooled prompt and size/crop numbers of its add-embedding; targets
+``sdxl-unet``: the attention projections of all 70 transformer blocks). ``--sdxl-width`` scales
+its channels down (0.5: 728M parameters, every block, depth and head count kept) for
+machines that cannot hold 10 GB of float32 weights plus activations (``--preset sdxl-cpu``).
+Per base and rank, every method sits on its own shared-weight copy of the base with its own AdamW, and then
 
 1. one untimed first step each, which also measures: trainable parameters, optimizer-state
    bytes, bytes autograd saves inside the adapter branches (``common.SavedTensorMeter``), and
@@ -15,14 +21,16 @@ every method sits on its own shared-weight copy of the base with its own AdamW, 
 3. ``layer_repeats`` rounds of the adapted layers alone on the inputs the model gave them
    (``common.layer_step``), where a method's overhead over the floor is resolved.
 
-Results: ``docs/benchmarks/train_cost.{json,md,png}`` (``train_cost_full.*`` with ``--preset full``).
+Results: ``docs/benchmarks/train_cost.{json,md,png}`` (``train_cost_<preset>.*`` with another ``--preset``).
 
     python -m benchmarks.train_cost --preset quick
+    python -m benchmarks.train_cost --preset sdxl          # SBoRA-FA vs peft LoRA on the SDXL UNet, 64x64 latents
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,9 +39,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sbora_diffusion.adapters import TARGET_PRESETS
-from sbora_diffusion.adapters.registry import labels
-from sbora_diffusion.configuration import CONFIG_DIR, ConfigError
+from sbora.adapters import TARGET_PRESETS
+from sbora.adapters.registry import labels
+from sbora.configuration import CONFIG_DIR, ConfigError
 
 from .common import (
     COST_METHODS,
@@ -53,17 +61,21 @@ from .common import (
     train_step,
 )
 
-BASES = ("sd15-unet", "smollm2")
+BASES = ("sd15-unet", "smollm2", "sdxl-unet")
+DEFAULT_BASES = ("sd15-unet", "smollm2")  # the SDXL UNet (10 GB of float32 weights) only when asked for
 
 
 @dataclass
 class TrainCostConfig:
-    bases: list[str] = field(default_factory=lambda: list(BASES), metadata={"help": "bases to measure: " + ", ".join(BASES)})
+    bases: list[str] = field(default_factory=lambda: list(DEFAULT_BASES), metadata={"help": "bases to measure: " + ", ".join(BASES)})
     ranks: list[int] = field(default_factory=lambda: [4, 16, 64], metadata={"help": "adapter ranks"})
     methods: list[str] = field(default_factory=lambda: list(COST_METHODS), metadata={"help": f"methods ({REFERENCE}, the reference, is always added)"})
     repeats: int = field(default=5, metadata={"help": "timed rounds (one step per method per round); medians over rounds"})
     layer_repeats: int = field(default=15, metadata={"help": "timed rounds of the adapted layers alone (cheap: they resolve the overhead)"})
     latent_size: int = field(default=32, metadata={"help": "SD: latent height and width (32 = 256×256 pixels)"})
+    sdxl_latent_size: int = field(default=64, metadata={"help": "SDXL: latent height and width (64 = 512×512 pixels)"})
+    sdxl_width: float = field(default=1.0, metadata={"help": "SDXL: scale of the UNet's channel widths, a multiple of 0.5 (1: SDXL base, "
+                                                             "2.57B parameters; 0.5: 728M, same blocks, depths and heads, for small machines)"})
     seq_len: int = field(default=256, metadata={"help": "SmolLM2: tokens per training sequence"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default); 1 keeps CPU time a measure of work on a shared machine"})
     seed: int = field(default=0, metadata={"help": "seed of the random base weights, inputs and adapter inits"})
@@ -78,13 +90,22 @@ class TrainCostConfig:
             raise ConfigError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(COST_METHODS)}")
         if self.repeats < 1 or any(r < 1 for r in self.ranks):
             raise ConfigError("repeats and every rank must be >= 1")
+        if "sdxl-unet" in self.bases:
+            sdxl_channels(self.sdxl_width)
+        if self.sdxl_latent_size < 8 or self.sdxl_latent_size % 4:
+            raise ConfigError(f"sdxl_latent_size must be a multiple of 4 (the UNet halves it twice), at least 8; got {self.sdxl_latent_size}")
 
 
 # quick: rank 16 only, so that train_cost + llm_quality stay under 15 minutes on 2 CPU cores;
 # full: every rank of the issue, more rounds.
+# sdxl: the SDXL row (SBoRA-FA vs peft LoRA at rank 16, 64x64 latents, the floor beside them; 10.3 GB of float32
+# weights plus activations); sdxl-cpu: the same at half width and 32x32 latents, what 2 CPU cores and 24 GB can measure.
 PRESETS = {
     "quick": {"ranks": [16], "repeats": 5, "layer_repeats": 10},
     "full": {"ranks": [4, 16, 64], "repeats": 9, "layer_repeats": 21},
+    "sdxl": {"bases": ["sdxl-unet"], "methods": ["sbora-fa", FLOOR], "ranks": [16], "repeats": 5, "layer_repeats": 10},
+    "sdxl-cpu": {"bases": ["sdxl-unet"], "methods": ["sbora-fa", FLOOR], "ranks": [16], "repeats": 3, "layer_repeats": 7,
+                 "sdxl_width": 0.5, "sdxl_latent_size": 32},
 }
 
 
@@ -106,6 +127,42 @@ def build_sd_unet(config: TrainCostConfig):
     return unet, loss_fn, TARGET_PRESETS["sd-unet"]
 
 
+def sdxl_channels(width: float) -> list[int]:
+    """SDXL's block widths (320, 640, 1280) scaled by `width`, which must stay divisible by its 32 norm groups and by each
+    block's head count (5, 10, 20), so that every head keeps a whole width."""
+    arch = json.loads((CONFIG_DIR / "models" / "sdxl-unet.json").read_text())
+    channels = [c * width for c in arch["block_out_channels"]]
+    if width <= 0 or any(c != int(c) or c % math.lcm(arch["norm_num_groups"], h) for c, h in zip(channels, arch["attention_head_dim"])):
+        raise ConfigError(f"sdxl_width {width} gives channel widths {channels}, not divisible by 32 norm groups and the heads (5, 10, 20): "
+                          "use a multiple of 0.5")
+    return [int(c) for c in channels]
+
+
+def build_sdxl_unet(config: TrainCostConfig):
+    """The SDXL base UNet architecture with random weights (channels scaled by --sdxl-width), and a denoising-loss closure
+    with SDXL's whole conditioning: the two text encoders' context (width 2048), the pooled prompt, the size/crop numbers."""
+    from diffusers import UNet2DConditionModel
+
+    arch = json.loads((CONFIG_DIR / "models" / "sdxl-unet.json").read_text())
+    arch["block_out_channels"] = sdxl_channels(config.sdxl_width)
+    torch.manual_seed(config.seed)
+    unet = UNet2DConditionModel.from_config(arch)
+    g = torch.Generator().manual_seed(config.seed)
+    s = config.sdxl_latent_size
+    latents, noise = torch.randn(1, 4, s, s, generator=g), torch.randn(1, 4, s, s, generator=g)  # (1, 4, s, s)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)  # (1, 77, 2048)
+    pooled_width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim  # 1280
+    pixels = float(8 * s)
+    added = {"text_embeds": torch.randn(1, pooled_width, generator=g),  # (1, 1280)
+             "time_ids": torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]])}  # (1, 6): original size, crop, target size
+    timestep = torch.tensor([500])
+
+    def loss_fn(model: nn.Module) -> torch.Tensor:
+        return nn.functional.mse_loss(model(latents, timestep, encoder_hidden_states=context, added_cond_kwargs=added).sample, noise)
+
+    return unet, loss_fn, TARGET_PRESETS["sdxl-unet"]
+
+
 def build_smollm2(config: TrainCostConfig):
     """SmolLM2-135M from the embedded GGUF (llm.models), and a next-token-loss closure."""
     from llm.models import load_model
@@ -120,7 +177,7 @@ def build_smollm2(config: TrainCostConfig):
     return model, loss_fn, TARGET_PRESETS["llama"]
 
 
-BUILDERS = {"sd15-unet": build_sd_unet, "smollm2": build_smollm2}
+BUILDERS = {"sd15-unet": build_sd_unet, "smollm2": build_smollm2, "sdxl-unet": build_sdxl_unet}
 
 
 def measure_base(name: str, config: TrainCostConfig, result: dict, save: Callable[[], None]) -> None:
@@ -180,6 +237,14 @@ def targets_check(results: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def input_size(base: str, config: dict) -> str:
+    """What the SDXL row ran at (its size options); nothing for the other bases, whose sizes the text above states."""
+    if base != "sdxl-unet":
+        return ""
+    s = config["sdxl_latent_size"]
+    return f"; {s}×{s} latents ({8 * s} px), channel width ×{config['sdxl_width']:g} of SDXL's"
+
+
 def markdown(payload: dict) -> str:
     env = payload["environment"]
     lines = [
@@ -207,7 +272,7 @@ def markdown(payload: dict) -> str:
     for base, res in payload["results"].items():
         if not res.get("ranks"):
             continue
-        lines += [f"## {base} ({res['parameters'] / 1e6:.1f}M parameters; targets {', '.join(res['targets'])})", ""]
+        lines += [f"## {base} ({res['parameters'] / 1e6:.1f}M parameters{input_size(base, payload['config'])}; targets {', '.join(res['targets'])})", ""]
         for rank, rows in res["ranks"].items():
             lines += [
                 f"### rank {rank}",

@@ -1,12 +1,12 @@
 """Multi-task composition: several task adapters merged into one LLM (the LLM side of multi-concept).
 
-    python -m llm.compose --output outputs/llm/composed \
+    python -m llm.compose --out outputs/llm/composed \
         --adapter outputs/llm/math/sbora-fa/adapter.safetensors,outputs/llm/facts/sbora-fa/adapter.safetensors
 
 Adapters trained with the same seed in different slots (``--slot 0``, ``--slot 1``) touch
 disjoint columns (SBoRA-FA), rows (SBoRA-FB) or orthogonal basis rows (ortho) of every
 weight, so in the merged model ``W + Σ_k w_k·ΔW_k`` each task's update sits in its own part of
-W, exactly as trained (DESIGN.md §4). That is a statement about the weights, not the outputs:
+W, exactly as trained (docs/architecture.md §4). That is a statement about the weights, not the outputs:
 on task i's own activations X_i the merged layer still adds w_j·ΔW_j X_i of every other task
 j, which disjoint slots do not make zero. Before merging, every pair is measured both ways.
 
@@ -31,7 +31,7 @@ as is). It is a ratio of output changes, not of scores: ~1 means task j changes 
 layer outputs as much as task i's own adapter does.
 
 The merged model is a plain transformers folder; score it with
-``sbora-llm-evaluate --base <output> --task ...``.
+``sbora-llm-evaluate --model <out> --task ...``.
 
 From Python::
 
@@ -57,22 +57,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sbora_diffusion.adapters import adapted_layers, read_adapter
-from sbora_diffusion.adapters.io import slot_layouts
-from sbora_diffusion.adapters.overlap import (
+from sbora.adapters import adapted_layers, read_adapter
+from sbora.adapters.io import slot_layouts
+from sbora.adapters.overlap import (
     CROSSTALK_MEANING,
     WEIGHT_OVERLAP_MEANING,
     calibration_energies,
     crosstalk_rows,
     crosstalk_summary,
 )
-from sbora_diffusion.adapters.overlap import interference as layer_interference
-from sbora_diffusion.adapters.registry import composable_methods, or_list
-from sbora_diffusion.adapters.slots import slot_clashes
-from sbora_diffusion.configuration import ConfigError, check_fields
-from sbora_diffusion.fileio import write_json
+from sbora.adapters.overlap import interference as layer_interference
+from sbora.adapters.registry import composable_methods, or_list
+from sbora.adapters.slots import slot_clashes
+from sbora.configuration import ConfigError, check_fields
+from sbora.fileio import write_json
 
-from .cli import run_command
+from .cli import llm_command
 from .data import Example, _user_turn, jsonl_lines, load_task
 from .models import DEFAULT_BASE, load_adapters, load_base, save_merged
 
@@ -83,10 +83,11 @@ CALIBRATION_MAX_TOKENS = 512  # a longer calibration text is cut (its first toke
 
 @dataclass
 class ComposeConfig:
-    base: str = field(default=DEFAULT_BASE, metadata={"help": f"base model: '{DEFAULT_BASE}' (embedded SmolLM2 GGUF), a local folder or .gguf file, or a hub id"})
+    model: str = field(default=DEFAULT_BASE, metadata={"help": f"base model: '{DEFAULT_BASE}' (embedded SmolLM2 GGUF), a local folder or .gguf file, or a hub id",
+                                                       "aliases": ("base", "model-name-or-path")})
     adapter: list[str] = field(default_factory=list, metadata={"help": "two or more task adapter files to merge (comma-separated)"})
     weight: list[float] = field(default_factory=list, metadata={"help": "one weight per adapter (default: all 1.0)"})
-    output: str = field(default="outputs/llm/composed", metadata={"help": "folder of the merged transformers model (plus compose.json)"})
+    out: str = field(default="outputs/llm/composed", metadata={"help": "folder of the merged transformers model (plus compose.json)", "aliases": ("output",)})
     crosstalk: bool = field(default=True, metadata={"help": "also report the output cross-talk |dW_j X_i| / |dW_i X_i| on each task's calibration examples"})
     calibration: list[str] = field(default_factory=list, metadata={"help": "JSONL calibration inputs: one file for every adapter, or one per "
                                                                            "adapter (none: each adapter's own task split)"})
@@ -236,9 +237,9 @@ def compose(config: ComposeConfig, model: PreTrainedModel | None = None, tokeniz
     check_slots(config.adapter, config.allow_overlap)
     given = [read_calibration(f) for f in config.calibration] if config.crosstalk else []  # a bad file fails before the model loads
     if model is None or tokenizer is None:
-        model, tokenizer = load_base(config.base)
+        model, tokenizer = load_base(config.model)
     weights = config.weight or [1.0] * len(config.adapter)
-    adapters = load_adapters(model, config.adapter, weights, config.base)
+    adapters = load_adapters(model, config.adapter, weights, config.model)
     scores = {f"{a}+{b}": interference(model, a, b) for a, b in combinations(adapters, 2)}
     for pair, value in scores.items():
         if value > INTERFERENCE_TOLERANCE:
@@ -247,7 +248,7 @@ def compose(config: ComposeConfig, model: PreTrainedModel | None = None, tokeniz
                 f"--slot values of {or_list(composable_methods(), '/', '/')} so that their updates change disjoint parts of the weights", stacklevel=2,
             )
     talk = crosstalk_report(model, tokenizer, adapters, config, given) if config.crosstalk else None
-    output = save_merged(model, tokenizer, config.output)
+    output = save_merged(model, tokenizer, config.out)
     report = {"output": str(output), "adapters": adapters, "weights": weights, "interference": scores, "crosstalk": talk,
               "meaning": {"weight_overlap": WEIGHT_OVERLAP_MEANING, "output_crosstalk": CROSSTALK_MEANING}}
     write_json(output / "compose.json", report)
@@ -261,8 +262,8 @@ def _print(report: dict) -> None:
     print(f"per-layer cross-talk and what each measure means: {Path(report['output']) / 'compose.json'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_command(ComposeConfig, compose, "sbora-llm-compose", __doc__, argv, report=_print)
+COMMAND = llm_command(ComposeConfig, compose, "sbora-llm-compose", __doc__, report=_print)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ text task ``reverse`` (write a list of words backwards, graded on the exact text
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -31,7 +32,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sbora_diffusion.fileio import write_text
+from sbora.configuration import ConfigError
+from sbora.fileio import write_text
 
 ARITHMETIC = "arithmetic"
 DATA_SEED = 20240705  # fixed: the arithmetic split must not depend on the training seed
@@ -337,3 +339,19 @@ def collate(items: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
         labels[row, :n] = torch.tensor(it["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
+
+
+def batch_indices(n: int, batch_size: int, seed: int, k: int) -> list[int]:
+    """Micro-batch `k` of the run: slice ``[k·B, (k+1)·B)`` of a stream of seeded epoch permutations.
+
+    A pure function of (seed, k), so a resumed run, or any process of several, sees exactly
+    the batches an uninterrupted single stream would.
+    """
+    if n < batch_size:
+        raise ConfigError(f"{n} training examples are fewer than one batch of {batch_size}; lower --batch-size")
+    return [_epoch_order(n, seed, e)[i] for e, i in (divmod(pos, n) for pos in range(k * batch_size, (k + 1) * batch_size))]

@@ -1,7 +1,7 @@
 """Evaluate a causal LM with or without adapters: greedy decoding, exact-match accuracy.
 
     python -m llm.evaluate --adapter outputs/llm/arithmetic/sbora-fa/adapter.safetensors
-    sbora-llm-evaluate --base outputs/llm/composed --task arithmetic
+    sbora-llm-evaluate --model outputs/llm/composed --task arithmetic
 
 The base model's zero-shot accuracy is measured beside the adapted one on the same test
 problems (the adapters switched off for that call only, nothing reloaded). Several
@@ -30,14 +30,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from sbora_diffusion.adapters import active_adapters, merge
-from sbora_diffusion.configuration import ConfigError
-from sbora_diffusion.fileio import write_json, write_text
+from sbora.adapters import active_adapters, merge
+from sbora.configuration import ConfigError
+from sbora.engine import MIXED_PRECISION, make_accelerator, resolve_mixed_precision
+from sbora.fileio import write_json, write_text
 
-from .cli import run_command
+from .cli import llm_command
 from .data import Example, is_correct, load_task, prompt_text, task_name
-from sbora_diffusion.engine import MIXED_PRECISION, make_accelerator, resolve_mixed_precision
-
 from .models import DEFAULT_BASE, load_adapters, prepare_base
 from .quant import QUANT_MODES
 
@@ -46,14 +45,15 @@ SAMPLES_KEPT = 20  # generations stored in the results, for reading what the mod
 
 @dataclass
 class EvalConfig:
-    base: str = field(default=DEFAULT_BASE, metadata={"help": f"base model: '{DEFAULT_BASE}' (embedded SmolLM2-135M-Instruct GGUF), a local folder or .gguf file, or a hub id"})
+    model: str = field(default=DEFAULT_BASE, metadata={"help": f"base model: '{DEFAULT_BASE}' (embedded SmolLM2-135M-Instruct GGUF), a local folder or .gguf file, or a hub id",
+                                                       "aliases": ("base", "model-name-or-path")})
     adapter: list[str] = field(default_factory=list, metadata={"help": "adapter file(s), comma-separated; several are loaded side by side (multi-task); none = base only"})
     task: str = field(default="arithmetic", metadata={"help": "'arithmetic' (built-in word problems) or a JSONL file with instruction/input/output"})
     eval_data: str | None = field(default=None, metadata={"help": "JSONL test file (else the task's fixed test split)"})
     test_size: int = field(default=200, metadata={"help": "arithmetic: number of test problems of the fixed split"})
     test_fraction: float = field(default=0.1, metadata={"help": "JSONL task without eval_data: fraction held out for testing"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N test examples"})
-    batch_size: int = field(default=16, metadata={"help": "prompts generated at once"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N test examples", "aliases": ("eval-limit",)})
+    batch_size: int = field(default=16, metadata={"help": "prompts generated at once", "aliases": ("eval-batch-size",)})
     max_new_tokens: int = field(default=64, metadata={"help": "greedy decoding length limit"})
     zero_shot: bool = field(default=True, metadata={"help": "also score the base model alone (adapters off)"})
     merge: bool = field(default=False, metadata={"help": "merge the adapters into the base weights before scoring"})
@@ -172,7 +172,7 @@ def default_output_dir(config: EvalConfig) -> Path:
 
 
 def evaluate(config: EvalConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
-    """Score `config.base` (or the given `model`/`tokenizer`) plus `config.adapter` files on the task's test split.
+    """Score `config.model` (or the given `model`/`tokenizer`) plus `config.adapter` files on the task's test split.
 
     Signature: ``evaluate(config: EvalConfig, model=None, tokenizer=None) -> dict``. Adapter
     files are loaded into `model` under their task names. Writes evaluation.json/evaluation.md.
@@ -181,8 +181,8 @@ def evaluate(config: EvalConfig, model: PreTrainedModel | None = None, tokenizer
     _, test = load_task(config.task, config.eval_data, train_size=0, test_size=config.test_size, test_fraction=config.test_fraction)
     test = test[: config.limit] if config.limit else test
     accelerator = make_accelerator(resolve_mixed_precision(config.mixed_precision, config.cpu), config.cpu)
-    model, tokenizer = prepare_base(config.base, config.quantize, accelerator, model, tokenizer)
-    names = list(load_adapters(model, config.adapter, base=config.base))
+    model, tokenizer = prepare_base(config.model, config.quantize, accelerator, model, tokenizer)
+    names = list(load_adapters(model, config.adapter, base=config.model))
     kwargs = {"max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size}
     with accelerator.autocast():
         if config.merge:  # merged adapters cannot be switched off: only the adapted score exists
@@ -190,17 +190,18 @@ def evaluate(config: EvalConfig, model: PreTrainedModel | None = None, tokenizer
             parts = {"zero_shot": None, "adapted": score(model, tokenizer, test, desc="merged", **kwargs)}
         else:
             parts = score_with_zero_shot(model, tokenizer, test, names, config.zero_shot, **kwargs)
-    results = {"task": task_name(config.task), "base": config.base, "adapters": list(config.adapter), "n": len(test), **parts}
+    results = {"task": task_name(config.task), "base": config.model, "adapters": list(config.adapter), "n": len(test), **parts}
     written = write_results(results, config.output_dir or default_output_dir(config), stem="evaluation")
     return {**results, "written": [str(p) for p in written]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    def report(results: dict) -> None:
-        print(results_markdown(results).split("## First")[0].strip())
-        print(f"\nwritten: {', '.join(results['written'])}")
+def report(results: dict) -> None:
+    print(results_markdown(results).split("## First")[0].strip())
+    print(f"\nwritten: {', '.join(results['written'])}")
 
-    return run_command(EvalConfig, evaluate, "sbora-llm-evaluate", __doc__, argv, default_config="evaluate", report=report)
+
+COMMAND = llm_command(EvalConfig, evaluate, "sbora-llm-evaluate", __doc__, config="evaluate", report=report)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

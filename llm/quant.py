@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbora_diffusion.adapters import AdaptedLinear
-from sbora_diffusion.adapters.inject import replace_module
+from sbora.adapters import AdaptedLinear
+from sbora.adapters.inject import replace_module
 
 QUANT_MODES = ("none", "int8", "nf4", "auto")
 SKIP = ("lm_head",)  # the output head (often tied to the embeddings) stays in full precision

@@ -38,9 +38,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .concepts import ConceptError, image_files, open_rgb
-from .fileio import atomic_path
-from .hub import hub_reachable
+from sbora.fileio import atomic_path
+from sbora.hub import hub_reachable
+
+from .concept.config import ConceptError, image_files, open_rgb
 
 # The pocket world's CLIP, shipped in the repository (sbora_diffusion/world/weights/pocket-clip, an
 # open_clip local-dir folder): ``load_clip("pocket")`` / ``--clip-model pocket``, any pretrained tag ignored.

@@ -1,4 +1,4 @@
-r"""Multi-concept composition: several trained concepts in one image, without retraining (DESIGN.md §4).
+r"""Multi-concept composition: several trained concepts in one image, without retraining (docs/architecture.md §4).
 
     python -m sbora_diffusion.compose --config configs/compositions/robot_duck.yaml [--field value ...]
 
@@ -36,7 +36,7 @@ base, each with a weight, and
 **Fusion** says how the concepts' updates combine: ``fusion: sum`` is the plain sum above;
 ``fusion: gradient`` is Mix-of-Show's gradient fusion (``fusion.py``): per layer one fused
 weight that reproduces each concept's outputs on its own prompts' activations, added to the
-pipeline as one dense adapter, written to ``<out>/fused.safetensors``. A fusion is an entry of
+pipeline as one dense adapter, written to ``<output-dir>/fused.safetensors``. A fusion is an entry of
 ``FUSIONS``: given the composer, {concept: weight} and the sampler settings, it returns the
 selection the composition runs (a fused adapter runs in the regions too, with their prompts).
 
@@ -59,15 +59,15 @@ The composition YAML (``configs/compositions/*.yaml``; every scalar field is als
     calibration_prompts_file: prompts.txt   # optional: templates ({token}, {class_word}) for concepts without their own
     crosstalk: true                          # --no-crosstalk: weight overlap only
 
-Writes ``<out>/<prompt#>-<slug>/<seed>.png``, ``<out>/manifest.jsonl`` (as ``generate``: image,
-prompt, seed, plus the concepts, mode and fusion), ``<out>/overlap.json`` (the report: weight
-overlap and output cross-talk, per pair and per layer) and ``<out>/overlap.md`` (its tables);
-gradient fusion adds ``<out>/fused.safetensors`` and ``<out>/fusion.json`` (its per-layer errors).
+Writes into ``output_dir`` (default ``<outputs>/compositions/<name>``) ``<prompt#>-<slug>/<seed>.png``,
+``manifest.jsonl`` (as ``generate``: image, prompt, seed, plus the concepts, mode and fusion),
+``overlap.json`` (the report: weight overlap and output cross-talk, per pair and per layer) and
+``overlap.md`` (its tables); gradient fusion adds ``fused.safetensors`` and ``fusion.json`` (its
+per-layer errors).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -83,13 +83,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .adapters import AdapterFileError, active_adapters, adapted_layers, read_adapter, remove, set_adapter_weight
-from .adapters import merge as merge_adapter
-from .adapters import unmerge as unmerge_adapter
-from .adapters.config import DEFAULT_METHOD
-from .adapters.inject import check_adapter_name
-from .adapters.io import sibling_file, slot_layouts
-from .adapters.overlap import (
+from sbora.adapters import AdapterFileError, active_adapters, adapted_layers, read_adapter, remove, set_adapter_weight
+from sbora.adapters import merge as merge_adapter
+from sbora.adapters import unmerge as unmerge_adapter
+from sbora.adapters.config import DEFAULT_METHOD
+from sbora.adapters.inject import check_adapter_name
+from sbora.adapters.io import sibling_file, slot_layouts
+from sbora.adapters.overlap import (
     CROSSTALK_MEANING,
     WEIGHT_OVERLAP_MEANING,
     calibration_energies,
@@ -97,23 +97,16 @@ from .adapters.overlap import (
     crosstalk_summary,
     overlap_rows,
 )
-from .adapters.registry import composable_methods, or_list
-from .adapters.slots import slot_clashes
-from .cli import add_debug_flag, run_main
-from .concept_adapter import TOKEN_TENSOR, load_concept_adapter
-from .configuration import (
-    ConfigError,
-    add_arguments,
-    check_fields,
-    from_dict,
-    load_yaml,
-    overrides_from_args,
-    resolve_named_config,
-    shown_path,
-)
-from .fileio import write_json, write_text
+from sbora.adapters.registry import composable_methods, or_list
+from sbora.adapters.slots import slot_clashes
+from sbora.cli import Command, Invocation, Section, yaml_layer
+from sbora.configuration import ConfigError, check_fields, from_dict
+from sbora.fileio import write_json, write_text
+
+from .concept.adapter import load_concept_adapter
 from .fusion import Fused, concept_prompts, fuse, save_fused
-from .generate import default_device, save_images
+from .generate import DTYPES, default_device, dtype_for, save_images
+from .kinds import PromptEmbeds, kind_of
 from .regional import DEFAULT_MODE, MODES as REGIONAL_MODES, RegionalPrompt, RegionError, box_mask, image_mask, install_regional_processors, parse_box, regional_sampling
 from .tokens import install_concept_tokens, resolve_token_ids
 
@@ -176,7 +169,7 @@ class CompositionConfig:
     model: str | None = field(default=None, metadata={"help": "base model: embedded name, diffusers folder or hub id (none: the concepts' base)"})
     outputs: str = field(default="outputs", metadata={"help": "the folder trained concepts live in (<concept>/<method>/adapter.safetensors)"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3], metadata={"help": "one image per seed (comma-separated)"})
-    steps: int = field(default=50, metadata={"help": "DDIM steps"})
+    sample_steps: int = field(default=50, metadata={"help": "DDIM steps", "aliases": ("steps",)})
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
     height: int | None = field(default=None, metadata={"help": "image height (none: the model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (none: the model's)"})
@@ -197,12 +190,12 @@ class CompositionConfig:
                                                                                    "concept's calibration_prompts, else its eval prompts)"})
     calibration_steps: int = field(default=CALIBRATION_STEPS, metadata={"help": "denoising steps of each concept's calibration run"})
     calibration_size: int = field(default=CALIBRATION_SIZE, metadata={"help": "image size (pixels, both sides) of the calibration run"})
-    out: str | None = field(default=None, metadata={"help": "output folder (none: <outputs>/compositions/<name>)"})
-    device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (none: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (none: float16 on CUDA, else float32)"})
+    output_dir: str | None = field(default=None, metadata={"help": "output folder (none: <outputs>/compositions/<name>)", "aliases": ("out",)})
+    device: str = field(default="auto", metadata={"help": "cuda, cuda:1, cpu, ... or auto (CUDA when available)"})
+    dtype: str | None = field(default=None, metadata={"help": f"weights dtype: {', '.join(DTYPES)} (none: float16 on CUDA, else float32)"})
 
     def validate(self) -> None:
-        check_fields(self, {"steps": (1, 1000), "guidance_scale": (0, 100), "height": (8, 4096), "width": (8, 4096),
+        check_fields(self, {"sample_steps": (1, 1000), "guidance_scale": (0, 100), "height": (8, 4096), "width": (8, 4096),
                             "calibration_steps": (1, 1000), "calibration_size": (8, 4096),
                             "batch_size": (1, 64), "overlap_threshold": (0, 1)})
         if self.mode not in MODES:
@@ -211,8 +204,8 @@ class CompositionConfig:
             raise CompositionError(f"fusion must be one of {', '.join(FUSIONS)}, got '{self.fusion}'")
         if self.regional_mode not in REGIONAL_MODES:
             raise CompositionError(f"regional_mode must be one of {', '.join(REGIONAL_MODES)}, got '{self.regional_mode}'")
-        if self.dtype not in (None, "float32", "float16", "bfloat16"):
-            raise CompositionError(f"dtype must be float32, float16 or bfloat16, got '{self.dtype}'")
+        if self.dtype not in (None, *DTYPES):
+            raise CompositionError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
         if not _NAME.fullmatch(self.name):
             raise CompositionError(f"name '{self.name}' must be made of letters, digits, '_' or '-' (it names the output folder)")
         if not self.seeds or any(s < 0 for s in self.seeds):
@@ -225,13 +218,18 @@ class CompositionConfig:
 
 def load_composition(name_or_path: str | Path, **overrides) -> CompositionConfig:
     """``configs/compositions/NAME.yaml`` (or a YAML path), then field overrides; `name` defaults to the file's name."""
-    path = resolve_named_config("compositions", name_or_path)
-    data = load_yaml(path)
-    data.setdefault("name", path.stem)
-    config = from_dict(CompositionConfig, {**data, **overrides}, source=str(path))
+    data, source = composition_values(name_or_path)
+    config = from_dict(CompositionConfig, {**data, **overrides}, source=source.removeprefix("from "))
     if not config.concepts:
-        raise CompositionError(f"{path} lists no concepts: add a concepts: list (see configs/compositions/)")
+        raise CompositionError(f"{source.removeprefix('from ')} lists no concepts: add a concepts: list (see configs/compositions/)")
     return config
+
+
+def composition_values(name_or_path: str | Path) -> tuple[dict, str]:
+    """(the fields of a composition YAML, "from <its path>"); `name` defaults to the file's name."""
+    data, source = yaml_layer("compositions", name_or_path)
+    data.setdefault("name", Path(str(name_or_path)).stem)
+    return data, source
 
 
 def adapter_path(spec: ConceptSpec, outputs: str | Path) -> Path:
@@ -283,7 +281,7 @@ class LoadedConcept:
     seed: int
     base_model: str | None
     weight: float
-    vectors: torch.Tensor | None = field(default=None, repr=False)  # (n, D) learned token embeddings
+    vectors: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)  # learned token embeddings (n, D_k), one per text encoder
     claims: frozenset = frozenset()  # token pieces (new tokens) or ids (rare tokens) it owns
     eval_prompts: tuple[str, ...] = ()  # its file's prompt templates ({token}, {class_word})
     slots: tuple = ()  # its files' slot layouts (adapters.slots.SlotLayout): what the slot check compares
@@ -367,7 +365,8 @@ def same_base(a: str | None, b: str | None) -> bool:
 
 
 class Composer:
-    """Concepts on one Stable Diffusion pipeline, composed per call (see the module docstring).
+    """Concepts on one Stable Diffusion or SDXL pipeline, composed per call (see the module docstring; the pipeline's
+    kind, ``kinds.py``, says which text encoders it has and how a prompt is encoded).
 
     ``load``, ``unload``, ``merge`` and ``unmerge`` change the model: call them while no
     ``render`` runs (the app holds its model lock). ``render`` itself changes nothing shared,
@@ -376,20 +375,26 @@ class Composer:
 
     def __init__(self, pipe, overlap_threshold: float = DEFAULT_OVERLAP_THRESHOLD):
         self.pipe = pipe
+        self.kind = kind_of(pipe)  # SD 1.x/2.x or SDXL: its text encoders and prompt encoding (kinds.py)
         self.overlap_threshold = overlap_threshold
         self.concepts: dict[str, LoadedConcept] = {}
         self.merged: dict[str, float] = {}
         self.fused: dict[str, Fused] = {}  # fused adapters on the pipeline (``fusion.fuse``), by adapter name
-        # What the text side looked like before any concept: unloading rebuilds the tokens from it.
-        self._tokenizer = copy.deepcopy(pipe.tokenizer)
-        self._table = pipe.text_encoder.get_input_embeddings()
+        # What the text side looked like before any concept (per text encoder): unloading rebuilds the tokens from it.
+        self._tokenizers = [copy.deepcopy(t) for t in self.kind.tokenizers(pipe)]
+        self._tables = [te.get_input_embeddings() for te in self.kind.text_encoders(pipe)]
         self._pairs: dict[tuple[str, str], list[dict]] = {}
         self._calibrated: dict[str, dict] = {}  # concept -> its calibration run's energies (``crosstalk``)
         install_regional_processors(pipe.unet)
 
     @property
     def parts(self) -> tuple:
-        return self.pipe.unet, self.pipe.text_encoder
+        return tuple(self.part_models.values())
+
+    @property
+    def part_models(self) -> dict:
+        """The pipeline's adapted models by part name: unet, text_encoder (SDXL: text_encoder_2)."""
+        return self.kind.parts(self.pipe)
 
     @property
     def base_model(self) -> str | None:
@@ -426,7 +431,7 @@ class Composer:
         if slot is not None and file.config.slot != slot:
             raise CompositionError(f"concept '{name}' ({path}) was trained in slot {file.config.slot}, the composition says slot {slot}: "
                                    f"fix slot: in the YAML, or retrain it with --slot {slot}")
-        vectors = file.extra_tensors.get(TOKEN_TENSOR)
+        vectors = tuple(file.extra_tensors[t.token_tensor] for t in self.kind.texts if t.token_tensor in file.extra_tensors) or None
         mode = info.get("token_mode", "none") if vectors is not None else "none"
         token = info.get("token")
         claims = self._claims(token, mode)
@@ -438,7 +443,7 @@ class Composer:
                 )
         # Slots partition a layer only at one rank, seed and layout: refuse adapters whose shares meet.
         try:
-            files = [path] + ([sibling_file(path, info["text_encoder_adapter"], "text-encoder adapter")] if info.get("text_encoder_adapter") else [])
+            files = [path] + [sibling_file(path, info[f"{t.part}_adapter"], "text-encoder adapter") for t in self.kind.texts if info.get(f"{t.part}_adapter")]
             slots = tuple(s for f in files if f.is_file() for s in slot_layouts(f, f"'{name}' ({f})"))
         except AdapterFileError as e:
             raise CompositionError(f"concept '{name}' cannot join this composition: {e}") from None
@@ -465,12 +470,12 @@ class Composer:
             return frozenset()
         if mode == "new":
             pieces = frozenset(p.lower() for p in token.split())
-            vocab = self._tokenizer.get_vocab()
+            vocab = self._tokenizers[0].get_vocab()
             taken = sorted(p for p in pieces if p in vocab)
             if taken:
                 raise CompositionError(f"token '{token}' clashes with the base model's own vocabulary ({', '.join(taken)}); retrain the concept with another --token")
             return pieces
-        return frozenset(resolve_token_ids(self._tokenizer, token, "rare"))
+        return frozenset(resolve_token_ids(self._tokenizers[0], token, "rare"))
 
     def unload(self, name: str) -> None:
         """Take concept (or fused adapter) `name` off the pipeline: its adapters, the fused adapters built from it,
@@ -489,13 +494,13 @@ class Composer:
         concept = self.concepts.pop(name)
         self._pairs = {k: v for k, v in self._pairs.items() if name not in k}
         if concept.vectors is not None:
-            tokenizer = copy.deepcopy(self._tokenizer)
-            te = self.pipe.text_encoder
-            te.set_input_embeddings(self._table)
-            for c in self.concepts.values():
-                if c.vectors is not None:
-                    install_concept_tokens(tokenizer, te, c.token, c.token_mode, vectors=c.vectors)
-            self.pipe.tokenizer = tokenizer
+            for k, text in enumerate(self.kind.texts):
+                tokenizer, te = copy.deepcopy(self._tokenizers[k]), getattr(self.pipe, text.part)
+                te.set_input_embeddings(self._tables[k])
+                for c in self.concepts.values():
+                    if c.vectors is not None:
+                        install_concept_tokens(tokenizer, te, c.token, c.token_mode, vectors=c.vectors[k])
+                setattr(self.pipe, text.tokenizer, tokenizer)
 
     def selection(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
         """{concept: weight}: `weights` checked against the loaded concepts and fused adapters (default: all concepts, at their load weights)."""
@@ -519,7 +524,7 @@ class Composer:
             for b in names[i + 1 :]:
                 key = (a, b)
                 if key not in self._pairs:
-                    self._pairs[key] = overlap_rows(dict(zip(("unet", "text_encoder"), self.parts)), [a, b])
+                    self._pairs[key] = overlap_rows(self.part_models, [a, b])
                 rows += self._pairs[key]
         talk = self.crosstalk(names, calibration) if crosstalk else None
         return OverlapReport(rows, self.overlap_threshold, {n: self.concepts[n] for n in names if n in self.concepts}, crosstalk=talk)
@@ -559,7 +564,7 @@ class Composer:
         if stale:
             runs = {n: (1.0, lambda n=n: self._calibration_run(prompts[n][0], calibration)) for n in stale}
             start = time.perf_counter()
-            energies = calibration_energies(dict(zip(("unet", "text_encoder"), self.parts)), runs, others=list(self.concepts))
+            energies = calibration_energies(self.part_models, runs, others=list(self.concepts))
             result["seconds"] = round(time.perf_counter() - start, 3)
             for n in stale:
                 self._calibrated[n] = {"key": key[n], "concept": self.concepts[n], "against": dict(self.concepts), "energies": energies[n]}
@@ -573,11 +578,11 @@ class Composer:
         size = calibration.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
         cfg = calibration.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         device = pipe._execution_device
-        encoded = [self._encode(p, "", cfg, device) for p in prompts]
+        encoded = PromptEmbeds.cat([self._encode(p, "", cfg, device) for p in prompts])  # one row per prompt
         call = copy.copy(pipe)  # as ``render``: a call of its own, with its own scheduler
         call.scheduler = copy.deepcopy(pipe.scheduler)
         call.set_progress_bar_config(disable=True)
-        call(prompt_embeds=torch.cat([c for c, _ in encoded]), negative_prompt_embeds=torch.cat([u for _, u in encoded]) if cfg else None,
+        call(**encoded.call_kwargs(1),
              generator=[torch.Generator().manual_seed(k) for k in range(len(prompts))], num_inference_steps=calibration.steps,
              guidance_scale=calibration.guidance_scale, height=size, width=size, output_type="latent")
 
@@ -603,10 +608,10 @@ class Composer:
 
     # -- sampling -------------------------------------------------------------------------
 
-    def _encode(self, prompt: str, negative: str, cfg: bool, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(1, T, D) embeddings of `prompt` (and of `negative` with guidance) under the current selection."""
+    def _encode(self, prompt: str, negative: str, cfg: bool, device) -> PromptEmbeds:
+        """(1, T, D) embeddings of `prompt` (and of `negative` with guidance) under the current selection; SDXL's pooled ones too."""
         with _TOKENIZER_LOCK:
-            return self.pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt=negative)
+            return self.kind.encode_prompt(self.pipe, prompt, negative, cfg, device)
 
     def _region(self, region: Region, selection: dict[str, float], height: int, width: int, negative: str, cfg: bool,
                 device) -> RegionalPrompt:
@@ -622,8 +627,9 @@ class Composer:
         mask = box_mask(region.box, height, width) if region.box is not None else image_mask(region.mask, height, width)
         own = {owner: selection[owner]}
         with active_adapters(self.parts, own):
-            cond, uncond = self._encode(region.prompt or concept.regional_prompt(), negative, cfg, device)
-        return RegionalPrompt(selection=own, cond=cond, uncond=uncond, mask=mask.to(device))
+            embeds = self._encode(region.prompt or concept.regional_prompt(), negative, cfg, device)
+        return RegionalPrompt(selection=own, cond=embeds.cond, uncond=embeds.uncond, mask=mask.to(device), pooled=embeds.pooled,
+                              pooled_uncond=embeds.pooled_uncond)
 
     @torch.no_grad()
     def render(self, prompt: str, seeds: Sequence[int], weights: Mapping[str, float] | None = None, *,
@@ -656,7 +662,7 @@ class Composer:
         call.set_progress_bar_config(disable=True)
         images: list[Image.Image] = []
         with active_adapters(self.parts, selection):
-            cond, uncond = self._encode(prompt, negative_prompt, cfg, device)
+            embeds = self._encode(prompt, negative_prompt, cfg, device)
             prompts = [self._region(r, selection, height, width, negative_prompt, cfg, device) for r in regions]
         # Outside the regions: the concepts that have no region (all of them in cross mode, as Mix-of-Show).
         placed = {n for r in prompts for n in r.selection}
@@ -668,7 +674,7 @@ class Composer:
                     chunk = list(seeds[i : i + batch_size])
                     n = len(chunk)
                     out = call(
-                        prompt_embeds=cond.repeat(n, 1, 1), negative_prompt_embeds=uncond.repeat(n, 1, 1) if cfg else None,
+                        **embeds.call_kwargs(n),
                         generator=[torch.Generator().manual_seed(int(s)) for s in chunk], num_inference_steps=steps,
                         guidance_scale=guidance_scale, height=height, width=width,
                     )
@@ -818,9 +824,8 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
         if model is None:
             raise CompositionError(f"the concepts were trained on different base models ({', '.join(sorted(bases))}): "
                                    "compose concepts of one base, or set model:")
-        device = config.device or default_device()
-        dtype = getattr(torch, config.dtype) if config.dtype else (torch.float16 if device.startswith("cuda") else None)
-        pipe = load_pipeline(model, device=device, dtype=dtype)
+        device = default_device(config.device)
+        pipe = load_pipeline(model, device=device, dtype=dtype_for(config.dtype, device))
     composer = Composer(pipe, overlap_threshold=config.overlap_threshold)
     weights = {}
     for spec, path in zip(config.concepts, paths):
@@ -834,7 +839,7 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
     report = composer.overlap(list(weights), crosstalk=config.crosstalk, calibration=calibration)
     for message in report.warnings():
         warnings.warn(message, stacklevel=2)
-    render = dict(negative_prompt=config.negative_prompt, steps=config.steps, guidance_scale=config.guidance_scale,
+    render = dict(negative_prompt=config.negative_prompt, steps=config.sample_steps, guidance_scale=config.guidance_scale,
                   height=config.height, width=config.width)
     selection = FUSIONS[config.fusion](composer, weights, **render)
     names = list(weights)
@@ -847,7 +852,7 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
                                  regional_mode=config.regional_mode, **render)
     finally:
         composer.unmerge()
-    out = Path(config.out) if config.out else Path(config.outputs) / "compositions" / config.name
+    out = Path(config.output_dir) if config.output_dir else Path(config.outputs) / "compositions" / config.name
     described = []
     for n, spec in zip(names, config.concepts):
         region = {"region": spec.region} if spec.region is not None else {"mask": spec.mask} if spec.mask else {}
@@ -865,32 +870,14 @@ def compose(config: CompositionConfig, pipe=None) -> dict:
             "fusion": fusion, "report": report.lines(), "crosstalk_seconds": report.crosstalk["seconds"] if report.crosstalk else None}
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    p = argparse.ArgumentParser(prog="sbora-compose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="composition YAML: a name from configs/compositions/ or a path")
-    add_debug_flag(p)
-    defaults = source = None
-    if known.config:
-        with contextlib.suppress(ConfigError):
-            path = resolve_named_config("compositions", known.config)
-            defaults, source = load_composition(path), shown_path(path)
-    add_arguments(p, CompositionConfig, skip=("concepts",), defaults=defaults, source=source or "the --config YAML")
-    return p
-
-
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _main(argv: list[str]) -> int:
-    args = build_parser(argv).parse_args(argv)
-    config = load_composition(args.config, **overrides_from_args(args, CompositionConfig))
+def _run(invocation: Invocation) -> None:
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
-        result = compose(config)
+        result = compose(invocation.configs["composition"])
     for line in result["report"]:
         print(line)
     fusion = result["fusion"]
@@ -899,11 +886,14 @@ def _main(argv: list[str]) -> int:
               f"own inputs {fusion['sum_error']:.3g} (plain sum) -> {fusion['fused_error']:.3g} (fused); wrote {fusion['adapter']}")
     print(f"wrote {result['images']} images, {Path(result['out']) / 'manifest.jsonl'} and {Path(result['out']) / 'overlap.json'} "
           f"(weight overlap and output cross-talk, per layer; tables in overlap.md)")
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_main(_main, argv)
+COMMAND = Command("sbora-compose", __doc__, _run, sections=(
+    Section("composition", CompositionConfig, title="composition options (override the --config YAML; its concepts: list is YAML only)",
+            option="config", load=composition_values, required=True, skip=("concepts",),
+            option_help="composition YAML: a name from configs/compositions/ or a path"),
+))
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ The scores themselves live in ``sbora_diffusion.clip_score``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -23,12 +22,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sbora.adapters import read_adapter
+from sbora.cli import Command, Flag, Invocation, Section
+from sbora.configuration import ConfigError, check_fields, to_dict
+from sbora.fileio import atomic_path, write_json, write_text
+
 from . import clip_score
-from .adapters import AdapterFileError, read_adapter
 from .clip_score import ClipScoreError, ClipScorer
-from .configuration import ConfigError, add_arguments, check_fields, from_dict, load_yaml, override, overrides_from_args, resolve_named_config, to_dict
-from .cli import add_debug_flag
-from .fileio import atomic_path, write_json, write_text
 
 RESULTS_NAME = "result.json"  # one per (concept, method) folder; `table` collects them
 BASE_DRIFT = "base-drift"  # <concept>/base-drift/: the base model's images of the drift prompts
@@ -60,12 +60,12 @@ class ClipConfig:
 
 @dataclass
 class RunConfig(ClipConfig):
-    """End-to-end evaluation (``run``); defaults follow Mix-of-Show (DESIGN.md §5)."""
+    """End-to-end evaluation (``run``); defaults follow Mix-of-Show (docs/architecture.md §5)."""
 
     model: str | None = field(default=None, metadata={"help": "base text-to-image model: an embedded name (pocket, tiny), a diffusers folder or a hub id (default: the adapters' base model)"})
     num_prompts: int = field(default=20, metadata={"help": "evaluation prompts per concept (the first N of the concept's eval_prompts)"})
     num_images: int = field(default=50, metadata={"help": "images per prompt; image k uses seed k"})
-    steps: int = field(default=50, metadata={"help": "sampling steps (DDIM)"})
+    sample_steps: int = field(default=50, metadata={"help": "sampling steps (DDIM)", "aliases": ("steps",)})
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
     height: int | None = field(default=None, metadata={"help": "image height (default: the model's)"})
     width: int | None = field(default=None, metadata={"help": "image width (default: the model's)"})
@@ -77,7 +77,7 @@ class RunConfig(ClipConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_fields(self, {"num_prompts": (1, None), "num_images": (1, 100_000), "steps": (1, 1000), "gen_batch_size": (1, 256),
+        check_fields(self, {"num_prompts": (1, None), "num_images": (1, 100_000), "sample_steps": (1, 1000), "gen_batch_size": (1, 256),
                             "guidance_scale": (0, 100), "height": (8, 8192), "width": (8, 8192), "drift_images": (0, 100_000)})
         if self.drift_images and not self.drift_prompts:
             raise ConfigError("drift_images > 0 needs drift_prompts (or set drift_images 0 to skip drift)")
@@ -211,7 +211,7 @@ def run(cfg: RunConfig, concept, adapters: list[tuple[str | None, Path]], refere
     scorer = scorer_from(cfg)
     device = clip_score.resolve_device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else None  # as the generate command does
-    sample = dict(steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, batch_size=cfg.gen_batch_size)
+    sample = dict(steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width, batch_size=cfg.gen_batch_size)
     seeds, drift_seeds = list(range(cfg.num_images)), list(range(cfg.drift_images))
     root = Path(cfg.output_dir) / concept.name
     settings = {**to_dict(cfg), "model": model, "prompts": [concept.fill(t) for t in templates]}
@@ -251,15 +251,11 @@ def run(cfg: RunConfig, concept, adapters: list[tuple[str | None, Path]], refere
 # ----------------------------------------------------------------------------- command line
 
 
-def _clip_config(args: argparse.Namespace) -> ClipConfig:
-    return override(ClipConfig(), overrides_from_args(args, ClipConfig), "command line")
-
-
-def cmd_score(args: argparse.Namespace) -> None:
-    cfg = _clip_config(args)
+def cmd_score(invocation: Invocation) -> None:
+    cfg, args = invocation.configs["clip"], invocation.args
     if (args.token is None) != (args.class_word is None):
         raise ClipScoreError("--token and --class-word go together (or use --replace TOKEN=WORD)")
-    replacements = clip_score.parse_replacements(args.replace)
+    replacements = clip_score.parse_replacements(args.replace or [])
     if args.token is not None:
         replacements.update(clip_score.token_rules(args.token, args.class_word))
     images = Path(args.images)
@@ -267,29 +263,28 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.reference is not None:
         clip_score.reference_images(args.reference)  # fail before loading CLIP
     report = clip_score.score(scorer_from(cfg), entries, args.reference, replacements, cfg.text_prefix, cfg.cache_dir)
-    output = Path(args.output or images / "scores.json")
+    output = Path(args.out or images / "scores.json")
     write_report(output, report, {**to_dict(cfg), "images": str(images), "reference": args.reference, "replacements": replacements})
     print(json.dumps(report["summary"], indent=2))
     print(f"wrote {output} and {output.with_suffix('.csv')}")
 
 
-def cmd_drift(args: argparse.Namespace) -> None:
-    cfg = _clip_config(args)
-    base, adapted = Path(args.base), Path(args.adapted)
+def cmd_drift(invocation: Invocation) -> None:
+    cfg, args = invocation.configs["clip"], invocation.args
+    base, adapted = Path(args.base_images), Path(args.adapted_images)
     base_entries = clip_score.read_manifest(args.base_manifest or base / "manifest.jsonl", base)
     adapted_entries = clip_score.read_manifest(args.adapted_manifest or adapted / "manifest.jsonl", adapted)
     report = clip_score.drift(scorer_from(cfg), base_entries, adapted_entries)
-    output = Path(args.output or adapted / "drift.json")
+    output = Path(args.out or adapted / "drift.json")
     write_report(output, report, {**to_dict(cfg), "base": str(base), "adapted": str(adapted)})
     print(json.dumps(report["summary"], indent=2))
     print(f"wrote {output} and {output.with_suffix('.csv')}")
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    from .concepts import load_concept
+def cmd_run(invocation: Invocation) -> None:
+    from .concept.config import load_concept
 
-    base = from_dict(RunConfig, load_yaml(resolve_named_config("eval", args.config)), source=str(args.config))
-    cfg = override(base, overrides_from_args(args, RunConfig), "command line")
+    cfg, args = invocation.configs["run"], invocation.args
     concept = load_concept(args.concept)
     if len(concept.eval_prompts) < cfg.num_prompts:
         print(f"note: concept {concept.name} has {len(concept.eval_prompts)} eval_prompts (< num_prompts {cfg.num_prompts}); using all of them", file=sys.stderr)
@@ -299,60 +294,44 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"tables: {Path(cfg.output_dir) / 'results.md'} (and .json, .csv)")
 
 
-def cmd_table(args: argparse.Namespace) -> None:
-    rebuild_tables(args.output_dir)
-    print((Path(args.output_dir) / "results.md").read_text())
+def cmd_table(invocation: Invocation) -> None:
+    rebuild_tables(invocation.args.output_dir)
+    print((Path(invocation.args.output_dir) / "results.md").read_text())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sbora-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("score", help="CLIP-T (and CLIP-I) of generated images listed in a manifest")
-    p.add_argument("--images", required=True, help="folder of generated images")
-    p.add_argument("--manifest", help="manifest.jsonl (default: IMAGES/manifest.jsonl); image paths relative to IMAGES")
-    p.add_argument("--reference", help="folder of the concept's photos, for CLIP-I (omit for CLIP-T only)")
-    p.add_argument("--token", help="concept token to replace in prompts, with --class-word: '<dog1> dog' and '<dog1>' become 'dog' (default: the manifest's token)")
-    p.add_argument("--class-word", help="class word that replaces --token (e.g. dog)")
-    p.add_argument("--replace", action="append", default=[], metavar="TOKEN=WORD", help="a literal replacement rule; repeatable; overrides the manifest's token/class_word")
-    p.add_argument("--output", help="results JSON (default: IMAGES/scores.json); a per-image CSV goes next to it")
-    add_arguments(p, ClipConfig)
-    p.set_defaults(func=cmd_score)
-
-    p = sub.add_parser("drift", help="image cosine between base and adapted images at the same prompts and seeds")
-    p.add_argument("--base", required=True, help="folder of the base model's images (with manifest.jsonl)")
-    p.add_argument("--adapted", required=True, help="folder of the adapted model's images (with manifest.jsonl)")
-    p.add_argument("--base-manifest", help="default: BASE/manifest.jsonl")
-    p.add_argument("--adapted-manifest", help="default: ADAPTED/manifest.jsonl")
-    p.add_argument("--output", help="results JSON (default: ADAPTED/drift.json); a per-pair CSV goes next to it")
-    add_arguments(p, ClipConfig)
-    p.set_defaults(func=cmd_drift)
-
-    p = sub.add_parser("run", help="generate, score and measure drift for trained adapters of one concept")
-    p.add_argument("--concept", required=True, help="concept name (configs/concepts/NAME.yaml) or a YAML path")
-    p.add_argument("--adapter", required=True, action="append", metavar="[METHOD=]PATH", help="trained adapter file; repeatable; METHOD labels it (default: the method stored in the file)")
-    p.add_argument("--reference", help="the concept's photos for CLIP-I (default: the concept's instance_dir)")
-    p.add_argument("--config", default="default", help="evaluation config: a name in configs/eval/ or a YAML path (default: default)")
-    add_arguments(p, RunConfig)
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("table", help="rebuild results.{json,csv,md} from every <concept>/<method>/result.json")
-    p.add_argument("--output-dir", default="outputs/eval", help="root folder of `run` (default: outputs/eval)")
-    p.set_defaults(func=cmd_table)
-    for command in sub.choices.values():
-        add_debug_flag(command)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import run_main
-
-    def body(args_list: list[str]) -> int:
-        args = build_parser().parse_args(args_list)
-        args.func(args)
-        return 0
-
-    return run_main(body, argv)
+CLIP = Section("clip", ClipConfig, title="CLIP options")
+RESULTS = "results JSON (none: {}); a per-{} CSV goes next to it"
+COMMAND = Command("sbora-evaluate", __doc__, subcommands={
+    "score": Command("score", "CLIP-T (and CLIP-I) of generated images listed in a manifest", cmd_score, sections=(CLIP,), flags=(
+        Flag("images", "folder of generated images", required=True),
+        Flag("manifest", "manifest.jsonl; image paths relative to IMAGES", shown="IMAGES/manifest.jsonl"),
+        Flag("reference", "folder of the concept's photos, for CLIP-I (none: CLIP-T only)"),
+        Flag("token", "concept token to replace in prompts, with --class-word: '<dog1> dog' and '<dog1>' become 'dog'", shown="the manifest's token"),
+        Flag("class-word", "class word that replaces --token (e.g. dog)"),
+        Flag("replace", "a literal replacement rule; repeatable; overrides the manifest's token/class_word", action="append", metavar="TOKEN=WORD"),
+        Flag("out", RESULTS.format("IMAGES/scores.json", "image"), aliases=("output",)),
+    )),
+    "drift": Command("drift", "image cosine between base and adapted images at the same prompts and seeds", cmd_drift, sections=(CLIP,), flags=(
+        Flag("base-images", "folder of the base model's images (with manifest.jsonl)", required=True, aliases=("base",)),
+        Flag("adapted-images", "folder of the adapted model's images (with manifest.jsonl)", required=True, aliases=("adapted",)),
+        Flag("base-manifest", "the base images' manifest", shown="BASE_IMAGES/manifest.jsonl"),
+        Flag("adapted-manifest", "the adapted images' manifest", shown="ADAPTED_IMAGES/manifest.jsonl"),
+        Flag("out", RESULTS.format("ADAPTED_IMAGES/drift.json", "pair"), aliases=("output",)),
+    )),
+    "run": Command("run", "generate, score and measure drift for trained adapters of one concept", cmd_run, sections=(
+        Section("run", RunConfig, title="evaluation options (override the --config YAML)", option="config", kind="eval", default="default",
+                option_help="evaluation config: a name in configs/eval/ or a YAML path"),
+    ), flags=(
+        Flag("concept", "concept name (configs/concepts/NAME.yaml) or a YAML path", required=True),
+        Flag("adapter", "trained adapter file; repeatable; METHOD labels it (none: the method stored in the file)", required=True, action="append",
+             metavar="[METHOD=]PATH"),
+        Flag("reference", "the concept's photos for CLIP-I", shown="the concept's instance_dir"),
+    )),
+    "table": Command("table", "rebuild results.{json,csv,md} from every <concept>/<method>/result.json", cmd_table, flags=(
+        Flag("output-dir", "root folder of `run`", "outputs/eval"),
+    )),
+})
+main = COMMAND.main
 
 
 if __name__ == "__main__":

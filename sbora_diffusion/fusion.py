@@ -64,10 +64,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import AdapterConfig, active_adapters, adapted_layers, inject
-from .adapters.dense import DenseCore
-from .concept_adapter import save_concept_adapter
-from .configuration import ConfigError
+from sbora.adapters import AdapterConfig, active_adapters, adapted_layers, inject
+from sbora.adapters.dense import DenseCore
+from sbora.configuration import ConfigError
+
+from .concept.adapter import save_concept_adapter
 from .tokens import ConceptTokenEmbedding, resolve_token_ids
 
 # λ relative to S's mean eigenvalue: far below the input directions that matter, far above float64 round-off.
@@ -209,8 +210,8 @@ def concept_prompts(concept) -> list[str]:
     return prompts or [concept.regional_prompt()]
 
 
-def _token_table(concepts: list) -> tuple[str, str, torch.Tensor] | None:
-    """(token, mode, vectors) holding every concept's learned token embeddings at once, or None if none has any."""
+def _token_table(concepts: list) -> tuple[str, str, list[torch.Tensor]] | None:
+    """(token, mode, vectors per text encoder) holding every concept's learned token embeddings at once, or None if none has any."""
     learned = [c for c in concepts if c.vectors is not None]
     if not learned:
         return None
@@ -219,7 +220,7 @@ def _token_table(concepts: list) -> tuple[str, str, torch.Tensor] | None:
         raise FusionError(f"the concepts learned their tokens in different modes ({', '.join(sorted(modes))}); a fused adapter holds "
                           "one token table: compose concepts trained with one --token-mode")
     # Token pieces (new) or words (rare) tokenize one by one, so the joined token keeps each concept's vectors in order.
-    return " ".join(c.token for c in learned), modes.pop(), torch.cat([c.vectors for c in learned])
+    return " ".join(c.token for c in learned), modes.pop(), [torch.cat(table) for table in zip(*(c.vectors for c in learned), strict=True)]
 
 
 def fuse(composer, weights: Mapping[str, float], *, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
@@ -250,7 +251,7 @@ def fuse(composer, weights: Mapping[str, float], *, negative_prompt: str = "", s
                                                     for p in concept_prompts(c)])
             for c in members}
     start = time.perf_counter()
-    models = dict(zip(("unet", "text_encoder"), composer.parts))
+    models = composer.part_models
     cores, rows = fused_cores(models, runs, ridge)
     for part, model in models.items():
         if cores[part]:
@@ -261,10 +262,10 @@ def fuse(composer, weights: Mapping[str, float], *, negative_prompt: str = "", s
 
 
 def save_fused(composer, fused: Fused, path: str | Path, concept: str = "fused") -> Path:
-    """Write `fused` as a concept adapter file (``concept_adapter``): its dense ΔW* per layer and every member's token embeddings.
+    """Write `fused` as a concept adapter file (``concept.adapter``): its dense ΔW* per layer and every member's token embeddings.
 
-    `concept` is the name the file loads as. ``<path stem>.text_encoder<suffix>`` holds the
-    text-encoder layers when the concepts adapted any.
+    `concept` is the name the file loads as. ``<path stem>.text_encoder<suffix>`` (SDXL: and
+    ``.text_encoder_2``) holds the text-encoder layers when the concepts adapted any.
     """
     members = [composer.concepts[n] for n in fused.members]
     table = _token_table(members)
@@ -274,7 +275,8 @@ def save_fused(composer, fused: Fused, path: str | Path, concept: str = "fused")
     tokens = None
     if table is not None:
         token, mode, vectors = table
-        ids = resolve_token_ids(composer.pipe.tokenizer, token, mode)
-        tokens = ConceptTokenEmbedding(composer.pipe.text_encoder.get_input_embeddings(), ids, vectors)
+        pipe, kind = composer.pipe, composer.kind
+        tokens = [ConceptTokenEmbedding(te.get_input_embeddings(), resolve_token_ids(tokenizer, token, mode), v)
+                  for tokenizer, te, v in zip(kind.tokenizers(pipe), kind.text_encoders(pipe), vectors, strict=True)]
     return save_concept_adapter(composer.pipe, path, fused.name, base_model=composer.base_model, info=info, tokens=tokens,
                                 token_mode=table[1] if table else "none")

@@ -3,25 +3,30 @@ r"""Generate images from a base model plus (optionally) one concept adapter.
     python -m sbora_diffusion.generate --adapter outputs/robot/sbora-fa/adapter.safetensors \
         --prompt "a photo of {token} {class_word} on the beach" --num-images 4
 
-Writes ``<out>/<prompt#>-<slug>/<seed>.png`` and ``<out>/manifest.jsonl`` (one JSON object
-per image: image path relative to <out>, prompt, seed, concept, method, token, class_word).
+Writes ``<output-dir>/<prompt#>-<slug>/<seed>.png`` and ``<output-dir>/manifest.jsonl`` (one JSON
+object per image: image path relative to the folder, prompt, seed, concept, method, token, class_word).
 Image k of a prompt uses seed k through its own torch.Generator (on the CPU, so a seed gives
 the same starting noise on every device), as in Mix-of-Show's evaluation protocol.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .configuration import ConfigError
-from .fileio import atomic_path, write_text
+from sbora.cli import Command, Flag, Invocation, Section
+from sbora.configuration import ConfigError, check_fields
+from sbora.fileio import atomic_path, write_text
+
+from .models import DEFAULT_MODEL, load_pipeline
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def render(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50, guidance_scale: float = 7.5,
@@ -101,69 +106,70 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def default_device(device: str | None = None) -> str:
+    """The device to run on: `device`, or for none/auto CUDA when available, else the CPU."""
+    return device if device not in (None, "auto") else "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_MODEL
-
-    p = argparse.ArgumentParser(prog="sbora-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help=f"base model: embedded name, diffusers folder or hub id (default: the adapter's base, else {DEFAULT_MODEL})")
-    p.add_argument("--adapter", default=None, help="concept adapter file (adapter.safetensors from train_concept.py)")
-    p.add_argument("--prompt", action="append", default=None, help="prompt (repeat for several); may hold {token} and {class_word}. Default: the concept's eval prompts saved with the adapter")
-    p.add_argument("--seeds", default=None, help="seeds, e.g. '0,1,2' or '0-49' (default: 0..num-images-1)")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt when --seeds is not given (default: 4)")
-    p.add_argument("--out", default=None, help="output folder (default: <adapter folder>/generated, or outputs/generated)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: 4)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="weights dtype (default: float16 on CUDA, else float32)")
-    return p
+def dtype_for(dtype: str | None, device: str) -> torch.dtype | None:
+    """The weights' dtype: `dtype`, else float16 on CUDA (None: the pipeline's float32)."""
+    return getattr(torch, dtype) if dtype else (torch.float16 if device.startswith("cuda") else None)
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Every numeric option in range before anything is loaded or written."""
-    from .configuration import check_fields
+@dataclass
+class GenerateConfig:
+    """What ``sbora-generate`` renders and how (its prompts are ``--prompt``, each taken whole)."""
 
-    check_fields(args, {"num_images": (1, 10_000), "steps": (1, 1000), "guidance_scale": (0, 100), "height": (8, 8192),
-                        "width": (8, 8192), "batch_size": (1, 256)})
+    model: str | None = field(default=None, metadata={"help": f"base model: embedded name, diffusers folder or hub id (none: the adapter's base, else {DEFAULT_MODEL})"})
+    adapter: str | None = field(default=None, metadata={"help": "concept adapter file (adapter.safetensors from train_concept.py)"})
+    seeds: str | None = field(default=None, metadata={"help": "seeds, e.g. '0,1,2' or '0-49' (none: 0..num-images-1)"})
+    num_images: int = field(default=4, metadata={"help": "images per prompt when --seeds is not given"})
+    output_dir: str | None = field(default=None, metadata={"help": "output folder (none: <adapter folder>/generated, or outputs/generated)", "aliases": ("out",)})
+    sample_steps: int = field(default=50, metadata={"help": "DDIM steps", "aliases": ("steps",)})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    height: int | None = field(default=None, metadata={"help": "image height (none: the model's)"})
+    width: int | None = field(default=None, metadata={"help": "image width (none: the model's)"})
+    batch_size: int = field(default=4, metadata={"help": "images per pipeline call"})
+    device: str = field(default="auto", metadata={"help": "cuda, cuda:1, cpu, ... or auto (CUDA when available)"})
+    dtype: str | None = field(default=None, metadata={"help": f"weights dtype: {', '.join(DTYPES)} (none: float16 on CUDA, else float32)"})
+
+    def validate(self) -> None:
+        """Every numeric option in range before anything is loaded or written."""
+        check_fields(self, {"num_images": (1, 10_000), "sample_steps": (1, 1000), "guidance_scale": (0, 100), "height": (8, 8192),
+                            "width": (8, 8192), "batch_size": (1, 256)})
+        if self.dtype not in (None, *DTYPES):
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
 
 
-def _main(argv: list[str]) -> int:
-    from .adapters import read_adapter
-    from .models import DEFAULT_MODEL, load_pipeline
+def _run(invocation: Invocation) -> None:
+    from sbora.adapters import read_adapter
 
-    args = build_parser().parse_args(argv)
-    check_options(args)
+    cfg: GenerateConfig = invocation.configs["generate"]
     info, base = {}, None
-    if args.adapter:
-        file = read_adapter(args.adapter)
+    if cfg.adapter:
+        file = read_adapter(cfg.adapter)
         info, base = file.extra, file.base_model
-    prompts = args.prompt or info.get("eval_prompts")
+    prompts = invocation.args.prompt or info.get("eval_prompts")
     if not prompts:
         raise ConfigError("no prompts: pass --prompt (repeatable), or an --adapter saved with eval prompts")
-    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num_images))
-    device = args.device or default_device()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else None)
-    out = Path(args.out) if args.out else (Path(args.adapter).parent / "generated" if args.adapter else Path("outputs/generated"))
-    pipe = load_pipeline(args.model or base or DEFAULT_MODEL, adapter=args.adapter, device=device, dtype=dtype)
+    seeds = parse_seeds(cfg.seeds) if cfg.seeds else list(range(cfg.num_images))
+    device = default_device(cfg.device)
+    out = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.adapter).parent / "generated" if cfg.adapter else Path("outputs/generated"))
+    pipe = load_pipeline(cfg.model or base or DEFAULT_MODEL, adapter=cfg.adapter, device=device, dtype=dtype_for(cfg.dtype, device))
     records = generate(
         pipe, prompts, seeds, out, concept=info.get("concept"), method=info.get("method"), token=info.get("token"),
-        class_word=info.get("class_word"), steps=args.steps, guidance_scale=args.guidance_scale,
-        height=args.height, width=args.width, batch_size=args.batch_size,
+        class_word=info.get("class_word"), steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+        height=cfg.height, width=cfg.width, batch_size=cfg.batch_size,
     )
     print(f"wrote {len(records)} images and {out / 'manifest.jsonl'}")
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .cli import run_main
-
-    return run_main(_main, argv)
+COMMAND = Command(
+    "sbora-generate", __doc__, _run, sections=(Section("generate", GenerateConfig, title="generation options"),),
+    flags=(Flag("prompt", "prompt (repeat for several, each taken whole); may hold {token} and {class_word}", action="append", metavar="PROMPT",
+                shown="the concept's eval prompts saved with the adapter"),),
+)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

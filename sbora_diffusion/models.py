@@ -1,4 +1,4 @@
-"""Base text-to-image models, resolved in one place (DESIGN.md §6).
+"""Base text-to-image models, resolved in one place (docs/architecture.md §6).
 
 ``load_pipeline(model)`` accepts
 
@@ -9,9 +9,11 @@
                        configs (random weights, fixed seed: the same weights on every call), with
                        the real CLIP BPE tokenizer written from open_clip's vocabulary file: for
                        unit tests (its images are noise);
-    a local folder     a diffusers pipeline folder (SD 1.x / 2.x, e.g. a Stable Diffusion 1.5
-                       download);
-    a hub id           ``runwayml/stable-diffusion-v1-5``: from the local Hugging Face cache, or
+    a local folder     a diffusers pipeline folder: SD 1.x / 2.x (e.g. a Stable Diffusion 1.5
+                       download) or SDXL (a ``StableDiffusionXLPipeline``: its model_index.json
+                       says which, ``pipeline_kind``; the kinds differ in ``kinds.py``);
+    a hub id           ``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``:
+                       from the local Hugging Face cache, or
                        downloaded when the hub can be reached; without network it fails at once
                        with a message to pass a local path.
 
@@ -30,9 +32,11 @@ from pathlib import Path
 
 import torch
 
-from .configuration import ConfigError
-from .fileio import write_text
-from .hub import hub_reachable
+from sbora.configuration import ConfigError
+from sbora.fileio import write_text
+from sbora.hub import hub_reachable
+
+from .kinds import KINDS, PipelineKind
 
 TOKENIZER_MAX_LENGTH = 77  # CLIP's context length
 
@@ -142,12 +146,28 @@ EMBEDDED: dict[str, Callable] = {"pocket": load_pocket_pipeline, "tiny": build_t
 DEFAULT_MODEL = next(iter(EMBEDDED))
 
 
-def _from_pretrained(source: str, dtype, **kwargs):
-    from diffusers import StableDiffusionPipeline
+def pipeline_kind(index: dict, source: str) -> PipelineKind:
+    """The kind of the pipeline whose ``model_index.json`` is `index`: SDXL for a ``StableDiffusionXLPipeline``,
+    else Stable Diffusion 1.x/2.x (any other folder is loaded as a ``StableDiffusionPipeline``, as always);
+    another SDXL pipeline (the refiner, img2img, inpainting) is refused, naming what to pass."""
+    name = index.get("_class_name") or ""
+    for kind in KINDS.values():
+        if name in kind.pipeline_classes:
+            return kind
+    if "text_encoder_2" in index or "XL" in name:
+        raise ModelResolutionError(
+            f"{source} is a {name or 'pipeline with a second text encoder'}; this toolkit trains and samples text-to-image "
+            f"pipelines: {', '.join(c for k in KINDS.values() for c in k.pipeline_classes)}. For SDXL pass the base model "
+            "(e.g. stabilityai/stable-diffusion-xl-base-1.0), not the refiner"
+        )
+    return KINDS["sd"]
 
-    return StableDiffusionPipeline.from_pretrained(
-        source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
-    )
+
+def _from_pretrained(source: str, dtype, **kwargs):
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(source, **kwargs)  # model_index.json: which pipeline it is
+    return pipeline_kind(index, source).load(source, dtype, **kwargs)
 
 
 def _load_base(model: str, dtype):
@@ -158,16 +178,19 @@ def _load_base(model: str, dtype):
     if path.is_file():
         raise ModelResolutionError(
             f"{path} is a single file; pass a diffusers pipeline folder instead (convert a single-file checkpoint with "
-            "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder) where its configs can be had)"
+            "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder), StableDiffusionXLPipeline's for an SDXL "
+            "checkpoint, where its configs can be had)"
         )
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelResolutionError(
-                f"{path} is not a diffusers pipeline folder (no model_index.json); pass a Stable Diffusion folder "
+                f"{path} is not a diffusers pipeline folder (no model_index.json); pass a Stable Diffusion or SDXL folder "
                 f"saved with save_pretrained (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or --model {DEFAULT_MODEL}"
             )
         try:
             return _from_pretrained(str(path), dtype, local_files_only=True)
+        except ModelResolutionError:
+            raise
         except Exception as e:
             raise ModelResolutionError(f"cannot load the Stable Diffusion pipeline in {path}: {e}") from None
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
@@ -177,6 +200,8 @@ def _load_base(model: str, dtype):
         )
     try:
         return _from_pretrained(model, dtype, local_files_only=True)  # already in the local hub cache
+    except ModelResolutionError:
+        raise
     except Exception:
         pass
     if not hub_reachable():
@@ -187,15 +212,18 @@ def _load_base(model: str, dtype):
         )
     try:
         return _from_pretrained(model, dtype)
+    except ModelResolutionError:
+        raise
     except Exception as e:
         raise ModelResolutionError(f"cannot load '{model}' from the hub: {e}") from None
 
 
 def load_pipeline(model: str = DEFAULT_MODEL, adapter: str | Path | None = None, device=None, dtype=None):
-    """A StableDiffusionPipeline for `model` (see the module docstring), DDIM sampler, no safety checker.
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline for `model` (see the module docstring), DDIM sampler,
+    no safety checker.
 
     `adapter`: a concept adapter file written by the trainer; its UNet and text-encoder
-    adapters and learned token embeddings are all restored (``concept_adapter.load_concept_adapter``).
+    adapters and learned token embeddings are all restored (``concept.adapter.load_concept_adapter``).
     """
     from diffusers import DDIMScheduler
 
@@ -203,7 +231,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, adapter: str | Path | None = None,
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.base_model_id = str(model)
     if adapter is not None:
-        from .concept_adapter import load_concept_adapter
+        from .concept.adapter import load_concept_adapter
 
         load_concept_adapter(pipe, adapter)
     if device is not None:

@@ -34,6 +34,13 @@ that have no region. Three modes confine a region's concept to different parts o
                Costs one UNet call per region and step on its crop (about the crop's share of a
                full call).
 
+SDXL's UNet is served the same way: the processors wrap its attention layers at every level
+(the levels' sizes follow from the latent, ``_Regions.level_size``), and the prompts' embeddings
+are its two text encoders' concatenated states. Its UNet also reads a pooled prompt through its
+add-embedding ("text_embeds"), which acts on every position: the global prompt's in the
+``cross`` and ``attention`` modes, the region's own in a region's ``latent`` call
+(``RegionalPrompt.unet_kwargs``), whose size/crop numbers stay the whole image's.
+
 One region over the whole image, with the global prompt and the composition's one concept, is
 exactly plain composition in every mode: m = 1, and the global term (weight 0) is not even
 computed. The regions live in a ContextVar, like the adapter selection: the processors and
@@ -55,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .adapters.scope import selection_scope
-from .configuration import ConfigError
+from sbora.adapters.scope import selection_scope
+from sbora.configuration import ConfigError
 
 
 class RegionError(ConfigError):
@@ -71,13 +78,28 @@ class RegionalPrompt:
     cond: torch.Tensor  # (1, T, D): the regional prompt's embeddings, encoded under `selection`
     uncond: torch.Tensor | None  # (1, T, D): the negative prompt's, when sampling with classifier-free guidance
     mask: torch.Tensor  # (H, W) in [0, 1], the image's aspect at any resolution (pooled to each layer's)
+    pooled: torch.Tensor | None = None  # (1, P): SDXL's pooled regional prompt (the UNet's "text_embeds")
+    pooled_uncond: torch.Tensor | None = None  # (1, P): the negative prompt's, with guidance
 
     def context(self, batch: int, cfg: bool) -> torch.Tensor:
         """Encoder states laid out like the pipeline's: [negative × n; prompt × n] with guidance, else prompt × batch."""
-        if not cfg:
-            return self.cond.expand(batch, -1, -1)
-        half = batch // 2
-        return torch.cat([self.uncond.expand(half, -1, -1), self.cond.expand(half, -1, -1)])
+        return _layout(self.cond, self.uncond, batch, cfg)
+
+    def unet_kwargs(self, kwargs: dict, batch: int, cfg: bool) -> dict:
+        """The UNet call's other arguments for this region's own call: SDXL's pooled prompt ("text_embeds" of
+        ``added_cond_kwargs``) is the region's; the size/crop numbers stay the image's (the crop is drawn as a whole picture)."""
+        added = kwargs.get("added_cond_kwargs")
+        if self.pooled is None or not added or "text_embeds" not in added:
+            return kwargs
+        return {**kwargs, "added_cond_kwargs": {**added, "text_embeds": _layout(self.pooled, self.pooled_uncond, batch, cfg)}}
+
+
+def _layout(cond: torch.Tensor, uncond: torch.Tensor | None, batch: int, cfg: bool) -> torch.Tensor:
+    """[uncond × n; cond × n] with guidance (n = batch / 2), else cond × batch, as the pipelines lay out their rows."""
+    if not cfg:
+        return cond.expand(batch, *cond.shape[1:])
+    half = batch // 2
+    return torch.cat([uncond.expand(half, *uncond.shape[1:]), cond.expand(half, *cond.shape[1:])])
 
 
 MODES = ("cross", "attention", "latent")
@@ -191,7 +213,8 @@ def _regional_forward(unet, sample: torch.Tensor, timestep, encoder_hidden_state
                                   f"but this call has {encoder_hidden_states.shape[0]} prompt rows for {sample.shape[0]} latents")
             rows, cols = _crop(w, factor)
             with selection_scope(region.selection):  # (B, C, h', w'): the crop, denoised as a picture of its own
-                part = forward(unet, sample[..., rows, cols], timestep, context, **kwargs, return_dict=False)[0]
+                part = forward(unet, sample[..., rows, cols], timestep, context, **region.unet_kwargs(kwargs, sample.shape[0], state.cfg),
+                               return_dict=False)[0]
             placed = torch.zeros_like(sample)
             placed[..., rows, cols] = part * w[rows, cols].to(part)
             eps = placed if eps is None else eps + placed

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .configuration import ConfigError
+from sbora.configuration import ConfigError
 
 TOKEN_MODES = ("new", "rare", "none")
 

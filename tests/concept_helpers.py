@@ -8,8 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from sbora_diffusion.concept.train import TrainConfig, train
-from sbora_diffusion.concepts import ConceptConfig
+from sbora_diffusion.concept.options import TrainConfig
+from sbora_diffusion.concept.train import train
+from sbora_diffusion.concept.config import ConceptConfig
 
 # name -> (background, foreground) colours of its photos
 COLOURS = {"alpha": ((20, 40, 200), (220, 30, 30)), "beta": ((240, 240, 200), (30, 160, 40)),

@@ -72,6 +72,71 @@ def tiny_pipe():
     return load_pipeline("tiny")
 
 
+def build_tiny_sdxl():
+    """A few-MB StableDiffusionXLPipeline built from configs (random weights, seed 0) with SDXL's structure.
+
+    Two text encoders of different widths (a CLIPTextModel of 32, a CLIPTextModelWithProjection of 48
+    projecting to 24, so a mix-up of the two fails loudly), each with the real CLIP BPE tokenizer (the
+    second pads with "!" as SDXL's does); a UNet with SDXL's "text_time" add-embedding (6 size/crop
+    numbers x 8 + the pooled 24), cross-attention over the concatenated 32 + 48, no attention in its
+    first block and transformer blocks at two levels below it (two layers deep in the lowest and the
+    middle block); the tiny VAE with SDXL's latent scale; an Euler scheduler, as SDXL ships (load_pipeline
+    swaps in DDIM). 64x64 images, 16x16x4 latents.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sbora_diffusion.models import TOKENIZER_MAX_LENGTH, clip_tokenizer, clip_tokenizer_files
+
+    tokenizer = clip_tokenizer()
+    files = clip_tokenizer_files()
+    tokenizer_2 = CLIPTokenizer(vocab=str(files / "vocab.json"), merges=str(files / "merges.txt"),
+                                model_max_length=TOKENIZER_MAX_LENGTH, pad_token="!")
+
+    def text_config(tok, width: int, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=projection,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+            scaling_factor=0.13025,
+        )
+        text_encoder = CLIPTextModel(text_config(tokenizer, 32, 32))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, 48, 24))
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 24,
+            cross_attention_dim=32 + 48, norm_num_groups=8,
+        )
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """The tiny SDXL pipeline saved as a diffusers folder (what --model takes), once per session."""
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tiny_sdxl_dir):
+    """The tiny SDXL pipeline loaded from its folder (load_pipeline); tests that change it deep-copy it first."""
+    from sbora_diffusion.models import load_pipeline
+
+    return load_pipeline(str(tiny_sdxl_dir))
+
+
 TINY_CLIP = {  # a tiny open_clip architecture (random weights): the scoring code's tests
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from sbora_diffusion.engine import Engine, EngineConfig
+from sbora.engine import Engine, EngineConfig
 
 
 def toy_config(out, **kw) -> EngineConfig:

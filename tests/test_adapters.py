@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import ast
 import copy
@@ -12,7 +11,7 @@ import pytest
 import torch
 from conftest import TinyBlocks
 
-from sbora_diffusion.adapters import (
+from sbora.adapters import (
     METHODS,
     AdaptedLinear,
     AdapterConfig,
@@ -31,8 +30,9 @@ from sbora_diffusion.adapters import (
     set_adapter_weight,
     unmerge,
 )
-from sbora_diffusion.adapters.sbora import MERGE_RATIO, PASS_RANKS
-from sbora_diffusion.configuration import ConfigError, add_arguments, override, overrides_from_args
+from sbora.adapters.sbora import MERGE_RATIO, PASS_RANKS
+from sbora.cli import Command, Section, build_parser, parse
+from sbora.configuration import ConfigError, override
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
@@ -40,7 +40,7 @@ METHOD_NAMES = sorted(METHODS)
 SLOTTED = ["ortho", "sbora-fa", "sbora-fb"]
 R = 4
 
-# Trainable parameters per layer, from DESIGN.md §3; every registered method needs an entry.
+# Trainable parameters per layer, from docs/architecture.md §3; every registered method needs an entry.
 EXPECTED_TRAINABLE = {
     "lora": lambda d_in, d_out, r: r * (d_in + d_out),
     "sbora-fa": lambda d_in, d_out, r: r * d_out,
@@ -399,7 +399,7 @@ def test_lora_factors_are_exact(method, shape, tiny_model):
 
 @pytest.mark.parametrize("d_in", [10, 20, 33, 100, 320])
 def test_ortho_slots_are_orthogonal_at_any_width(d_in):
-    from sbora_diffusion.adapters.ortho import orthogonal_rows
+    from sbora.adapters.ortho import orthogonal_rows
 
     r = min(5, d_in // 4)
     rows = [orthogonal_rows(AdapterConfig(method="ortho", rank=r, slot=k), d_in, "layer") for k in range(4)]
@@ -415,11 +415,11 @@ def test_ortho_basis_is_the_same_in_another_process(tmp_path):
 
     from safetensors.torch import load_file
 
-    from sbora_diffusion.adapters.ortho import orthogonal_rows
+    from sbora.adapters.ortho import orthogonal_rows
 
     code = (
-        "import sys; from safetensors.torch import save_file; from sbora_diffusion.adapters import AdapterConfig;"
-        "from sbora_diffusion.adapters.ortho import orthogonal_rows;"
+        "import sys; from safetensors.torch import save_file; from sbora.adapters import AdapterConfig;"
+        "from sbora.adapters.ortho import orthogonal_rows;"
         "save_file({f'{d}/{k}': orthogonal_rows(AdapterConfig(method='ortho', rank=3, slot=k, seed=7), d, 'a.b') "
         "for d in (20, 33) for k in range(3)}, sys.argv[1])"
     )
@@ -635,14 +635,14 @@ def test_method_yaml_loads_and_overrides(method):
 
 
 def test_cli_overrides_every_field():
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, AdapterConfig)
-    help_text = parser.format_help()
+    command = Command("t", "", sections=(Section("adapter", AdapterConfig, option="method", kind="methods", default="sbora-fa", skip=("method", "delta")),))
+    help_text = build_parser(command).format_help()
     for field in ("--rank", "--alpha", "--dropout", "--rslora", "--targets", "--target-regex", "--slot", "--seed", "--tau"):
         assert field in help_text
-    args = parser.parse_args(["--rank", "4", "--targets", "to_q,to_v", "--no-rslora", "--slot", "2"])
-    cfg = override(load_adapter_config("sbora-fb"), overrides_from_args(args, AdapterConfig))
+    parsed = parse(command, ["--method", "sbora-fb", "--rank", "4", "--targets", "to_q,to_v", "--no-rslora", "--slot", "2"])
+    cfg = parsed.configs["adapter"]
     assert (cfg.method, cfg.rank, cfg.targets, cfg.rslora, cfg.slot) == ("sbora-fb", 4, ["to_q", "to_v"], False, 2)
+    assert cfg == override(load_adapter_config("sbora-fb"), parsed.overrides["adapter"])
 
 
 @pytest.mark.parametrize(
@@ -702,7 +702,7 @@ def test_adapter_file_content_is_validated_before_the_model_changes(case, change
 def test_metadata_never_names_a_file_outside_the_adapter_folder(name, tiny_pipe, tmp_path):
     import copy as copy_
 
-    from sbora_diffusion.concept_adapter import load_concept_adapter, save_concept_adapter
+    from sbora_diffusion.concept.adapter import load_concept_adapter, save_concept_adapter
 
     pipe = copy_.deepcopy(tiny_pipe)
     inject(pipe.unet, config("lora", rank=2), name="c")

@@ -22,7 +22,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from apps.gradio_app import (GUIDANCE_RANGE, WEIGHT_RANGE, AppConfig, AppInputError, Studio, TrainJob, for_page, launch, method_defaults,
+from sbora_diffusion.app import (GUIDANCE_RANGE, WEIGHT_RANGE, AppConfig, AppInputError, Studio, TrainJob, for_page, launch, method_defaults,
                              overlap_markdown, train_status)
 
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

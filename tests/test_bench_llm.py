@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import llm_quality as lq
 from benchmarks.common import UnitStore, parse_worker, run_units
-from sbora_diffusion.configuration import ConfigError
+from sbora.configuration import ConfigError
 
 
 def test_worker_spec_is_k_of_n():

@@ -4,8 +4,10 @@ slots, the full-UNet ceiling, and one end-to-end run on the tiny base with a tin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from PIL import Image
 
 from benchmarks import quality as q
 from benchmarks.accuracy import T95
+from numeric import assert_close_to_signal
 
 @pytest.fixture(scope="module")
 def scorer(tiny_clip_files):
@@ -123,7 +126,7 @@ def test_multi_table_and_its_paired_difference():
 
 
 def test_slots_fit_the_narrowest_layer(tiny_pipe):
-    from sbora_diffusion.adapters import load_adapter_config
+    from sbora.adapters import load_adapter_config
 
     cap = q.slot_capacity(tiny_pipe.unet, load_adapter_config("sbora-fa", rank=4), "in")
     assert cap == 32 // 4  # the tiny UNet's narrowest attention input is 32 wide
@@ -147,7 +150,7 @@ def test_estimate_counts_every_run_and_image():
 
 
 def test_config_refuses_unknown_methods_and_bad_pairs():
-    from sbora_diffusion.configuration import ConfigError, override
+    from sbora.configuration import ConfigError, override
 
     with pytest.raises(ConfigError, match="unknown method"):
         override(q.QualityConfig(), {"methods": ["lora", "dora"]})
@@ -158,17 +161,20 @@ def test_config_refuses_unknown_methods_and_bad_pairs():
     assert override(q.QualityConfig(), q.PRESETS["quick"]).concepts == ["robot", "duck"]
 
 
-def test_full_unet_ceiling_trains_only_unet_weights_and_the_token(tiny_pipe):
-    from sbora_diffusion.concept.train import TrainConfig
-    from sbora_diffusion.concepts import load_concept
+def test_full_unet_ceiling_trains_only_unet_weights_and_the_token(tiny_pipe, tmp_path):
+    """The ceiling is a task of the engine: every UNet weight and the token train; checkpoints resume it like any run."""
+    from sbora.engine import fit
+    from sbora_diffusion.concept.config import load_concept
+    from sbora_diffusion.concept.options import TrainConfig
 
     pipe = copy.deepcopy(tiny_pipe)
     before = {part: {n: p.detach().clone() for n, p in getattr(pipe, part).named_parameters()} for part in ("unet", "text_encoder", "vae")}
     concept = load_concept("robot")
-    cfg = TrainConfig(steps=2, resolution=32, lr=1e-3, token_lr=1e-2)
-    info = q.train_full_unet(pipe, concept, cfg, lr=1e-2, seed=0)
-    assert len(info["losses"]) == 2 and all(math.isfinite(x) for x in info["losses"])
-    assert info["trainable_params"] == sum(p.numel() for p in pipe.unet.parameters())
+    cfg = TrainConfig(steps=2, resolution=32, lr=1e-3, token_lr=1e-2, checkpoint_every=1, cpu=True, output_dir=str(tmp_path / "run"))
+    state, _ = fit(q.FullUNetTask(concept, "tiny", cfg, pipe, lr=1e-2), cfg, tmp_path / "run")
+    assert len(state.losses) == 2 and all(math.isfinite(x) for x in state.losses)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000001.pt", "step-00000002.pt"]
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "log.jsonl").is_file()
     changed = [n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before["unet"][n])]
     assert len(changed) >= 0.9 * len(before["unet"])  # (nearly) every UNet tensor moved
     assert any("conv" in n for n in changed) and any("norm" in n for n in changed)  # not only linear layers
@@ -180,8 +186,15 @@ def test_full_unet_ceiling_trains_only_unet_weights_and_the_token(tiny_pipe):
         assert torch.equal(te[key], old), n  # the frozen text encoder, its embedding table included
     token = pipe.text_encoder.get_input_embeddings()
     assert token.vectors.shape == (1, 32) and pipe.tokenizer.convert_tokens_to_ids("<robot1>") in token.token_ids.tolist()
-    assert not any(p.requires_grad for p in [*pipe.unet.parameters(), *pipe.text_encoder.parameters(), *pipe.vae.parameters()])
-    assert not pipe.unet.training
+    # Resumed from its step-1 checkpoint on a fresh copy of the base, step 2 gives the same weights.
+    resumed = copy.deepcopy(tiny_pipe)
+    again = dataclasses.replace(cfg, output_dir=str(tmp_path / "again"))
+    (tmp_path / "again" / ".partial" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "checkpoints" / "step-00000001.pt", tmp_path / "again" / ".partial" / "checkpoints")
+    state2, _ = fit(q.FullUNetTask(concept, "tiny", again, resumed, lr=1e-2), again, tmp_path / "again", resume=True)
+    assert state2.step == 2
+    for (n, a), b in zip(pipe.unet.named_parameters(), resumed.unet.parameters()):
+        assert_close_to_signal(b, a, msg=n)
 
 
 def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_clip_files, tmp_path):

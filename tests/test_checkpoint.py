@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sbora_diffusion.checkpoint import CheckpointError, capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from sbora.checkpoint import CheckpointError, capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 

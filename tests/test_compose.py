@@ -16,8 +16,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sbora_diffusion.adapters import METHODS, AdapterConfig, active_adapters, adapted_layers, adapter_names, adapter_parameters, inject
-from sbora_diffusion.adapters.overlap import interference, overlap_rows, shared_indices
+from sbora.adapters import METHODS, AdapterConfig, active_adapters, adapted_layers, adapter_names, adapter_parameters, inject
+from sbora.adapters.overlap import interference, overlap_rows, shared_indices
 from sbora_diffusion.compose import (
     CompositionError,
     Composer,
@@ -27,7 +27,7 @@ from sbora_diffusion.compose import (
     load_composition,
     main,
 )
-from sbora_diffusion.configuration import CONFIG_DIR, ConfigError
+from sbora.configuration import CONFIG_DIR, ConfigError
 from sbora_diffusion.regional import RegionalPrompt, RegionError, box_mask, image_mask, parse_box, regional_sampling
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from sbora_diffusion.adapters import METHODS, AdapterConfig, adapter_parameters, inject
-from sbora_diffusion.adapters.overlap import (
+from sbora.adapters import METHODS, AdapterConfig, adapter_parameters, inject
+from sbora.adapters.overlap import (
     GramHooks,
     calibration_energies,
     crosstalk,

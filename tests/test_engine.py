@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file
 from engine_toy import toy_config, toy_train
 
-from sbora_diffusion import engine as engine_mod
-from sbora_diffusion.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
-from sbora_diffusion.configuration import ConfigError
-from sbora_diffusion.engine import Engine, EngineConfig, TrainingDiverged, TrainingInterrupted
-from sbora_diffusion.rundir import OutputFolderError, RunDir
+from sbora import engine as engine_mod
+from sbora.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
+from sbora.configuration import ConfigError
+from sbora.engine import Engine, TrainingDiverged, TrainingInterrupted
+from sbora.rundir import OutputFolderError, RunDir
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 

@@ -267,9 +267,9 @@ def test_markdown_tables_follow_the_sbora_readme_shape():
 
 def test_run_end_to_end_on_the_tiny_pipeline(tiny_clip_files, reference, tmp_path, monkeypatch):
     """Two adapters of one concept: a zero-init one (identical to the base: drift 0) and a perturbed one."""
-    from sbora_diffusion.adapters import AdapterConfig, AdapterFileError, adapter_parameters, inject
-    from sbora_diffusion.concept_adapter import save_concept_adapter
-    from sbora_diffusion.concepts import load_concept
+    from sbora.adapters import AdapterConfig, AdapterFileError, adapter_parameters, inject
+    from sbora_diffusion.concept.adapter import save_concept_adapter
+    from sbora_diffusion.concept.config import load_concept
     from sbora_diffusion.models import load_pipeline
 
     concept_yaml = tmp_path / "dog.yaml"

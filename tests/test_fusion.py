@@ -9,7 +9,6 @@ import copy
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 from concept_helpers import photos, quick_config, train_tiny_concept
@@ -17,12 +16,12 @@ from numeric import same_image
 from PIL import Image
 from torch import nn
 
-from apps.gradio_app import AppConfig, AppInputError, Studio
-from sbora_diffusion.adapters import AdapterConfig, adapted_layers, adapter_names, adapter_parameters, inject
-from sbora_diffusion.adapters.scope import current_selection
+from sbora_diffusion.app import AppConfig, AppInputError, Studio
+from sbora.adapters import AdapterConfig, adapted_layers, adapter_names, adapter_parameters, inject
+from sbora.adapters.scope import current_selection
 from sbora_diffusion.compose import FUSIONS, Composer, main
 from sbora_diffusion.concept.train import train
-from sbora_diffusion.concepts import ConceptConfig
+from sbora_diffusion.concept.config import ConceptConfig
 from sbora_diffusion.fusion import capture, fused_cores
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)

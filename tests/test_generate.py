@@ -9,7 +9,7 @@ import pytest
 from numeric import differ, same_image
 from PIL import Image
 
-from sbora_diffusion.configuration import ConfigError
+from sbora.configuration import ConfigError
 from sbora_diffusion.generate import generate, main, parse_seeds
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)

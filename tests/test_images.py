@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from sbora_diffusion.concepts import ConceptError, image_files, load_concept, open_rgb, safe_name
+from sbora_diffusion.concept.config import ConceptError, image_files, load_concept, open_rgb, safe_name
 
 RED, BLUE, WHITE = (220, 20, 20), (20, 20, 220), (255, 255, 255)
 

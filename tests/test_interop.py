@@ -13,7 +13,7 @@ from numeric import assert_close_to_signal
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sbora_diffusion.adapters import (
+from sbora.adapters import (
     METHODS,
     AdaptedLinear,
     AdapterConfig,
@@ -26,9 +26,11 @@ from sbora_diffusion.adapters import (
     read_adapter,
     save_adapter,
 )
-from sbora_diffusion.adapters.formats import DIFFUSERS_METADATA, classic_clip_path
-from sbora_diffusion.concept_adapter import load_concept_adapter, save_concept_adapter
-from sbora_diffusion.export import export_model, export_pipeline, main
+from sbora.adapters.formats import DIFFUSERS_METADATA, classic_clip_path
+from sbora_diffusion.concept.adapter import load_concept_adapter, save_concept_adapter
+from llm.export import export_model
+from sbora.export import main
+from sbora_diffusion.export import export_pipeline
 from sbora_diffusion.tokens import install_concept_tokens
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
@@ -556,6 +558,7 @@ def _kohya_case(change):
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 ATTN = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+SDXL_ON_SD = r"trained on a Stable Diffusion XL pipeline, and this pipeline is Stable Diffusion 1\.x/2\.x: load it onto a Stable Diffusion XL base"
 LAYOUT_LIST = r"it reads peft/diffusers <module>\.lora_A\.weight.*lora\.down\.weight.*lora_linear_layer.*attention processors.*kohya"
 
 
@@ -566,10 +569,11 @@ LAYOUT_LIST = r"it reads peft/diffusers <module>\.lora_A\.weight.*lora\.down\.we
     ("missing partner", _kohya_case(lambda t: t.pop(f"{Q}.lora_up.weight")), rf"has no partner {Q}\.lora_up\.weight"),
     ("another base", _kohya_case(lambda t: t.update({k.replace("down_blocks_0", "down_blocks_7"): v.clone() for k, v in t.items() if k.startswith(Q)})), r"lora_unet_down_blocks_7_.*_to_q\.lora_down\.weight: UNet2DConditionModel has no linear layer"),
     ("convolution", _kohya_case(lambda t: t.__setitem__(f"{Q}.lora_down.weight", torch.zeros(4, 32, 1, 1))), "a convolution's LoRA"),
-    ("SDXL", lambda pipe: {"text_encoder_2.x.lora_A.weight": torch.zeros(2, 4), "text_encoder_2.x.lora_B.weight": torch.zeros(4, 2)}, "second text encoder"),
+    ("SDXL", lambda pipe: {"text_encoder_2.x.lora_A.weight": torch.zeros(2, 4), "text_encoder_2.x.lora_B.weight": torch.zeros(4, 2)}, SDXL_ON_SD),
     ("SDXL, old layout", lambda pipe: {"text_encoder_2.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight": torch.zeros(2, 32),
-                                       "text_encoder_2.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight": torch.zeros(32, 2)},
-     r"key text_encoder_2\..*to_q_lora\.(down|up)\.weight adapts SDXL's second text encoder"),
+                                       "text_encoder_2.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight": torch.zeros(32, 2)}, SDXL_ON_SD),
+    ("SDXL, kohya", lambda pipe: {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
+                                  "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)}, SDXL_ON_SD),
     ("unknown layout", lambda pipe: {f"{ATTN}.to_q.lora_magnitude_vector": torch.ones(32)},
      rf"key {ATTN}\.to_q\.lora_magnitude_vector is in no LoRA layout this toolkit reads; {LAYOUT_LIST}"),
     ("unknown key in an old layout", lambda pipe: {f"{ATTN}.to_q.lora.down.weight": torch.zeros(4, 32), f"{ATTN}.to_q.lora.up.weight": torch.zeros(32, 4),
@@ -657,7 +661,7 @@ def test_merge_into_saves_a_plain_transformers_model(llm_base, tmp_path):
     (["--adapter", "{lm}", "--format", "kohya", "--out", "{tmp}/x.bin"], "must be a .safetensors file name"),
     (["--adapter", "{lm}", "--format", "diffusers", "--out", "{tmp}/x.safetensors"], "adapts a transformers model.*--format peft"),
     (["--adapter", "{lm}", "--format", "peft", "--out", "{tmp}"], "already exists and is not an earlier export"),
-    (["--adapter", "{nobase}", "--format", "peft", "--out", "{tmp}/p"], "does not record its base model; pass --base"),
+    (["--adapter", "{nobase}", "--format", "peft", "--out", "{tmp}/p"], "does not record its base model; pass --model"),
     (["--adapter", "{tmp}/missing.safetensors", "--format", "peft", "--out", "{tmp}/p"], "no adapter file at"),
 ])
 def test_cli_errors_are_one_line(args, message, llm_base, tmp_path, capsys):

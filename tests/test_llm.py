@@ -21,8 +21,8 @@ from llm.evaluate import EvalConfig, evaluate
 from llm.models import BaseModelError, load_base
 from llm.quant import Int8Linear, dequantize_model, is_quantized, quantize_model
 from llm.train import TrainConfig, batch_indices, train
-from sbora_diffusion.adapters import adapter_parameters, inject, load_adapter, load_adapter_config, read_adapter
-from sbora_diffusion.configuration import ConfigError
+from sbora.adapters import adapter_parameters, inject, load_adapter, load_adapter_config, read_adapter
+from sbora.configuration import ConfigError
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
@@ -39,9 +39,14 @@ def base_dir(tmp_path_factory) -> Path:
     return save_tiny_base(tmp_path_factory.mktemp("tiny-llama"))
 
 
+ADAPTER_FIELDS = ("rank", "alpha", "dropout", "targets", "slot", "seed", "layout")
+
+
 def tiny_config(base_dir: Path, out: Path, **kw) -> TrainConfig:
+    """A tiny run; the adapter's fields among `kw` (rank, targets, slot, ...) go into its nested adapter config."""
+    adapter = {"rank": 4, **{k: kw.pop(k) for k in ADAPTER_FIELDS if k in kw}}
     defaults = dict(
-        base=str(base_dir), output_dir=str(out), steps=4, batch_size=2, train_size=16, test_size=4, rank=4, lr=0.05,
+        model=str(base_dir), output_dir=str(out), steps=4, batch_size=2, train_size=16, test_size=4, adapter=adapter, lr=0.05,
         warmup_steps=0, max_length=320, eval_limit=2, max_new_tokens=4, log_every=1, checkpoint_every=0, lr_schedule="constant",
     )
     return TrainConfig(**{**defaults, **kw})
@@ -184,7 +189,7 @@ def test_jsonl_task_trains_and_evaluate_scores_base_and_adapter(base_dir, tmp_pa
     assert evaluate_main(["--base", str(base_dir), "--adapter", result["adapter"], "--task", str(task), "--test-fraction", "0.25", "--max-new-tokens", "3", "--output-dir", str(tmp_path / "ev")]) == 0
     report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert report["n"] == 3 and report["task"] == "echo"
-    base_only = evaluate(EvalConfig(base=str(base_dir), task=str(task), test_fraction=0.25, max_new_tokens=3, output_dir=str(tmp_path / "ev0")))
+    base_only = evaluate(EvalConfig(model=str(base_dir), task=str(task), test_fraction=0.25, max_new_tokens=3, output_dir=str(tmp_path / "ev0")))
     assert base_only["adapted"] is None
     # Switching the adapter off really gives the base: same greedy generations.
     assert [s["generated"] for s in base_only["zero_shot"]["samples"]] == [s["generated"] for s in report["zero_shot"]["samples"]]
@@ -195,9 +200,9 @@ def test_jsonl_task_trains_and_evaluate_scores_base_and_adapter(base_dir, tmp_pa
     assert evaluate_main(["--base", str(base_dir), "--adapter", trained["adapter"], "--task", str(task), "--test-fraction", "0.25", "--max-new-tokens", "3"]) == 0
     assert (tmp_path / "scored" / "results.json").read_bytes() == before and (tmp_path / "scored" / "evaluation.json").is_file()
     with pytest.raises(ConfigError, match="nothing to evaluate"):
-        evaluate(EvalConfig(base=str(base_dir), zero_shot=False))
+        evaluate(EvalConfig(model=str(base_dir), zero_shot=False))
     with pytest.raises(ConfigError, match="merging into a quantized base is refused"):
-        evaluate(EvalConfig(base=str(base_dir), adapter=[result["adapter"]], merge=True, quantize="int8"))
+        evaluate(EvalConfig(model=str(base_dir), adapter=[result["adapter"]], merge=True, quantize="int8"))
 
 
 def test_val_size_trains_without_the_validation_problems_and_scores_them(base_dir, tmp_path):
@@ -279,7 +284,7 @@ def test_qsbora_trains_on_a_quantized_base_and_merges_after_dequantizing(mode, t
             assert torch.equal(p, frozen[n.replace(".base_layer", "")])
     adapted = logits(model)
     with pytest.raises(TypeError, match="dequantize the base first"):
-        from sbora_diffusion.adapters import merge
+        from sbora.adapters import merge
 
         merge(model)
     assert dequantize_model(model) == 2 * 7 and not is_quantized(model)
@@ -318,7 +323,7 @@ def test_two_task_adapters_in_different_slots_compose_without_interference(base_
     assert_close_to_signal(logits(merged), unmerged)
     assert report["weights"] == [1.0, 1.0]
     # Scoring both adapters unmerged, or merged into the base, gives the same generations.
-    common = dict(base=str(base_dir), adapter=list(tasks.values()), task=str(tmp_path / "twice.jsonl"), test_fraction=0.5, max_new_tokens=4)
+    common = dict(model=str(base_dir), adapter=list(tasks.values()), task=str(tmp_path / "twice.jsonl"), test_fraction=0.5, max_new_tokens=4)
     side_by_side = evaluate(EvalConfig(**common, output_dir=str(tmp_path / "ev1")))
     merged_scores = evaluate(EvalConfig(**common, merge=True, output_dir=str(tmp_path / "ev2")))
     assert merged_scores["zero_shot"] is None and side_by_side["zero_shot"]["total"] == 4
@@ -333,15 +338,15 @@ def test_same_slot_composition_warns_about_interference(base_dir, tmp_path):
             for p in adapter_parameters(model, name):
                 p.normal_()
     assert interference(model, "a", "b") > 0.1  # same slot: same columns
-    from sbora_diffusion.adapters import save_adapter
+    from sbora.adapters import save_adapter
 
     files = [str(save_adapter(model, tmp_path / f"{n}.safetensors", name=n)) for n in ("a", "b")]
     with pytest.raises(ConfigError, match="(?s)a.safetensors.*slot 0.*b.safetensors.*slot 0.*--slot 1"):
-        compose(ComposeConfig(base=str(base_dir), adapter=files, output=str(tmp_path / "out")))  # refused before loading
+        compose(ComposeConfig(model=str(base_dir), adapter=files, out=str(tmp_path / "out")))  # refused before loading
     with pytest.warns(UserWarning, match="interfere"):
-        compose(ComposeConfig(base=str(base_dir), adapter=files, output=str(tmp_path / "out"), allow_overlap=True))
+        compose(ComposeConfig(model=str(base_dir), adapter=files, out=str(tmp_path / "out"), allow_overlap=True))
     with pytest.raises(ConfigError, match="at least two"):
-        compose(ComposeConfig(base=str(base_dir), adapter=files[:1]))
+        compose(ComposeConfig(model=str(base_dir), adapter=files[:1]))
 
 
 def test_gpt2_conv1d_layers_are_adapted_and_merged_back_to_conv1d(tmp_path):
@@ -399,7 +404,7 @@ def test_ctrl_c_while_the_adapter_is_scored_is_finished_by_resume(base_dir, tmp_
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_finish", ctrl_c)
+    monkeypatch.setattr(train_mod.LLMTask, "save", ctrl_c)
     assert train_mod.main(cli_args(base_dir, out)) == 130
     assert "interrupted at step 3" in capsys.readouterr().err and not (out / "adapter.safetensors").exists()
     monkeypatch.undo()
@@ -414,7 +419,7 @@ def test_ctrl_c_at_a_random_point_resumes_bit_exactly(seed, base_dir, tmp_path, 
     import random
     import signal
 
-    from sbora_diffusion.engine import TrainingInterrupted
+    from sbora.engine import TrainingInterrupted
 
     straight = train(tiny_config(base_dir, tmp_path / "a", eval=False, grad_accum=2))
     k, calls = random.Random(seed).randrange(8), []
@@ -481,20 +486,20 @@ def test_llm_help_shows_the_values_the_run_will_use(capsys):
 
 
 def test_earlier_and_transformers_names_mean_our_options():
-    import llm.cli as cli
+    from sbora.cli import parse
 
-    calls = []
-
-    def fake_train(config, resume=False):
-        calls.append((config, resume))
-        return {"results": None}
-
-    ours = ["--steps", "70", "--lr", "0.002", "--batch-size", "2", "--grad-accum", "3", "--checkpoint-every", "5", "--base", "/m", "--resume"]
+    ours = ["--steps", "70", "--lr", "0.002", "--batch-size", "2", "--grad-accum", "3", "--checkpoint-every", "5", "--model", "/m", "--rank", "4",
+            "--resume"]
+    earlier = [*ours[:10], "--base", "/m", "--rank=4", "--resume"]
     theirs = ["--max_train_steps=70", "--learning_rate", "0.002", "--train-batch-size", "2", "--gradient_accumulation_steps", "3",
-              "--checkpointing-steps", "5", "--model_name_or_path", "/m", "--resume_from_checkpoint", "latest"]
-    for argv in (ours, theirs):
-        assert cli.run_command(train_mod.TrainConfig, fake_train, "t", "", argv, default_config="train", resumable=True) == 0
-    assert calls[0] == calls[1] and calls[0][0].steps == 70 and calls[0][0].base == "/m" and calls[0][1] is True
+              "--checkpointing-steps", "5", "--model_name_or_path", "/m", "--rank", "4", "--resume_from_checkpoint", "latest"]
+    parsed = [parse(train_mod.COMMAND, argv) for argv in (ours, earlier, theirs)]
+    config = parsed[0].configs["config"]
+    assert all(p.configs["config"] == config and p.resume is True for p in parsed)
+    assert (config.steps, config.lr, config.model) == (70, 0.002, "/m")
+    # the adapter's options land in the nested adapter config, over configs/llm/train.yaml's adapter: mapping
+    assert config.adapter == {"targets": ["llama"], "rank": 4, "alpha": 32}
+    assert parsed[0].configs["adapter"] == config.adapter_config()
 
 
 # ---------------------------------------------------------------------------- output cross-talk
@@ -502,7 +507,7 @@ def test_earlier_and_transformers_names_mean_our_options():
 
 def test_compose_reports_output_crosstalk_on_each_tasks_examples(base_dir, tmp_path, capsys):
     from llm.compose import _text, task_examples
-    from sbora_diffusion.adapters import active_adapters
+    from sbora.adapters import active_adapters
 
     tasks = {}
     for slot, (task, fn) in enumerate({"twice": lambda i: 2 * i, "square": lambda i: i * i}.items()):
@@ -537,14 +542,14 @@ def test_compose_reports_output_crosstalk_on_each_tasks_examples(base_dir, tmp_p
     assert row["input_rows"] == X.shape[0] and row["crosstalk"] == pytest.approx(dense["square"] / dense["twice"], rel=1e-6)
     # Calibration inputs the user gives: one JSONL for both tasks (chat rows, or text as is).
     calib = write_jsonl(tmp_path / "calib.jsonl", [{"instruction": "twice", "input": "11"}, {"text": "square 5 = 25"}])
-    given = compose(ComposeConfig(base=str(base_dir), adapter=list(tasks.values()), output=str(tmp_path / "given"), calibration=[str(calib)]))
+    given = compose(ComposeConfig(model=str(base_dir), adapter=list(tasks.values()), out=str(tmp_path / "given"), calibration=[str(calib)]))
     assert given["crosstalk"]["calibration"]["square"] == {"examples": 2, "source": f"file {calib}"}
     assert given["crosstalk"]["pairs"]["twice on square"]["median"] != talk["pairs"]["twice on square"]["median"]
-    assert compose(ComposeConfig(base=str(base_dir), adapter=list(tasks.values()), output=str(tmp_path / "quick"), crosstalk=False))["crosstalk"] is None
+    assert compose(ComposeConfig(model=str(base_dir), adapter=list(tasks.values()), out=str(tmp_path / "quick"), crosstalk=False))["crosstalk"] is None
 
 
 def test_compose_without_calibration_inputs_says_so_and_takes_a_file(base_dir, tmp_path, capsys):
-    from sbora_diffusion.adapters import save_adapter
+    from sbora.adapters import save_adapter
 
     model, _ = load_base(str(base_dir))
     for name in ("a", "b"):
@@ -561,12 +566,12 @@ def test_compose_without_calibration_inputs_says_so_and_takes_a_file(base_dir, t
     assert report["crosstalk"]["pairs"] == {} and report["crosstalk"]["calibration"]["a"]["examples"] == 0
     calib = [str(write_jsonl(tmp_path / f"{n}.jsonl", [{"text": f"some text for {n}"}])) for n in ("a", "b")]
     with pytest.warns(UserWarning, match="interfere"):
-        report = compose(ComposeConfig(base=str(base_dir), adapter=files, output=str(tmp_path / "out2"), calibration=calib, allow_overlap=True))
+        report = compose(ComposeConfig(model=str(base_dir), adapter=files, out=str(tmp_path / "out2"), calibration=calib, allow_overlap=True))
     assert set(report["crosstalk"]["pairs"]) == {"b on a", "a on b"}
     # Same slot: the two updates read the same columns, so each moves the other's outputs about as much as its own.
     assert all(0.2 < p["overall"] < 5 for p in report["crosstalk"]["pairs"].values())
     with pytest.raises(ConfigError, match="calibration files for 2 adapters"):
-        compose(ComposeConfig(base=str(base_dir), adapter=files, calibration=calib + calib[:1]))
+        compose(ComposeConfig(model=str(base_dir), adapter=files, calibration=calib + calib[:1]))
     with pytest.raises(FileNotFoundError, match="no calibration file"):
-        compose(ComposeConfig(base=str(base_dir), adapter=files, output=str(tmp_path / "out3"), calibration=[str(tmp_path / "none.jsonl")],
+        compose(ComposeConfig(model=str(base_dir), adapter=files, out=str(tmp_path / "out3"), calibration=[str(tmp_path / "none.jsonl")],
                               allow_overlap=True))

@@ -14,7 +14,7 @@ from llm.data import Example, prompt_text
 from llm.evaluate import generate
 from llm.models import load_base, save_merged, smollm2_gguf
 from llm.train import TrainConfig, train
-from sbora_diffusion.adapters import adapter_parameters
+from sbora.adapters import adapter_parameters
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_the_gguf_is_found_without_importing_its_package(smollm2):
 def test_one_training_step_and_deterministic_greedy_generation(smollm2, tmp_path):
     model, tokenizer = smollm2
     config = TrainConfig(
-        output_dir=str(tmp_path), steps=1, batch_size=1, train_size=1, test_size=1, rank=4, warmup_steps=0,
+        output_dir=str(tmp_path), steps=1, batch_size=1, train_size=1, test_size=1, adapter={"rank": 4}, warmup_steps=0,
         lr_schedule="constant", eval=False, checkpoint_every=0,
     )
     result = train(config, model=model, tokenizer=tokenizer)

@@ -13,9 +13,9 @@ import re
 import pytest
 from concept_helpers import QUICK_YAML, photos, train_tiny_concept
 
-from sbora_diffusion.adapters import METHODS, AdapterConfig, load_adapter_config, read_adapter
-from sbora_diffusion.adapters.config import DEFAULT_METHOD, LAYOUTS, TARGET_PRESETS
-from sbora_diffusion.adapters.registry import (
+from sbora.adapters import METHODS, AdapterConfig, load_adapter_config, read_adapter
+from sbora.adapters.config import DEFAULT_METHOD, LAYOUTS, TARGET_PRESETS
+from sbora.adapters.registry import (
     CONCEPT,
     EXPORT_FORMATS,
     LLM,
@@ -27,7 +27,7 @@ from sbora_diffusion.adapters.registry import (
     spec_of,
     trained_methods,
 )
-from sbora_diffusion.configuration import CONFIG_DIR, ConfigError
+from sbora.configuration import CONFIG_DIR, ConfigError
 
 SPECS = list(METHOD_SPECS)
 CONCEPT_METHODS = trained_methods(CONCEPT)
@@ -94,7 +94,7 @@ def test_benchmark_label_tables_come_from_the_registry():
 
 @pytest.fixture(scope="module")
 def studio(tiny_pipe, tmp_path_factory):
-    from apps.gradio_app import AppConfig, Studio
+    from sbora_diffusion.app import AppConfig, Studio
 
     root = tmp_path_factory.mktemp("methods-app")
     (root / "quick.yaml").write_text(QUICK_YAML)
@@ -105,8 +105,8 @@ def studio(tiny_pipe, tmp_path_factory):
 
 @pytest.mark.parametrize("name", SPECS)
 def test_the_concept_trainer_and_the_app_accept_exactly_the_same_methods(name, studio, tmp_path, capsys):
-    from apps.gradio_app import AppInputError
-    from sbora_diffusion.concept.train import main
+    from sbora_diffusion.app import AppInputError
+    from sbora_diffusion.concept.cli import main
 
     trained = METHOD_SPECS[name].trained_by(CONCEPT)
     folder = photos(tmp_path / "photos", "alpha")
@@ -127,7 +127,7 @@ def test_the_concept_trainer_and_the_app_accept_exactly_the_same_methods(name, s
 
 
 def test_the_app_lists_exactly_the_concept_trainers_methods():
-    from apps.gradio_app import TRAINED_METHODS
+    from sbora_diffusion.app import TRAINED_METHODS
 
     assert sorted(TRAINED_METHODS) == sorted(CONCEPT_METHODS) and "delta-lora" in TRAINED_METHODS  # the command line trains it
 
@@ -135,7 +135,7 @@ def test_the_app_lists_exactly_the_concept_trainers_methods():
 @pytest.mark.parametrize("name", SPECS)
 def test_the_llm_trainer_takes_its_methods_and_refuses_the_others(name, tmp_path, capsys):
     from llm import train as llm_train
-    from sbora_diffusion.configuration import from_dict
+    from sbora.configuration import from_dict
 
     spec = METHOD_SPECS[name]
     if spec.trained_by(LLM):
@@ -163,7 +163,7 @@ def trained(tiny_pipe, tmp_path_factory):
 
 @pytest.mark.parametrize("name", CONCEPT_METHODS)
 def test_concept_adapters_export_to_every_claimed_format(name, trained, tmp_path, capsys):
-    from sbora_diffusion.export import main
+    from sbora.export import main
 
     spec = METHOD_SPECS[name]
     adapter = trained[name]["alpha"]
@@ -180,7 +180,7 @@ def test_concept_adapters_export_to_every_claimed_format(name, trained, tmp_path
 
 def test_export_asks_the_registry(trained, tmp_path, capsys, monkeypatch):
     """A format a method's spec does not claim is refused by export before anything is written."""
-    from sbora_diffusion.export import main
+    from sbora.export import main
 
     monkeypatch.setitem(METHOD_SPECS, "lora", dataclasses.replace(METHOD_SPECS["lora"], export_formats=("peft",)))
     out = tmp_path / "lora.safetensors"
@@ -196,7 +196,7 @@ def test_peft_baselines_export_as_their_spec_says(name, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from llm.peft_dora import inject_dora, save_dora
-    from sbora_diffusion.export import main
+    from sbora.export import main
 
     spec = METHOD_SPECS[name]
     base = save_tiny_base(tmp_path / "base")
@@ -236,14 +236,14 @@ def test_composable_methods_compose_in_disjoint_slots_with_zero_overlap(name, tr
 
 
 def test_composition_messages_name_the_registrys_slot_methods():
-    from sbora_diffusion.adapters.registry import or_list
+    from sbora.adapters.registry import or_list
 
     assert or_list(composable_methods()) == ", ".join(composable_methods()[:-1]) + " or " + composable_methods()[-1]
     assert all(METHOD_SPECS[m].slot_space for m in composable_methods())
 
 
 def test_delta_applies_to_every_core(tiny_model):
-    from sbora_diffusion.adapters import adapted_layers, inject
+    from sbora.adapters import adapted_layers, inject
 
     for name, spec in METHOD_SPECS.items():
         if spec.delta_capable and spec.base is None:

@@ -6,7 +6,7 @@ import pytest
 from numeric import assert_close_to_signal
 import torch
 
-from sbora_diffusion.adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, merge_and_unload
+from sbora.adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, merge_and_unload
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 

@@ -4,6 +4,7 @@ nothing goes through transformers' own peft integration."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,16 +23,26 @@ def run_python(code: str, cwd: Path, pythonpath: str | None = None) -> subproces
 def test_a_built_wheel_finds_its_configs_from_anywhere(tmp_path):
     """Build the wheel as `pip install .` would, unpack it, and use it from another folder with
     the repository out of sight: the method, training and model configs must come with it."""
-    wheels = tmp_path / "wheels"
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+    # Built from a copy of the files git would commit: a build in the checkout would leave an egg-info there
+    # that shadows the editable install's metadata (its entry points) for every later command.
+    source, wheels = tmp_path / "source", tmp_path / "wheels"
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = wheels.glob("sbora_diffusion-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for shipped in ("sbora_diffusion/configs/methods/sbora-fa.yaml", "sbora_diffusion/configs/train/default.yaml",
-                    "sbora_diffusion/configs/models/sd15-unet.json", "sbora_diffusion/configs/llm/train.yaml",
-                    "sbora_diffusion/configs/train/pocket.yaml"):
+    for shipped in ("sbora/configs/methods/sbora-fa.yaml", "sbora/configs/train/default.yaml",
+                    "sbora/configs/models/sd15-unet.json", "sbora/configs/llm/train.yaml",
+                    "sbora/configs/train/pocket.yaml"):
         assert shipped in names, shipped
+    assert not [n for n in names if n.startswith(("apps/", "benchmarks/", "tests/"))]  # the top layer stays in the checkout
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "[sbora.exporters]" in zipfile.ZipFile(wheel).read(entry_points).decode()
     from sbora_diffusion.world import WEIGHTS_DIR
 
     shipped_weights = sorted(str(p.relative_to(ROOT)) for p in WEIGHTS_DIR.rglob("*") if p.is_file())
@@ -42,13 +53,13 @@ def test_a_built_wheel_finds_its_configs_from_anywhere(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = (
-        "import sbora_diffusion, sys; from pathlib import Path;"
-        "from sbora_diffusion.adapters import load_adapter_config, METHODS;"
-        "from sbora_diffusion.configuration import CONFIG_DIR;"
+        "import sbora, sbora_diffusion, sys; from pathlib import Path;"
+        "from sbora.adapters import load_adapter_config, METHODS;"
+        "from sbora.configuration import CONFIG_DIR;"
         "assert Path(sbora_diffusion.__file__).is_relative_to(Path.cwd().parent / 'site'), sbora_diffusion.__file__;"
-        "assert CONFIG_DIR == Path(sbora_diffusion.__file__).parent / 'configs', CONFIG_DIR;"
+        "assert CONFIG_DIR == Path(sbora.__file__).parent / 'configs', CONFIG_DIR;"
         "[load_adapter_config(m) for m in METHODS];"
-        "from llm.cli import load_config; from llm.train import TrainConfig; print(load_config(TrainConfig, 'train', {}).steps)"
+        "from sbora.cli import parse; from llm.train import COMMAND; print(parse(COMMAND, []).configs['config'].steps)"
     )
     result = run_python(code, cwd=elsewhere, pythonpath=str(site))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -18,7 +18,7 @@ from llm_helpers import save_tiny_base
 from PIL import Image
 
 from llm import train as llm_train
-from sbora_diffusion.adapters import (
+from sbora.adapters import (
     METHODS,
     AdapterConfig,
     active_adapters,
@@ -31,13 +31,15 @@ from sbora_diffusion.adapters import (
     save_adapter,
     unmerge,
 )
-from sbora_diffusion.checkpoint import list_checkpoints, read_checkpoint
-from sbora_diffusion.concept.train import TrainConfig, main as concept_main, train as concept_train
-from sbora_diffusion.concepts import ConceptConfig
-from sbora_diffusion.configuration import ConfigError
-from sbora_diffusion.engine import Engine, EngineConfig, TrainingInterrupted
+from sbora.checkpoint import list_checkpoints, read_checkpoint
+from sbora_diffusion.concept.cli import main as concept_main
+from sbora_diffusion.concept.options import TrainConfig
+from sbora_diffusion.concept.train import train as concept_train
+from sbora_diffusion.concept.config import ConceptConfig
+from sbora.configuration import ConfigError
+from sbora.engine import Engine, EngineConfig, TrainingInterrupted
 from sbora_diffusion.models import load_pipeline
-from sbora_diffusion.procedures import DeltaLoRA, DiffoRA, ProcedureConfig
+from sbora.procedures import DeltaLoRA, DiffoRA, ProcedureConfig
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
@@ -451,15 +453,13 @@ def llm_args(base_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_llm_delta_lora_resumes_exactly_and_reloads_exactly(base_dir, tmp_path, capsys):
-    from llm.cli import load_config
     from llm.models import load_base
+    from sbora.cli import parse
 
     options = ("--method", "delta-lora", "--delta-start", "1", "--delta-lambda", "0.5")
     # Straight through the Python API on a model we keep; interrupted and resumed through the CLI.
     trained, tokenizer = load_base(str(base_dir))
-    cfg = load_config(llm_train.TrainConfig, "train", dict(  # what the CLI reads: configs/llm/train.yaml, then the options
-        base=str(base_dir), output_dir=str(tmp_path / "a"), batch_size=2, train_size=16, rank=4, lr=0.05, warmup_steps=0,
-        lr_schedule="constant", max_length=320, eval=False, checkpoint_every=0, method="delta-lora", delta_start=1, delta_lambda=0.5, steps=5))
+    cfg = parse(llm_train.COMMAND, llm_args(base_dir, tmp_path / "a", *options, "--steps", "5")).configs["config"]  # what the CLI reads
     llm_train.train(cfg, model=trained, tokenizer=tokenizer)
     assert llm_train.main(llm_args(base_dir, tmp_path / "b", *options, "--steps", "3")) == 0
     assert llm_train.main(llm_args(base_dir, tmp_path / "b", *options, "--steps", "5", "--resume")) == 0

@@ -42,7 +42,7 @@ def entry_point(argv: list[str]):
         if argv[1] == "-m":
             return importlib.import_module(argv[2]).main, argv[3:]
         if argv[1] == "train_concept.py":
-            return importlib.import_module("sbora_diffusion.concept.train").main, argv[2:]
+            return importlib.import_module("sbora_diffusion.concept.cli").main, argv[2:]
     return None
 
 

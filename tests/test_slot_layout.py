@@ -1,4 +1,4 @@
-"""SBoRA index layouts and the slot check (DESIGN.md §3-4, issue #25).
+"""SBoRA index layouts and the slot check (docs/architecture.md §3-4, issue #25).
 
 Slot k at rank r holds positions k·r…(k+1)·r−1 of a per-layer permutation: the ``scattered``
 layout (version 1, every file written before layouts were recorded) permutes single indices,
@@ -21,14 +21,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sbora_diffusion.adapters import METHODS, AdapterConfig, inject, merge, read_adapter, save_adapter, unmerge
-from sbora_diffusion.adapters.base import BLOCK, cache_lines, index_runs, layer_generator, slot_indices
-from sbora_diffusion.adapters.slots import SlotLayout, slot_clash, slot_clashes
-from sbora_diffusion.adapters.io import slot_layouts
-from sbora_diffusion.adapters.ortho import orthogonal_rows
+from sbora.adapters import METHODS, AdapterConfig, inject, merge, read_adapter, save_adapter, unmerge
+from sbora.adapters.base import BLOCK, cache_lines, index_runs, layer_generator, slot_indices
+from sbora.adapters.slots import SlotLayout, slot_clash, slot_clashes
+from sbora.adapters.io import slot_layouts
+from sbora.adapters.ortho import orthogonal_rows
 from sbora_diffusion.concept.train import train
-from sbora_diffusion.concepts import ConceptConfig
-from sbora_diffusion.configuration import ConfigError
+from sbora_diffusion.concept.config import ConceptConfig
+from sbora.configuration import ConfigError
 
 from concept_helpers import photos, quick_config
 
@@ -93,8 +93,8 @@ def test_layouts_are_seeded_per_layer_and_differ_between_layers_and_seeds():
 
 LAYOUT_SCRIPT = """
 import json, sys
-from sbora_diffusion.adapters import AdapterConfig
-from sbora_diffusion.adapters.base import slot_indices
+from sbora.adapters import AdapterConfig
+from sbora.adapters.base import slot_indices
 out = {}
 for layout in ("scattered", "blocks"):
     for method, role in (("sbora-fa", "input"), ("sbora-fb", "output")):
@@ -239,7 +239,7 @@ def test_files_record_the_slot_layout_and_old_files_read_as_scattered(tiny_model
                      tmp_path / "old.safetensors")
     assert read_adapter(old).config.layout == "scattered" and slot_layouts(old)[0].layout == "scattered"
     model = copy.deepcopy(tiny_model)
-    from sbora_diffusion.adapters import load_adapter
+    from sbora.adapters import load_adapter
 
     load_adapter(model, old)  # its saved indices load, whatever today's default layout
     core = model.blocks[0].to_q.cores["default"]
@@ -334,7 +334,7 @@ def mixed(tiny_pipe, tmp_path_factory):
 
 
 def test_composer_refuses_concepts_whose_slots_meet_before_changing_the_pipeline(tiny_pipe, mixed):
-    from sbora_diffusion.adapters import adapter_names
+    from sbora.adapters import adapter_names
     from sbora_diffusion.compose import Composer, CompositionError
 
     composer = Composer(copy.deepcopy(tiny_pipe))
@@ -363,6 +363,6 @@ def test_llm_compose_refuses_meeting_slots_before_loading_any_model(tiny_model, 
     b = _saved(tiny_model, tmp_path, "b", method="sbora-fb", rank=4, slot=1)
     c = _saved(tiny_model, tmp_path, "c", method="sbora-fb", rank=4, slot=2)
     with pytest.raises(ConfigError, match=f"(?s){a}.*rank 8 slot 0.*{b}.*rank 4 slot 1.*output rows.*--slot 3 \\(rank 4\\)"):
-        compose(ComposeConfig(base=str(tmp_path / "no-such-base"), adapter=[str(a), str(c), str(b)]))
+        compose(ComposeConfig(model=str(tmp_path / "no-such-base"), adapter=[str(a), str(c), str(b)]))
     check_slots([str(a), str(c)])
     check_slots([str(a), str(b)], allow_overlap=True)

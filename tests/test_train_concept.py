@@ -13,14 +13,16 @@ import torch
 import yaml
 from PIL import Image
 
-from sbora_diffusion.adapters import METHODS, AdapterFileError, adapter_names, adapter_parameters, read_adapter
-from sbora_diffusion.checkpoint import list_checkpoints, read_checkpoint
-from sbora_diffusion.concepts import ConceptConfig, ConceptError, load_concept
-from sbora_diffusion.configuration import CONFIG_DIR, ConfigError, override
+from sbora.adapters import METHODS, AdapterFileError, adapter_names, adapter_parameters, read_adapter
+from sbora.checkpoint import list_checkpoints, read_checkpoint
+from sbora_diffusion.concept.config import ConceptConfig, ConceptError, load_concept
+from sbora.configuration import CONFIG_DIR, ConfigError, override
 from sbora_diffusion.generate import main as generate_main
 from sbora_diffusion.generate import render
 from sbora_diffusion.models import ModelResolutionError, clip_tokenizer, load_pipeline
-from sbora_diffusion.concept.train import TrainConfig, load_train_config, main, train
+from sbora_diffusion.concept.cli import main
+from sbora_diffusion.concept.options import TrainConfig, load_train_config
+from sbora_diffusion.concept.train import train
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
@@ -258,7 +260,7 @@ def test_local_diffusers_folder_loads_like_the_embedded_base(tiny_pipe, tmp_path
 
 
 def test_two_concepts_load_side_by_side(tiny_pipe, concept_dir, tmp_path):
-    from sbora_diffusion.concept_adapter import load_concept_adapter
+    from sbora_diffusion.concept.adapter import load_concept_adapter
 
     paths = {}
     for name, slot in (("cat", 0), ("car", 1)):
@@ -338,7 +340,7 @@ def test_ctrl_c_at_a_random_point_resumes_bit_exactly(seed, tiny_pipe, concept_d
     import signal
 
     import sbora_diffusion.concept.train as tc
-    from sbora_diffusion.engine import TrainingInterrupted
+    from sbora.engine import TrainingInterrupted
 
     cfg = dict(steps=4, grad_accum=2, checkpoint_every=0)
     straight = train(concept(concept_dir), "sbora-fa", train_config=quick(tmp_path / "a", **cfg), pipe=copy.deepcopy(tiny_pipe))
@@ -395,8 +397,8 @@ def test_any_concept_folder_name_trains_into_a_safe_folder(tiny_pipe, concept_di
 
 def test_custom_diffusion_trains_only_cross_attention_kv_and_the_token(tiny_pipe, concept_dir, tmp_path):
     """Custom Diffusion (Kumari et al.): dense ΔW on attn2.to_k/to_v only, through the real CLI."""
-    from sbora_diffusion.adapters import merge, unmerge
-    from sbora_diffusion.concept_adapter import load_concept_adapter
+    from sbora.adapters import merge, unmerge
+    from sbora_diffusion.concept.adapter import load_concept_adapter
 
     out = tmp_path / "cd"
     assert main(["--concept", str(concept_dir), "--model", "tiny", "--method", "custom-diffusion", "--output-dir", str(out), "--steps", "2",
@@ -486,10 +488,11 @@ def test_a_diffusers_command_line_trains_and_options_without_equivalent_are_refu
       "--gradient_checkpointing", "--rank=8", "--resume_from_checkpoint", "latest"]),
 ])
 def test_earlier_and_diffusers_names_mean_our_options(ours, theirs, concept_dir, monkeypatch):
-    import sbora_diffusion.concept.train as tc
+    import sbora_diffusion.concept.cli as command
+    from sbora_diffusion.concept.train import TrainResult
 
     calls = []
-    monkeypatch.setattr(tc, "train", lambda *args, **kwargs: calls.append((args, kwargs)) or tc.TrainResult(Path("o"), Path("o/a"), None, 0, [], False))
+    monkeypatch.setattr(command, "train", lambda *args, **kwargs: calls.append((args, kwargs)) or TrainResult(Path("o"), Path("o/a"), None, 0, [], False))
     base = ["--concept", str(concept_dir), "--model", "tiny"]
     assert main(base + ours) == 0 and main(base + theirs) == 0
     assert calls[0] == calls[1] and calls[0][1]["resume"] is True

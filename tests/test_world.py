@@ -99,7 +99,7 @@ def test_render_and_visibility_rules():
 def test_held_out_concepts_are_shipped_and_reproducible():
     from PIL import Image
 
-    from sbora_diffusion.concepts import load_concept
+    from sbora_diffusion.concept.config import load_concept
 
     assert len(wc.CONCEPTS) >= 4
     world_words = set(re.findall(r"[a-z]+", " ".join(g.sample(k).caption for k in range(400))))
@@ -132,14 +132,15 @@ def _record(folder):
     return json.loads((folder / wp.RECORD_NAME).read_text())
 
 
-@pytest.mark.parametrize("folder,limit", [(POCKET_SD_DIR, 25_000_000), (POCKET_CLIP_DIR, 10_000_000)])
+@pytest.mark.parametrize("folder,limit", [(POCKET_SD_DIR, 40_000_000), (POCKET_CLIP_DIR, 15_000_000)])  # issue #27's bounds
 def test_shipped_files_match_their_record(folder, limit):
     record = _record(folder)
     assert record["files"], "the record lists no files"
     assert wp.checksums(folder) == record["files"]  # same files, same bytes
     assert sum((folder / name).stat().st_size for name in record["files"]) <= limit
     assert all(not n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in record["files"])  # safetensors only
-    assert record["command"].startswith("python -m sbora_diffusion.world.pretrain")
+    commands = record.get("commands") or [record["command"]]  # the first base's record names one command
+    assert all(c.startswith("python -m sbora_diffusion.world.pretrain") for c in commands)
 
 
 @pytest.fixture(scope="module")
@@ -168,19 +169,6 @@ def test_pocket_base_loads_through_the_standard_loaders(pocket_pipe):
     assert "pocket" in EMBEDDED
     pipe = load_pipeline("pocket")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
-
-
-def test_pocket_base_follows_colour_and_side(pocket_pipe):
-    """32 prompts "a <colour> <noun> on the <left|right>" (7 colours), 10 DDIM steps, guidance 5.
-
-    Chance (an image that ignores the prompt) is measured on the same images, against other
-    prompts' (colour, side). Measured when written: 16/32 hits, chance 1/32; the shipped record
-    states 48/112 (43%) at 20 steps against a measured chance of 11%. Asserted: at least 30%, and
-    at least 20 points above the chance of the same images.
-    """
-    result = wp.prompt_following(pocket_pipe, count=32, steps=10, guidance=5.0, seed=1)
-    assert result["rate"] >= 0.3, result["hits"]
-    assert result["rate"] >= result["chance_rate_measured"] + 0.2, result
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +216,77 @@ def test_the_demo_budget_learns_the_example_concept(demo_robot):
     assert scores["clip_model"] == "pocket" and scores["images"] == 16 and scores["references"] == 5
     assert scores["clip_i_adapted"] >= scores["clip_i_base"] + DEMO_MARGIN, scores
     assert (demo_robot.out_dir / "samples.png").is_file() and (demo_robot.out_dir / "scores.json").is_file()
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def test_ema_procedure_averages_and_resumes_exactly(tmp_path):
+    """The engine's EMA procedure: avg <- d*avg + (1-d)*theta after each step, d = min(decay, (1+t)/(10+t));
+    its average is in every checkpoint, and a resumed run ends with the same average as an uninterrupted one."""
+    from sbora.engine import Engine, EngineConfig
+    from sbora.procedures import EMA
+
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        engine = Engine(EngineConfig(steps=steps, lr=0.1, cpu=True, checkpoint_every=2, log_every=1), out, resume=resume)
+        (model,) = engine.prepare(model)
+        ema, seen = EMA(0.9), []
+        engine.setup({"w": model.weight, "b": model.bias}, [{"params": list(model.parameters())}], procedures=[ema])
+        x = torch.arange(6.0).reshape(2, 3)
+        engine.run(lambda micro: model(x).pow(2).mean(), lambda step, loss: seen.append(model.weight.detach().clone()))
+        engine.finish()
+        return ema, seen
+
+    ema, weights = run(tmp_path / "a", 4)
+    torch.manual_seed(0)
+    expected = torch.nn.Linear(3, 2).weight.detach().clone()  # the start: the same seeded init
+    for t, w in enumerate(weights, start=1):
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * w
+    assert torch.allclose(ema.averaged()["w"], expected, atol=1e-6)
+    assert not torch.allclose(ema.averaged()["w"], weights[-1])  # an average, not the last weights
+
+    run(tmp_path / "b", 2)
+    resumed, _ = run(tmp_path / "b", 4, resume=True)
+    assert torch.equal(resumed.averaged()["w"], ema.averaged()["w"])
+    from sbora.checkpoint import read_checkpoint
+
+    assert torch.equal(EMA.read(read_checkpoint(tmp_path / "b" / "checkpoints" / "step-00000004.pt"))["w"], ema.averaged()["w"])
+    with pytest.raises(ValueError, match="no EMA weights"):
+        EMA.read({"procedures": {}})
+
+
+def test_pretraining_runs_every_stage_resumes_and_stops_at_its_targets(tmp_path, monkeypatch):
+    """A miniature v2 run (40 images, 8-wide models, 2-4 steps): every stage on the engine, the UNet probed at its
+    checkpoint and stopped there once the targets hold, --resume skipping what is done and training on when asked,
+    and records that name the commands but no path of this machine."""
+    from sbora_diffusion.world import probes
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    tiny = ["--work", str(work), "--out", str(out), "--threads", str(torch.get_num_threads()), "--num-images", "40",
+            "--vae-channels", "8,16,16", "--vae-steps", "2", "--vae-batch", "4", "--unet-channels", "16,32,32", "--text-width", "16",
+            "--text-layers", "1", "--unet-steps", "4", "--unet-batch", "4", "--unet-warmup", "1", "--checkpoint-every", "2",
+            "--probe-images", "2", "--measure-images", "2", "--measure-steps", "2", "--log-every", "1"]
+    monkeypatch.setattr(probes, "unmet_targets", lambda found: [])  # every target "holds": the UNet stops at its first probe
+    assert wp.main(["all", *tiny]) == 0
+    results = json.loads((work / "results.json").read_text())
+    assert results["unet"]["stopped_at_targets"] == 2 and results["unet"]["last_probes"]["step"] == 2
+    assert (work / "unet" / ".partial" / "checkpoints" / "step-00000002.pt").is_file()  # stopped, still resumable
+    assert sorted(p.name for p in (work / "checkpoints" / "unet").iterdir()) == ["step-00000002.pt"]
+    record = json.loads((out / "pocket-sd" / wp.RECORD_NAME).read_text())
+    assert record["preset"] == "v2" and record["architecture"]["unet"]["cross_attention_dim"] == 16
+    assert record["commands"][0].startswith("python -m sbora_diffusion.world.pretrain all --work $WORK --out $OUT")
+    assert set(record["measurements"]["probes"]) == set(probes.PROBES) and record["measurements"]["slots"]["rank"] == 16
+    assert str(tmp_path) not in (out / "pocket-sd" / wp.RECORD_NAME).read_text()
+    assert not (out / "pocket-clip").exists()  # v2 does not retrain the pocket CLIP
+    assert wp.checksums(out / "pocket-sd") == record["files"]
+
+    assert wp.main(["unet", *tiny, "--resume"]) == 0  # stopped at its targets: done
+    assert json.loads((work / "results.json").read_text())["unet"]["steps"] == 2
+    assert wp.main(["unet", *tiny, "--resume", "--stop-at-targets", "false"]) == 0  # trains on to --unet-steps
+    results = json.loads((work / "results.json").read_text())
+    assert results["unet"]["steps"] == 4 and len(results["unet"]["commands"]) == 2
+    assert sorted(p.name for p in (work / "checkpoints" / "unet").iterdir()) == ["step-00000002.pt", "step-00000004.pt"]
+    assert wp.main(["vae", *tiny]) == 2  # a stage folder that holds a run is refused without --resume or --overwrite

@@ -2,38 +2,52 @@
 
 Every random choice (which image, where to crop, whether to flip) is drawn from the
 engine's generator, so a resumed run draws exactly the batches it would have drawn.
+
+Each batch also says where its pixels came from, per image: the photo's original height and
+width, the crop's top and left in the resized photo, and the target height and width — the
+numbers SDXL's size/crop micro-conditioning reads (``add_time_ids``, as diffusers'
+train_dreambooth_lora_sdxl.py computes them); Stable Diffusion 1.x ignores them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..concepts import ConceptConfig, image_files, open_rgb
-from ..fileio import atomic_path
+from sbora.fileio import atomic_path
+
 from ..generate import render
+from .config import ConceptConfig, image_files, open_rgb
 
 
-def load_images(paths: list[Path], resolution: int) -> list[torch.Tensor]:
-    """Decode (as a person sees the photo), resize the shorter side to `resolution`; uint8 (3, H, W) each."""
+class Photo(NamedTuple):
+    pixels: torch.Tensor  # uint8 (3, H, W), the shorter side at the training resolution
+    size: tuple[int, int]  # the photo's own (height, width) before resizing
+
+
+def load_images(paths: list[Path], resolution: int) -> list[Photo]:
+    """Decode (as a person sees the photo), resize the shorter side to `resolution`."""
     out = []
     for p in paths:
         im = open_rgb(p)
+        size = (im.height, im.width)
         scale = resolution / min(im.size)
         im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), resample=Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        out.append(Photo(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), size))
     return out
 
 
-def crop_batch(images: list[torch.Tensor], idx: torch.Tensor, res: int, center_crop: bool, random_flip: bool,
-               gen: torch.Generator) -> torch.Tensor:
-    """Crop (centre or random) and maybe flip the chosen images; (B, 3, res, res) in [-1, 1]."""
-    batch = []
+def crop_batch(images: list[Photo], idx: torch.Tensor, res: int, center_crop: bool, random_flip: bool,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop (centre or random) and maybe flip the chosen images: (B, 3, res, res) in [-1, 1], and each one's
+    (original height, width, crop top, left, res, res) as a (B, 6) tensor."""
+    batch, geometry = [], []
     for i in idx.tolist():
-        im = images[i]
+        im, size = images[i]
         h, w = im.shape[1:]
         if center_crop:
             top, left = (h - res) // 2, (w - res) // 2
@@ -44,19 +58,22 @@ def crop_batch(images: list[torch.Tensor], idx: torch.Tensor, res: int, center_c
         if random_flip and bool(torch.rand(1, generator=gen) < 0.5):
             im = im.flip(-1)
         batch.append(im)
-    return torch.stack(batch).float() / 127.5 - 1.0
+        geometry.append([*size, top, left, res, res])
+    return torch.stack(batch).float() / 127.5 - 1.0, torch.tensor(geometry, dtype=torch.float32)
 
 
-def sample_batch(instance_images, class_images, instance_ids, class_ids, batch_size: int, res: int, center_crop: bool,
-                 random_flip: bool, gen: torch.Generator):
-    """One micro-batch: B random instance images (+ B class images with prior preservation) and their prompt ids."""
+def sample_batch(instance_images, class_images, instance_ids: list[torch.Tensor], class_ids: list[torch.Tensor], batch_size: int,
+                 res: int, center_crop: bool, random_flip: bool, gen: torch.Generator):
+    """One micro-batch: B random instance images (+ B class images with prior preservation), their prompt ids
+    (one tensor per text encoder) and their geometry (``crop_batch``)."""
     idx = torch.randint(0, len(instance_images), (batch_size,), generator=gen)
-    pixels, ids = crop_batch(instance_images, idx, res, center_crop, random_flip, gen), instance_ids  # (B, 3, res, res), (B, 77)
+    (pixels, geometry), ids = crop_batch(instance_images, idx, res, center_crop, random_flip, gen), instance_ids  # (B, 3, res, res), (B, 6)
     if class_images:
         cidx = torch.randint(0, len(class_images), (batch_size,), generator=gen)
-        pixels = torch.cat([pixels, crop_batch(class_images, cidx, res, center_crop, random_flip, gen)])  # (2B, 3, res, res)
-        ids = torch.cat([instance_ids, class_ids])
-    return pixels, ids
+        class_pixels, class_geometry = crop_batch(class_images, cidx, res, center_crop, random_flip, gen)
+        pixels, geometry = torch.cat([pixels, class_pixels]), torch.cat([geometry, class_geometry])  # (2B, 3, res, res), (2B, 6)
+        ids = [torch.cat([i, c]) for i, c in zip(instance_ids, class_ids, strict=True)]  # [(2B, 77)]
+    return pixels, ids, geometry
 
 
 def tokenize(tokenizer, prompt: str, n: int) -> torch.Tensor:

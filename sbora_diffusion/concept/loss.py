@@ -2,22 +2,34 @@
 
     L = E_t ‖ε̂(z_t, t, c) − target‖²   (target: the noise ε, or the velocity v for v-prediction)
 
-with z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε for the VAE latents z_0 of the batch. With prior preservation
+with z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε for the VAE latents z_0 of the batch, c the batch's conditioning
+(its prompts' text-encoder states, and SDXL's pooled prompt and size/crop numbers: the pipeline
+kind's ``condition``, ``kinds.py``). With prior preservation
 the batch is [instance; class] and the class half adds ``prior_loss_weight`` × its loss.
 Min-SNR-γ (Hang et al., 2023) weights each sample by min(SNR_t, γ)/SNR_t (/(SNR_t+1) for v).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 
-def diffusion_loss(vae, noise_scheduler, unet, text_encoder, pixels, input_ids, *, n_instance: int, gen: torch.Generator,
-                   prior_loss_weight: float = 1.0, snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
-    """Loss of one micro-batch; every random draw (latent sample, noise, timesteps) from `gen`."""
+def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[torch.Tensor, dict]], pixels, *, n_instance: int,
+                   gen: torch.Generator, prior_loss_weight: float = 1.0, snr_gamma: float | None = None,
+                   noise_offset: float = 0.0) -> torch.Tensor:
+    """Loss of one micro-batch; every random draw (latent sample, noise, timesteps) from `gen`.
+
+    `condition()` runs the text encoders on the batch's prompts: (encoder hidden states (B, 77, D),
+    further UNet keyword arguments).
+    """
     device = pixels.device
-    with torch.no_grad():
+    # A float32 VAE (SDXL's under mixed precision: it overflows in float16) encodes in float32, outside the step's autocast.
+    float32_vae = vae.dtype == torch.float32 and torch.is_autocast_enabled(device.type)
+    with torch.no_grad(), torch.autocast(device.type, enabled=False) if float32_vae else contextlib.nullcontext():
         dist = vae.encode(pixels.to(vae.dtype)).latent_dist
         latents = dist.sample(generator=gen) * vae.config.scaling_factor  # (B, 4, h, w)
     latents = latents.float()
@@ -26,8 +38,8 @@ def diffusion_loss(vae, noise_scheduler, unet, text_encoder, pixels, input_ids, 
         noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    context = text_encoder(input_ids.to(device))[0]  # (B, 77, D)
-    pred = unet(noisy, t, context).sample.float()
+    context, unet_kwargs = condition()  # (B, 77, D), {} or SDXL's added_cond_kwargs
+    pred = unet(noisy, t, context, **unet_kwargs).sample.float()
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, t) if v_prediction else noise
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)

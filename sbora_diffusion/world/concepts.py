@@ -18,7 +18,6 @@ Each concept is one fixed design (a sprite) of a class the world knows (``toy``,
 from __future__ import annotations
 
 import argparse
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -1,7 +1,24 @@
-"""Pretrain the pocket world's models on 2 CPU cores: the pocket CLIP and the pocket base.
+"""Pretrain the pocket world's models on 2 CPU cores: the pocket base (and, with preset v1, the pocket CLIP).
 
-    python -m sbora_diffusion.world.pretrain all --work /tmp/pocket-work     # the shipped run
-    python -m sbora_diffusion.world.pretrain vae --work DIR --vae-steps 100  # one stage
+    python -m sbora_diffusion.world.pretrain all --work /tmp/pocket-work                # every stage of preset v2 (the default)
+    python -m sbora_diffusion.world.pretrain unet --work DIR --resume --unet-steps 8000 # train the UNet on from its newest checkpoint
+    python -m sbora_diffusion.world.pretrain export measure --work DIR --out DIR/export # write and measure a candidate
+    python -m sbora_diffusion.world.pretrain measure --preset v1 --work DIR --out sbora_diffusion/world/weights
+                                                                                       # the probes on the shipped base, into its record
+
+Presets (``--preset``; every field below can then be overridden, ``--unet-steps 100``):
+
+``v2``  (issue #27) text encoder and first UNet block 64 wide (four rank-16 slots fit every
+        adapted layer), a VAE with twice the channels at full resolution (small shapes stay
+        shapes), a text encoder trained from scratch with the UNet, a quarter of the captions
+        in the long form (every attribute, position included), a constant learning rate after
+        warm-up with EMA weights, so training can go on for as long as the probes ask; the
+        UNet is probed at every checkpoint and stops once every target holds. The pocket CLIP
+        is not retrained (``export`` writes only ``pocket-sd``).
+``v1``  the first shipped base's architecture and settings (32-wide text tower from the
+        pocket CLIP, 48-wide first block, cosine schedule). That base was trained by this
+        script's earlier hand-written loops (git history before issue #27); on the engine
+        the same command repeats it closely, not bit for bit.
 
 Stages (each reads the previous stages' outputs from ``--work``, so any can be rerun alone):
 
@@ -9,36 +26,44 @@ Stages (each reads the previous stages' outputs from ``--work``, so any can be r
              second view of every object (same design, other place and background);
 ``clip``     the pocket CLIP: an open_clip ``CLIP`` (ViT image tower on 64x64, text tower
              with CLIP's BPE vocabulary) trained with the contrastive caption loss plus an
-             instance loss between the two views of each object (so image features tell
-             unseen object designs apart: what CLIP-I needs);
-``vae``      the AutoencoderKL (f = 4: 64x64x3 -> 16x16x4), L1 + MSE reconstruction and a small KL;
+             instance loss between the two views of each object;
+``vae``      the AutoencoderKL (f = 4: 64x64x3 -> 16x16x4), L1 + MSE reconstruction and a small
+             KL; its record states how well the shape probe reads its reconstructions;
 ``latents``  encode every training image once (posterior mean), fit the latent scaling factor;
-``unet``     the UNet2DConditionModel on cached latents, jointly with the text encoder, which
-             starts as the pocket CLIP's text tower converted to a transformers
-             ``CLIPTextModel`` (the way Stable Diffusion conditions on CLIP's text encoder);
+``unet``     the UNet2DConditionModel on cached latents, jointly with the text encoder;
              epsilon prediction on SD's noise schedule, min-SNR weighting, 10% empty captions
-             (classifier-free guidance), EMA weights;
-``export``   write ``pocket-sd/`` (a StableDiffusionPipeline folder) and ``pocket-clip/`` (an
-             open_clip ``local-dir:`` folder) with a record (command, seed, steps, durations,
-             measurements, sha256 of every file);
-``measure``  prompt following of the exported base (asked colour in the asked half) and
-             retrieval / concept identification of the exported CLIP, written into the records.
+             (classifier-free guidance), EMA weights (``sbora.procedures.EMA``);
+``export``   write ``pocket-sd/`` (a StableDiffusionPipeline folder) and, when this work folder
+             trained one, ``pocket-clip/`` (an open_clip ``local-dir:`` folder) into ``--out``,
+             each with a record (commands, settings, stages, sha256 of every file);
+``measure``  the probes (``probes.py``: colour, side, shape, two objects, each with its
+             control; room for concepts) on held-out seeds, and retrieval / concept
+             identification of a CLIP this work folder trained, written into the records in ``--out``.
 
-Everything is seeded; CPU float32 training on a given torch build repeats closely but
-not bit for bit across machines.
+Each training stage (clip, vae, unet) is one run of the toolkit's engine (``sbora/engine.py``)
+in its own folder of ``--work`` (``clip/``, ``vae/``, ``unet/``): checkpoints every
+``--checkpoint-every`` steps, all kept (hard-linked into ``checkpoints/<stage>/``, also across
+resumes); the UNet is probed at each with its EMA weights (``unet_probes.jsonl``); Ctrl-C stops
+at a step boundary with a checkpoint;
+``--resume`` continues each stage from its newest checkpoint (with a larger step count it trains
+on) and skips a stage that is already done; ``--overwrite`` retrains it. Records name paths
+relative to the repository, and the work folder as ``$WORK``. Everything is seeded; CPU float32
+training on a given torch build repeats closely but not bit for bit across machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
 import random
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,59 +72,65 @@ import torch.nn.functional as F
 
 from . import POCKET_CLIP_DIR, POCKET_SD_DIR, WEIGHTS_DIR
 from . import generator as g
+from . import probes
 
 EVAL_SEED0 = 10_000_000  # held-out world images use seeds from here on (training uses 0..N-1)
+SELECTION_SEED0 = 0  # the probes at training checkpoints (which decide when to stop) draw these seeds ...
+HELDOUT_SEED0 = 1_000_000  # ... and the measure stage's, the record's numbers, these
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
-
-# Architectures. The text tower is shared in shape by the CLIP and the base's text encoder.
-TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS, CONTEXT_LENGTH = 32, 4, 4, 77
-CLIP_MODEL_CFG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 96, "patch_size": 8, "head_width": 32, "mlp_ratio": 3},
-    "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": TEXT_HEADS, "layers": TEXT_LAYERS},
-}
-CLIP_PREPROCESS_CFG = {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
-VAE_CFG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64),
-)
-UNET_CFG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96, 96),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=16,
-)
-PROMPT_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink")  # the colour x half measure's colours
+CONTEXT_LENGTH = 77
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECORD_NAME = "pocket_record.json"
+STAGES = ("data", "clip", "vae", "latents", "unet", "export", "measure")
+TRAINED = {"clip": "clip", "vae": "vae", "unet": "unet"}  # training stage -> its field prefix
 
 
 @dataclass
 class Config:
-    """Every knob of the run; the defaults are the shipped run."""
+    """Every knob of the run; the defaults are preset v2 (``PRESETS`` holds v1's differences)."""
 
     work: str = "/tmp/pocket-work"
     out: str = str(WEIGHTS_DIR)
+    preset: str = "v2"
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     num_images: int = 50_000
+    # architecture
+    text_width: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_init: str = "scratch"  # scratch: trained from random weights with the UNet; clip: the pocket CLIP's text tower
+    unet_channels: str = "64,96,96"
+    vae_channels: str = "32,64,64"
+    # the pocket CLIP
     clip_steps: int = 220
     clip_batch: int = 256
     clip_lr: float = 1e-3
     clip_instance_weight: float = 0.5
-    vae_steps: int = 2400
+    # the VAE
+    vae_steps: int = 3000
     vae_batch: int = 32
     vae_crop: int = 32  # train on random crops (4x cheaper than full 64x64 images) ...
     vae_full_fraction: float = 0.1  # ... except the last steps: full images, batch/4
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 1400
+    # the UNet and text encoder
+    unet_steps: int = 4500  # the budget of issue #27 (5 h of CPU in all); --resume with more steps trains on
     unet_batch: int = 64
     unet_lr: float = 1e-3
-    text_lr: float = 2e-4
+    unet_schedule: str = "constant_with_warmup"
+    unet_warmup: int = 100
+    text_lr: float = 1e-3
     caption_dropout: float = 0.1
+    long_caption_fraction: float = 0.25  # captions in the long form: every attribute named, position included
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
-    measure_prompts: int = 112
+    # checkpoints and measurements
+    checkpoint_every: int = 500
+    probe_images: int = 28  # per probe at each UNet checkpoint (selection seeds); 0: no probes while training
+    stop_at_targets: bool = True  # the UNet stops at the first checkpoint where every probe meets its target
+    measure_images: int = 112  # per probe in the measure stage (held-out seeds)
     measure_steps: int = 20
     measure_guidance: float = 5.0
     log_every: int = 20
@@ -108,26 +139,48 @@ class Config:
     def work_dir(self) -> Path:
         return Path(self.work)
 
+    def channels(self, name: str) -> tuple[int, ...]:
+        value = getattr(self, f"{name}_channels")
+        try:
+            out = tuple(int(c) for c in value.split(","))
+        except ValueError:
+            out = ()
+        if len(out) != 3 or min(out) < 8:
+            raise ValueError(f"--{name}-channels must be three comma-separated widths >= 8, got {value!r}")
+        return out
+
+
+PRESETS: dict[str, dict] = {
+    "v2": {},
+    "v1": dict(
+        threads=2, text_width=32, text_init="clip", unet_channels="48,96,96", vae_channels="16,32,64", vae_steps=2400,
+        unet_steps=1400, unet_schedule="cosine", unet_warmup=50, text_lr=2e-4, long_caption_fraction=0.0,
+        checkpoint_every=200, probe_images=0, stop_at_targets=False,
+    ),
+}
+
+
+def preset_config(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[name], "preset": name, **overrides})
+
 
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-def set_lr(opt, lr_scale: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = group["base_lr"] * lr_scale
-
-
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, 64, 64, 3) uint8 -> (N, 3, 64, 64) float in [-1, 1] (the CLIP's and the VAE's normalisation)."""
     return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # a copy: `images` may be a read-only memory map
+
+
+def to_images(x: torch.Tensor) -> list:
+    """(N, 3, H, W) in [-1, 1] -> PIL images."""
+    from PIL import Image
+
+    arr = ((x.clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
 
 
 # ----------------------------------------------------------------------------- data
@@ -156,9 +209,8 @@ def render_world(seeds: list[int], processes: int = 2) -> tuple[np.ndarray, np.n
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), [m for p in parts for m in p[2]])
 
 
-def stage_data(cfg: Config) -> dict:
+def stage_data(cfg: Config, resume: bool, overwrite: bool) -> dict:
     images, views, metas = render_world(list(range(cfg.num_images)), cfg.threads)
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
     np.save(cfg.work_dir / "images.npy", images)
     np.save(cfg.work_dir / "views.npy", views)
     (cfg.work_dir / "meta.json").write_text(json.dumps(metas))
@@ -166,6 +218,8 @@ def stage_data(cfg: Config) -> dict:
 
 
 def load_data(cfg: Config, views: bool = False):
+    if not (cfg.work_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"{cfg.work_dir} holds no rendered world (meta.json): run the data stage first")
     images = np.load(cfg.work_dir / "images.npy", mmap_mode="r")
     metas = json.loads((cfg.work_dir / "meta.json").read_text())
     if views:
@@ -180,79 +234,102 @@ def train_caption(meta: dict, rng: random.Random, long_fraction: float = 0.0) ->
     return g.caption(meta, "random", rng)
 
 
-# ----------------------------------------------------------------------------- CLIP
+def micro_rng(stage: str, cfg: Config, index: int) -> random.Random:
+    """The data draws of one micro-batch: a pure function of its index, so a resumed run draws what an uninterrupted one would."""
+    return random.Random(f"{stage}:{cfg.seed}:{index}")
 
 
-def build_clip():
+# ----------------------------------------------------------------------------- models
+
+
+def clip_model_cfg(cfg: Config) -> dict:
+    return {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 96, "patch_size": 8, "head_width": 32, "mlp_ratio": 3},
+        "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": cfg.text_width, "heads": cfg.text_heads,
+                     "layers": cfg.text_layers},
+    }
+
+
+CLIP_PREPROCESS_CFG = {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def vae_cfg(cfg: Config) -> dict:
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=list(cfg.channels("vae")),
+    )
+
+
+def unet_cfg(cfg: Config) -> dict:
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=list(cfg.channels("unet")),
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=cfg.text_width, attention_head_dim=8, norm_num_groups=16,
+    )
+
+
+def _seeded(seed: int, build):
+    """`build()` under its own seed, the caller's random state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_clip(cfg: Config):
     from open_clip.model import CLIP
 
-    return CLIP(**CLIP_MODEL_CFG)
+    return _seeded(cfg.seed, lambda: CLIP(**clip_model_cfg(cfg)))
 
 
-def stage_clip(cfg: Config) -> dict:
-    import open_clip
+def build_vae(cfg: Config):
+    from diffusers import AutoencoderKL
 
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed + 1)
-    images, views, metas = load_data(cfg, views=True)
-    model = build_clip().train()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(25.0))  # a sharper start than CLIP's 1/0.07 (short run)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT_LENGTH)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.clip_lr)
-    for group in opt.param_groups:
-        group["base_lr"] = cfg.clip_lr
-    n, b = len(metas), cfg.clip_batch
-    t0, hist = time.time(), []
-    for step in range(cfg.clip_steps):
-        set_lr(opt, lr_at(step, cfg.clip_steps, 1.0, 30))
-        idx = sorted(rng.sample(range(n), b))
-        x = to_tensor(images[idx])
-        v = to_tensor(views[idx[: b // 2]])  # second views for half the batch (the instance loss)
-        texts = tokenizer([train_caption(metas[i], rng, 0.5) for i in idx])
-        fx = model.encode_image(x, normalize=True)  # (b, D)
-        fv = model.encode_image(v, normalize=True)  # (b/2, D)
-        ft = model.encode_text(texts, normalize=True)  # (b, D)
-        scale = model.logit_scale.exp().clamp(max=100)
-        labels = torch.arange(b)
-        logits = scale * fx @ ft.T
-        clip_loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        inst = fv @ fx.T / 0.1  # (b/2, b): each second view against every first view
-        inst_loss = F.cross_entropy(inst, labels[: b // 2])
-        loss = clip_loss + cfg.clip_instance_weight * inst_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        hist.append((clip_loss.item(), inst_loss.item()))
-        if step % cfg.log_every == 0 or step == cfg.clip_steps - 1:
-            c, i = np.mean(hist[-cfg.log_every :], axis=0)
-            log(f"clip step {step}/{cfg.clip_steps} caption loss {c:.3f} instance loss {i:.3f} scale {float(scale):.1f} ({time.time() - t0:.0f}s)")
-    torch.save(model.state_dict(), cfg.work_dir / "clip.pt")
-    c, i = np.mean(hist[-cfg.log_every :], axis=0)
-    return {"steps": cfg.clip_steps, "batch": b, "final_caption_loss": float(c), "final_instance_loss": float(i)}
+    return _seeded(cfg.seed + 2, lambda: AutoencoderKL(**vae_cfg(cfg)))
 
 
-def clip_text_to_hf(clip) -> "CLIPTextModel":  # noqa: F821
+def build_unet(cfg: Config):
+    from diffusers import UNet2DConditionModel
+
+    return _seeded(cfg.seed + 4, lambda: UNet2DConditionModel(**unet_cfg(cfg)))
+
+
+def text_config(cfg: Config):
+    from transformers import CLIPTextConfig
+
+    from ..models import clip_tokenizer
+
+    tok = clip_tokenizer()
+    return CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, max_position_embeddings=CONTEXT_LENGTH, hidden_act="gelu", layer_norm_eps=1e-5,
+        projection_dim=cfg.text_width, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+
+
+def build_text_encoder(cfg: Config):
+    """The base's text encoder at its starting point: the trained pocket CLIP's text tower (text_init clip) or random weights."""
+    from transformers import CLIPTextModel
+
+    if cfg.text_init == "clip":
+        clip = build_clip(cfg)
+        load_named(clip, read_stage(cfg, "clip")["trainable"], "clip")
+        return clip_text_to_hf(clip, cfg)
+    if cfg.text_init == "scratch":
+        return _seeded(cfg.seed + 6, lambda: CLIPTextModel(text_config(cfg)))
+    raise ValueError(f"--text-init must be clip or scratch, got {cfg.text_init!r}")
+
+
+def clip_text_to_hf(clip, cfg: Config) -> "CLIPTextModel":  # noqa: F821
     """The pocket CLIP's text tower as a transformers ``CLIPTextModel`` (same weights, same outputs).
 
     open_clip and transformers implement the same pre-LN causal transformer; the fused
     ``in_proj`` of ``nn.MultiheadAttention`` splits into q, k, v projections.
     """
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    from ..models import clip_tokenizer
-
-    tok = clip_tokenizer()
-    width = clip.token_embedding.weight.shape[1]
-    config = CLIPTextConfig(
-        vocab_size=clip.token_embedding.weight.shape[0], hidden_size=width, intermediate_size=4 * width,
-        num_hidden_layers=len(clip.transformer.resblocks), num_attention_heads=TEXT_HEADS,
-        max_position_embeddings=clip.positional_embedding.shape[0], hidden_act="gelu", layer_norm_eps=1e-5,
-        projection_dim=width, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
+    config = text_config(cfg)
     sd = clip.state_dict()
     out = {
         "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
@@ -284,49 +361,201 @@ def clip_text_to_hf(clip) -> "CLIPTextModel":  # noqa: F821
     return model
 
 
-# ----------------------------------------------------------------------------- VAE
+def named_parameters(parts: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """Every parameter of the trained parts as "<part>.<name>": the engine's checkpoint keys."""
+    return {f"{part}.{name}": p for part, model in parts.items() for name, p in model.named_parameters()}
 
 
-def build_vae():
-    from diffusers import AutoencoderKL
+@torch.no_grad()
+def load_named(model: torch.nn.Module, tensors: dict[str, torch.Tensor], part: str) -> torch.nn.Module:
+    """Copy `part`'s tensors (keys "<part>.<name>", as ``named_parameters`` gives them) into `model`'s parameters."""
+    params = dict(model.named_parameters())
+    missing = [n for n in params if f"{part}.{n}" not in tensors]
+    if missing:
+        raise ValueError(f"the checkpoint has no {part}.{missing[0]} (and {len(missing) - 1} more): it was trained with another architecture")
+    for name, p in params.items():
+        p.copy_(tensors[f"{part}.{name}"])
+    return model
 
-    return AutoencoderKL(**VAE_CFG)
+
+# ----------------------------------------------------------------------------- training stages on the engine
 
 
-def stage_vae(cfg: Config) -> dict:
-    torch.manual_seed(cfg.seed + 2)
-    rng = random.Random(cfg.seed + 3)
+def stage_dir(cfg: Config, stage: str) -> Path:
+    return cfg.work_dir / stage
+
+
+def stage_checkpoint(cfg: Config, stage: str) -> Path | None:
+    """The newest checkpoint of a training stage (its run in progress or its finished run); None before it ran."""
+    from sbora.checkpoint import list_checkpoints
+    from sbora.rundir import PARTIAL
+
+    found = list_checkpoints(stage_dir(cfg, stage) / PARTIAL / "checkpoints") + list_checkpoints(stage_dir(cfg, stage) / "checkpoints")
+    return max(found, key=lambda p: int(p.stem.split("-")[1])) if found else None
+
+
+def keep_checkpoints(cfg: Config, stage: str) -> None:
+    """Hard-link every checkpoint of a stage's run into ``checkpoints/<stage>/`` of the work folder.
+
+    The engine keeps them all within one run, but a run resumed after it finished publishes only
+    its own checkpoints; the links keep each one (no copy: same file), to measure or continue from.
+    """
+    from sbora.checkpoint import list_checkpoints
+    from sbora.rundir import PARTIAL
+
+    kept = cfg.work_dir / "checkpoints" / stage
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in list_checkpoints(stage_dir(cfg, stage) / PARTIAL / "checkpoints") + list_checkpoints(stage_dir(cfg, stage) / "checkpoints"):
+        if not (kept / path.name).exists():
+            (kept / path.name).hardlink_to(path)
+
+
+def read_stage(cfg: Config, stage: str) -> dict:
+    from sbora.checkpoint import read_checkpoint
+
+    path = stage_checkpoint(cfg, stage)
+    if path is None:
+        raise FileNotFoundError(f"{stage_dir(cfg, stage)} holds no checkpoint: run the {stage} stage first")
+    return read_checkpoint(path)
+
+
+def stage_fingerprint(cfg: Config, stage: str) -> dict:
+    """The settings a stage's checkpoints must share to be resumed: its own options (its step count aside) and the architecture."""
+    shared = ("seed", "num_images", "text_width", "text_layers", "text_heads", "text_init", "unet_channels", "vae_channels")
+    own = {k: v for k, v in asdict(cfg).items() if k.startswith(TRAINED[stage] + "_") and k != f"{TRAINED[stage]}_steps"}
+    if stage == "unet":
+        own |= {k: getattr(cfg, k) for k in ("text_lr", "caption_dropout", "long_caption_fraction", "min_snr_gamma")}
+    return {"pocket_stage": stage, **{k: getattr(cfg, k) for k in shared}, **own}
+
+
+def make_engine(cfg: Config, stage: str, steps: int, lr: float, schedule: str, warmup: int, max_grad_norm: float, resume: bool, overwrite: bool):
+    from sbora.engine import Engine, EngineConfig
+
+    ecfg = EngineConfig(
+        steps=steps, lr=lr, lr_schedule=schedule, warmup_steps=warmup, max_grad_norm=max_grad_norm, mixed_precision="no",
+        cpu=True, train_seed=cfg.seed + 100 + STAGES.index(stage), log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=1_000_000, overwrite=overwrite,  # every stage checkpoint is kept: each can be measured and continued
+    )
+    return Engine(ecfg, stage_dir(cfg, stage), resume=resume and stage_checkpoint(cfg, stage) is not None, desc=f"pocket-{stage}")
+
+
+class History:
+    """The loss components of the last steps, for log lines and the stage's result."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names, self.rows = names, []
+
+    def add(self, *values: torch.Tensor) -> None:
+        self.rows.append([float(v.detach()) for v in values])
+
+    def mean(self, last: int) -> dict[str, float]:
+        rows = np.array(self.rows[-last:]) if self.rows else np.full((1, len(self.names)), np.nan)
+        return {n: float(v) for n, v in zip(self.names, rows.mean(0))}
+
+
+def run_stage(engine, loss_fn, history: History, cfg: Config, stage: str, on_step=None) -> bool:
+    """Train to the engine's step count (logging every --log-every steps); True when `on_step` stopped it early at its goal.
+
+    Finished: its folder is published. Stopped at the goal: the run stays resumable in ``.partial``
+    (a later --resume trains on). Ctrl-C: the checkpoint is kept and the interruption goes up.
+    """
+    from sbora.checkpoint import TrainingInterrupted
+
+    t0, goal = time.time(), {"reached": False}
+
+    def step_hook(step: int, loss: float) -> None:
+        if step % cfg.checkpoint_every == 0:
+            keep_checkpoints(cfg, stage)
+        if step % cfg.log_every == 0 or step == engine.cfg.steps:
+            means = " ".join(f"{k} {v:.4f}" for k, v in history.mean(cfg.log_every).items())
+            log(f"{stage} step {step}/{engine.cfg.steps} {means} ({time.time() - t0:.0f}s)")
+        if on_step is not None and on_step(step):
+            goal["reached"] = True
+            engine.stop.event.set()
+
+    try:
+        engine.run(loss_fn, step_hook)
+    except TrainingInterrupted:
+        engine.abort()
+        keep_checkpoints(cfg, stage)
+        if goal["reached"]:
+            return True
+        raise
+    except BaseException as e:
+        engine.abort(e)
+        raise
+    engine.finish()
+    keep_checkpoints(cfg, stage)
+    return False
+
+
+def stage_clip(cfg: Config, resume: bool, overwrite: bool) -> dict:
+    import open_clip
+
+    images, views, metas = load_data(cfg, views=True)
+    model = build_clip(cfg).train()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(25.0))  # a sharper start than CLIP's 1/0.07 (short run)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT_LENGTH)
+    engine = make_engine(cfg, "clip", cfg.clip_steps, cfg.clip_lr, "cosine", min(30, cfg.clip_steps), 1.0, resume, overwrite)
+    (model,) = engine.prepare(model)
+    named = named_parameters({"clip": model})
+    decays = {k: p.ndim >= 2 and "embedding" not in k for k, p in named.items()}
+    groups = [{"params": [p for k, p in named.items() if decays[k]], "weight_decay": 0.05},
+              {"params": [p for k, p in named.items() if not decays[k]], "weight_decay": 0.0}]
+    engine.setup(named, groups, fingerprint=stage_fingerprint(cfg, "clip"))
+    n, b, history = len(metas), cfg.clip_batch, History(("caption_loss", "instance_loss"))
+
+    def loss_fn(micro):
+        rng = micro_rng("clip", cfg, micro.index)
+        idx = sorted(rng.sample(range(n), b))
+        x = to_tensor(images[idx])
+        v = to_tensor(views[idx[: b // 2]])  # second views for half the batch (the instance loss)
+        texts = tokenizer([train_caption(metas[i], rng, 0.5) for i in idx])
+        fx = model.encode_image(x, normalize=True)  # (b, D)
+        fv = model.encode_image(v, normalize=True)  # (b/2, D)
+        ft = model.encode_text(texts, normalize=True)  # (b, D)
+        scale = model.logit_scale.exp().clamp(max=100)
+        labels = torch.arange(b)
+        logits = scale * fx @ ft.T
+        clip_loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        inst_loss = F.cross_entropy(fv @ fx.T / 0.1, labels[: b // 2])  # each second view against every first view
+        history.add(clip_loss, inst_loss)
+        return clip_loss + cfg.clip_instance_weight * inst_loss
+
+    run_stage(engine, loss_fn, history, cfg, "clip")
+    return {"steps": engine.step, "batch": b, **{f"final_{k}": v for k, v in history.mean(cfg.log_every).items()}}
+
+
+def stage_vae(cfg: Config, resume: bool, overwrite: bool) -> dict:
     images, metas = load_data(cfg)
-    vae = build_vae().train()
+    vae = build_vae(cfg).train()
     with torch.no_grad():  # start near-deterministic (posterior std ~0.02): noisy early latents slow the decoder down a lot
-        vae.quant_conv.bias[VAE_CFG["latent_channels"] :].fill_(-8.0)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    for group in opt.param_groups:
-        group["base_lr"] = cfg.vae_lr
-    n, t0, hist = len(metas), time.time(), []
-    for step in range(cfg.vae_steps):
-        set_lr(opt, lr_at(step, cfg.vae_steps, 1.0, 20))
-        if step < cfg.vae_steps * (1 - cfg.vae_full_fraction) and cfg.vae_crop < g.SIZE:
+        vae.quant_conv.bias[4:].fill_(-8.0)
+    engine = make_engine(cfg, "vae", cfg.vae_steps, cfg.vae_lr, "cosine", min(20, cfg.vae_steps), 0.0, resume, overwrite)
+    (vae,) = engine.prepare(vae)
+    named = named_parameters({"vae": vae})
+    engine.setup(named, [{"params": list(named.values()), "weight_decay": 0.0}], fingerprint=stage_fingerprint(cfg, "vae"))
+    n, history = len(metas), History(("l1", "mse", "kl"))
+    crop_until = cfg.vae_steps * (1 - cfg.vae_full_fraction) if cfg.vae_crop < g.SIZE else 0
+
+    def loss_fn(micro):
+        rng = micro_rng("vae", cfg, micro.index)
+        if micro.step < crop_until:
             x = to_tensor(images[sorted(rng.sample(range(n), cfg.vae_batch))])
             i, j = rng.randrange(0, g.SIZE - cfg.vae_crop + 1, 4), rng.randrange(0, g.SIZE - cfg.vae_crop + 1, 4)
             x = x[:, :, i : i + cfg.vae_crop, j : j + cfg.vae_crop]
         else:
             x = to_tensor(images[sorted(rng.sample(range(n), max(1, cfg.vae_batch * cfg.vae_crop**2 // g.SIZE**2)))])
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        l1, mse = (rec - x).abs().mean(), (rec - x).pow(2).mean()
-        kl = post.kl().mean()
-        loss = l1 + mse + cfg.vae_kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist.append((l1.item(), mse.item(), kl.item()))
-        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
-            a, m, k = np.mean(hist[-cfg.log_every :], axis=0)
-            log(f"vae step {step}/{cfg.vae_steps} l1 {a:.4f} mse {m:.5f} kl {k:.0f} ({time.time() - t0:.0f}s)")
+        rec = vae.decode(post.sample(generator=micro.generator)).sample
+        l1, mse, kl = (rec - x).abs().mean(), (rec - x).pow(2).mean(), post.kl().mean()
+        history.add(l1, mse, kl)
+        return l1 + mse + cfg.vae_kl_weight * kl
+
+    run_stage(engine, loss_fn, history, cfg, "vae")
     vae.eval()
-    torch.save(vae.state_dict(), cfg.work_dir / "vae.pt")
-    return {"steps": cfg.vae_steps, "batch": cfg.vae_batch, **vae_error(vae, 256)}
+    return {"steps": engine.step, "batch": cfg.vae_batch, **vae_error(vae, 256), **vae_shape_ceiling(vae)}
 
 
 @torch.no_grad()
@@ -340,13 +569,19 @@ def vae_error(vae, count: int = 256) -> dict:
     return {"heldout_mse": mse, "heldout_psnr_db": 10 * math.log10(1 / mse), "heldout_mae": float(err.abs().mean()), "heldout_images": count}
 
 
-def stage_latents(cfg: Config) -> dict:
-    vae = build_vae()
-    vae.load_state_dict(torch.load(cfg.work_dir / "vae.pt", weights_only=True))
-    vae.eval()
+@torch.no_grad()
+def vae_shape_ceiling(vae, count: int = 120) -> dict:
+    """The shape probe on the VAE's reconstructions of the world's own renders: the most a base with this VAE can score."""
+    asks = probes.shape_asks(count, EVAL_SEED0)
+    x = to_tensor(np.stack([np.asarray(im) for im in probes.render_drawer(asks)]))
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return {"shape_probe_on_reconstructions": probes.score_shape(to_images(rec), asks)["rate"], "shape_probe_images": count}
+
+
+def stage_latents(cfg: Config, resume: bool, overwrite: bool) -> dict:
+    vae = load_named(build_vae(cfg), read_stage(cfg, "vae")["trainable"], "vae").eval()
     images, metas = load_data(cfg)
     out = np.empty((len(metas), 4, 16, 16), dtype=np.float32)
-    t0 = time.time()
     with torch.no_grad():
         for i in range(0, len(metas), 256):
             out[i : i + 256] = vae.encode(to_tensor(images[i : i + 256])).latent_dist.mode().numpy()
@@ -354,47 +589,34 @@ def stage_latents(cfg: Config) -> dict:
     std = float(out.std())
     scaling = 1.0 / std
     (cfg.work_dir / "latents.json").write_text(json.dumps({"scaling_factor": scaling, "mean": float(out.mean()), "std": std}))
-    log(f"latents: {len(metas)} in {time.time() - t0:.0f}s, std {std:.3f} -> scaling factor {scaling:.4f}")
-    return {"count": len(metas), "scaling_factor": scaling, "latent_mean": float(out.mean()), "latent_std": std}
+    return {"count": len(metas), "scaling_factor": scaling, "latent_mean": float(out.mean()), "latent_std": std,
+            "vae_checkpoint": stage_checkpoint(cfg, "vae").name}
 
 
-# ----------------------------------------------------------------------------- UNet
-
-
-def build_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(**UNET_CFG)
-
-
-def load_clip_model(path: Path):
-    clip = build_clip()
-    clip.load_state_dict(torch.load(path, weights_only=True))
-    return clip.eval()
-
-
-def stage_unet(cfg: Config) -> dict:
+def stage_unet(cfg: Config, resume: bool, overwrite: bool) -> dict:
     from diffusers import DDPMScheduler
+
+    from sbora.procedures import EMA
 
     from ..models import clip_tokenizer, sd_noise_scheduler_config
 
-    torch.manual_seed(cfg.seed + 4)
-    rng = random.Random(cfg.seed + 5)
     latents = torch.from_numpy(np.load(cfg.work_dir / "latents.npy"))
     scaling = json.loads((cfg.work_dir / "latents.json").read_text())["scaling_factor"]
     metas = json.loads((cfg.work_dir / "meta.json").read_text())
     tokenizer = clip_tokenizer()
-    text_encoder = clip_text_to_hf(load_clip_model(cfg.work_dir / "clip.pt")).train()
-    unet = build_unet().train()
+    text_encoder, unet = build_text_encoder(cfg).train(), build_unet(cfg).train()
+    vae = load_named(build_vae(cfg), read_stage(cfg, "vae")["trainable"], "vae").eval()
+    vae.register_to_config(scaling_factor=scaling)
     sched = DDPMScheduler.from_config(sd_noise_scheduler_config())
-    alphas = sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    opt = torch.optim.AdamW(
-        [{"params": list(unet.parameters()), "lr": cfg.unet_lr, "base_lr": cfg.unet_lr, "weight_decay": 0.01},
-         {"params": list(text_encoder.parameters()), "lr": cfg.text_lr, "base_lr": cfg.text_lr, "weight_decay": 0.0}]
-    )
-    ema = {k: v.detach().clone() for k, v in _ema_params(unet, text_encoder).items()}
-    n, b, t0, hist = len(metas), cfg.unet_batch, time.time(), []
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
+    engine = make_engine(cfg, "unet", cfg.unet_steps, cfg.unet_lr, cfg.unet_schedule, cfg.unet_warmup, 1.0, resume, overwrite)
+    unet, text_encoder = engine.prepare(unet, text_encoder)
+    named = named_parameters({"unet": unet, "text_encoder": text_encoder})
+    groups = [{"params": list(unet.parameters()), "lr": cfg.unet_lr, "weight_decay": 0.01},
+              {"params": list(text_encoder.parameters()), "lr": cfg.text_lr, "weight_decay": 0.0}]
+    ema = EMA(cfg.ema_decay)
+    engine.setup(named, groups, fingerprint=stage_fingerprint(cfg, "unet"), procedures=[ema])
+    n, b, history = len(metas), cfg.unet_batch, History(("mse", "weighted"))
     token_cache: dict[str, list[int]] = {}
 
     def tokens(caps: list[str]) -> torch.Tensor:
@@ -404,69 +626,72 @@ def stage_unet(cfg: Config) -> dict:
             token_cache.update(zip(missing, ids))
         return torch.tensor([token_cache[c] for c in caps])
 
-    for step in range(cfg.unet_steps):
-        set_lr(opt, lr_at(step, cfg.unet_steps, 1.0, 50))
+    def loss_fn(micro):
+        rng = micro_rng("unet", cfg, micro.index)
         idx = sorted(rng.sample(range(n), b))
         z = latents[idx] * scaling
-        caps = ["" if rng.random() < cfg.caption_dropout else train_caption(metas[i], rng) for i in idx]
+        caps = ["" if rng.random() < cfg.caption_dropout else train_caption(metas[i], rng, cfg.long_caption_fraction) for i in idx]
         ctx = text_encoder(tokens(caps))[0]  # (b, 77, width)
-        noise = torch.randn_like(z)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,))
+        noise = torch.randn(z.shape, generator=micro.generator)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=micro.generator)
         pred = unet(sched.add_noise(z, noise, t), t, ctx).sample
         w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t] if cfg.min_snr_gamma > 0 else torch.ones(b)
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (w * per).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in _ema_params(unet, text_encoder).items():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-        hist.append((per.mean().item(), loss.item()))
-        if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
-            m, wl = np.mean(hist[-cfg.log_every :], axis=0)
-            log(f"unet step {step}/{cfg.unet_steps} mse {m:.4f} weighted {wl:.4f} ({time.time() - t0:.0f}s)")
-        if (step + 1) % 200 == 0 or step == cfg.unet_steps - 1:
-            torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema, "step": step + 1},
-                       cfg.work_dir / "unet.pt")
-    m, wl = np.mean(hist[-100:], axis=0)
-    return {"steps": cfg.unet_steps, "batch": b, "final_mse_last100": float(m), "final_weighted_loss_last100": float(wl)}
+        history.add(per.mean(), loss)
+        return loss
 
+    probe_log = cfg.work_dir / "unet_probes.jsonl"
+    state = {"last": None}
 
-def _ema_params(unet, text_encoder) -> dict[str, torch.Tensor]:
-    out = {f"unet.{k}": v for k, v in unet.named_parameters()}
-    out |= {f"text_encoder.{k}": v for k, v in text_encoder.named_parameters()}
-    return out
+    def probe_at_checkpoint(step: int) -> bool:
+        if not (cfg.probe_images and step % cfg.checkpoint_every == 0):
+            return False
+        t0 = time.time()
+        averaged = ema.averaged()
+        pipe = assemble(vae, load_named(copy.deepcopy(text_encoder), averaged, "text_encoder").eval(),
+                        load_named(copy.deepcopy(unet), averaged, "unet").eval())
+        found = measure_base(pipe, cfg.probe_images, cfg.measure_steps, cfg.measure_guidance, SELECTION_SEED0)
+        unmet = probes.unmet_targets(found)
+        state["last"] = {"step": step, "unmet": unmet, **{k: v["rate"] for k, v in found["probes"].items()}, "slots": found["slots"]["concepts"]}
+        with open(probe_log, "a") as f:
+            f.write(json.dumps({**state["last"], "images_per_probe": cfg.probe_images, "seconds": round(time.time() - t0, 1)}) + "\n")
+        log(f"probes at step {step}: {json.dumps(state['last'])}")
+        return cfg.stop_at_targets and not unmet
+
+    stopped = run_stage(engine, loss_fn, history, cfg, "unet", probe_at_checkpoint)
+    return {"steps": engine.step, "batch": b, "stopped_at_targets": engine.step if stopped else None, "last_probes": state["last"],
+            **{f"final_{k}_last100": v for k, v in history.mean(100).items()}}
 
 
 # ----------------------------------------------------------------------------- export
 
 
-def build_pipeline(cfg: Config, use_ema: bool = True):
-    """The pocket StableDiffusionPipeline from the work folder's checkpoints."""
+def assemble(vae, text_encoder, unet):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ..models import clip_tokenizer, sd_noise_scheduler_config
 
-    vae = build_vae()
-    vae.load_state_dict(torch.load(cfg.work_dir / "vae.pt", weights_only=True))
-    vae.register_to_config(scaling_factor=json.loads((cfg.work_dir / "latents.json").read_text())["scaling_factor"])
-    ck = torch.load(cfg.work_dir / "unet.pt", weights_only=True)
-    unet = build_unet()
-    unet.load_state_dict(ck["unet"])
-    text_encoder = clip_text_to_hf(load_clip_model(cfg.work_dir / "clip.pt"))
-    text_encoder.load_state_dict(ck["text_encoder"])
-    if use_ema:
-        with torch.no_grad():
-            for k, v in _ema_params(unet, text_encoder).items():
-                v.copy_(ck["ema"][k])
-    return StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
         scheduler=DDIMScheduler(**sd_noise_scheduler_config()), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_pipeline(cfg: Config, use_ema: bool = True):
+    """The pocket StableDiffusionPipeline from the work folder's newest checkpoints (the UNet stage's averaged weights)."""
+    from sbora.procedures import EMA
+
+    vae = load_named(build_vae(cfg), read_stage(cfg, "vae")["trainable"], "vae")
+    vae.register_to_config(scaling_factor=json.loads((cfg.work_dir / "latents.json").read_text())["scaling_factor"])
+    ck = read_stage(cfg, "unet")
+    weights = EMA.read(ck) if use_ema else ck["trainable"]
+    unet = load_named(build_unet(cfg), weights, "unet")
+    text_encoder = load_named(build_text_encoder(cfg), weights, "text_encoder")
+    return assemble(vae.eval(), text_encoder.eval(), unet.eval())
 
 
 def sha256(path: Path) -> str:
@@ -475,9 +700,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-RECORD_NAME = "pocket_record.json"
 
 
 def checksums(folder: Path) -> dict[str, str]:
@@ -489,76 +711,44 @@ def checksums(folder: Path) -> dict[str, str]:
     }
 
 
-def stage_export(cfg: Config) -> dict:
-    import shutil
+def stage_export(cfg: Config, resume: bool, overwrite: bool) -> dict:
+    from ..models import clip_tokenizer_files
 
     out = Path(cfg.out)
     sd_dir, clip_dir = out / POCKET_SD_DIR.name, out / POCKET_CLIP_DIR.name
-    for d in (sd_dir, clip_dir):
-        if d.exists():
-            shutil.rmtree(d)
     pipe = build_pipeline(cfg)
+    if sd_dir.exists():
+        shutil.rmtree(sd_dir)
     pipe.save_pretrained(sd_dir, safe_serialization=True)
     # The slow-format tokenizer files (vocab.json + merges.txt, 1.5 MB) instead of tokenizer.json (3.6 MB):
     # the same CLIP BPE, and CLIPTokenizer.from_pretrained reads either.
-    from ..models import clip_tokenizer_files
-
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(clip_tokenizer_files() / name, sd_dir / "tokenizer" / name)
     (sd_dir / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    from safetensors.torch import save_file
+    written = [sd_dir]
+    if stage_checkpoint(cfg, "clip") is not None:  # this work folder trained a pocket CLIP: ship it too
+        from safetensors.torch import save_file
 
-    clip = load_clip_model(cfg.work_dir / "clip.pt")
-    clip_dir.mkdir(parents=True)
-    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": CLIP_MODEL_CFG, "preprocess_cfg": CLIP_PREPROCESS_CFG}, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(clip_dir / "open_clip_model.safetensors"))
-    sizes = {d.name: sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) for d in (sd_dir, clip_dir)}
-    return {"bytes": sizes}
+        clip = load_named(build_clip(cfg), read_stage(cfg, "clip")["trainable"], "clip")
+        if clip_dir.exists():
+            shutil.rmtree(clip_dir)
+        clip_dir.mkdir(parents=True)
+        (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": clip_model_cfg(cfg), "preprocess_cfg": CLIP_PREPROCESS_CFG}, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(clip_dir / "open_clip_model.safetensors"))
+        written.append(clip_dir)
+    return {"bytes": {d.name: sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) for d in written}}
 
 
 # ----------------------------------------------------------------------------- measurements
 
 
-def prompt_following_prompts(count: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """(prompt, colour, side) for the colour x half measure: "a <colour> <noun> on the <left|right>".
-
-    Colours are the chromatic ones (white and black are too close to some backgrounds to be
-    read back reliably); nouns cycle over every shape and class.
-    """
-    rng = random.Random(seed)
-    out = []
-    for i in range(count):
-        colour = PROMPT_COLOURS[i % len(PROMPT_COLOURS)]
-        side = ("left", "right")[(i // len(PROMPT_COLOURS)) % 2]
-        noun = g.NOUNS[rng.randrange(len(g.NOUNS))]
-        out.append((f"a {colour} {noun} on the {side}", colour, side))
-    return out
-
-
-@torch.no_grad()
-def prompt_following(pipe, count: int = 112, steps: int = 20, guidance: float = 5.0, seed: int = 0, batch: int = 16) -> dict:
-    """Rate at which the base draws the asked colour in the asked half, and the chance rate.
-
-    Chance is measured, not assumed: the same images scored against the (colour, side) of
-    another prompt of the run (a derangement), i.e. how often an image would "hit" a prompt it
-    was not made for.
-    """
-    items = prompt_following_prompts(count, seed)
-    images = []
-    for i in range(0, count, batch):
-        chunk = items[i : i + batch]
-        gen = [torch.Generator().manual_seed(seed * 100_000 + i + k) for k in range(len(chunk))]
-        images += pipe([p for p, _, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gen,
-                       height=64, width=64, output_type="pil").images
-    hits = [g.colour_side(im, c) == s for im, (_, c, s) in zip(images, items)]
-    colour_present = [g.colour_side(im, c) is not None for im, (_, c, _) in zip(images, items)]
-    shift = 1 + len(PROMPT_COLOURS)  # another colour and the other side
-    chance = [g.colour_side(im, items[(k + shift) % count][1]) == items[(k + shift) % count][2] for k, im in enumerate(images)]
-    return {
-        "rate": float(np.mean(hits)), "hits": int(sum(hits)), "images": count, "colour_present_rate": float(np.mean(colour_present)),
-        "chance_rate_measured": float(np.mean(chance)), "steps": steps, "guidance_scale": guidance, "seed": seed,
-        "prompt_form": "a <colour> <noun> on the <left|right>", "colours": list(PROMPT_COLOURS), "images_list": images,
-    }
+def measure_base(pipe, images: int, steps: int, guidance: float, first_seed: int) -> dict:
+    """Every probe of ``probes.py`` on a pipeline: `images` per image probe, and the room for concepts."""
+    counts = {name: images for name in probes.PROBES}
+    found = probes.run_probes(probes.pipeline_drawer(pipe, steps, guidance), counts, first_seed)
+    for result in found.values():
+        result |= {"steps": steps, "guidance_scale": guidance}
+    return {"probes": found, "slots": probes.slot_room(pipe.unet, pipe.text_encoder)}
 
 
 def heldout_world(count: int, start: int = EVAL_SEED0) -> list[g.Sample]:
@@ -607,26 +797,25 @@ def load_pocket_clip(folder: Path = POCKET_CLIP_DIR):
 def load_pocket_sd(folder: Path = POCKET_SD_DIR):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def stage_measure(cfg: Config) -> dict:
+def stage_measure(cfg: Config, resume: bool, overwrite: bool) -> dict:
     out = Path(cfg.out)
     pipe = load_pocket_sd(out / POCKET_SD_DIR.name)
-    t0 = time.time()
-    pf = prompt_following(pipe, cfg.measure_prompts, cfg.measure_steps, cfg.measure_guidance)
-    grid_images = pf.pop("images_list")
-    save_grid(grid_images[:56], cfg.work_dir / "prompt_following.png", cols=14)
-    pf["seconds"] = round(time.time() - t0, 1)
-    log(f"prompt following: {pf['hits']}/{pf['images']} = {pf['rate']:.2f} (chance measured {pf['chance_rate_measured']:.2f})")
-    scorer = load_pocket_clip(out / POCKET_CLIP_DIR.name)
-    ret = clip_retrieval(scorer)
-    ident = concept_identification(scorer)
-    log(f"clip retrieval {ret}; concept identification {ident}")
-    return {"prompt_following": pf, "clip_retrieval": ret, "concept_identification": ident}
+    found = measure_base(pipe, cfg.measure_images, cfg.measure_steps, cfg.measure_guidance, HELDOUT_SEED0)
+    log("probes: " + json.dumps({k: (v["rate"], v["control"]["rate"], v["images"]) for k, v in found["probes"].items()})
+        + f", slots {found['slots']['concepts']}; unmet: {probes.unmet_targets(found) or 'none'}")
+    asks = probes.side_asks(16, HELDOUT_SEED0) + probes.two_object_asks(16, HELDOUT_SEED0)
+    save_grid(probes.pipeline_drawer(pipe, cfg.measure_steps, cfg.measure_guidance)(asks), cfg.work_dir / "probes.png", cols=16)
+    result = {"base": {**found, "targets": probes.TARGETS, "unmet_targets": probes.unmet_targets(found), "seeds_from": HELDOUT_SEED0}}
+    if stage_checkpoint(cfg, "clip") is not None:  # the CLIP this work folder trained (and exported)
+        scorer = load_pocket_clip(out / POCKET_CLIP_DIR.name)
+        result["clip"] = {"clip_retrieval": clip_retrieval(scorer), "concept_identification": concept_identification(scorer)}
+        log(f"clip: {json.dumps(result['clip'])[:300]}")
+    return result
 
 
 def save_grid(images, path: Path, cols: int = 8) -> None:
@@ -642,70 +831,165 @@ def save_grid(images, path: Path, cols: int = 8) -> None:
 # ----------------------------------------------------------------------------- records
 
 
-def write_records(cfg: Config, results: dict, argv: list[str]) -> None:
-    out = Path(cfg.out)
-    command = "python -m sbora_diffusion.world.pretrain " + " ".join(shlex.quote(a) for a in argv)
-    common = {
-        "command": command, "config": asdict(cfg), "torch": torch.__version__, "threads": cfg.threads,
-        "note": "CPU float32 training; seeded, repeats closely but not bit for bit on other machines or torch builds",
-    }
+def portable(value, places: dict[Path, str]):
+    """`value` with this machine's paths taken out: each of `places` by its name ($WORK, $OUT), the repository's as relative paths."""
+    if isinstance(value, dict):
+        return {k: portable(v, places) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, places) for v in value]
+    if isinstance(value, str):
+        for path, name in sorted(places.items(), key=lambda kv: -len(str(kv[0]))):  # the longest first: a folder inside another
+            value = value.replace(str(path), name)
+        value = value.replace(str(REPO_ROOT) + "/", "").replace(str(REPO_ROOT), ".")
+    return value
+
+
+def record_places(cfg: Config, record_work: str | None = None) -> dict[Path, str]:
+    """The run's folders as records name them: the work folder(s) as $WORK, --out relative to the repository, else as $OUT."""
+    places = {}
+    for work in {cfg.work, record_work} - {None}:
+        places |= {Path(work): "$WORK", Path(work).resolve(): "$WORK"}
+    out = Path(cfg.out).resolve()
+    if not out.is_relative_to(REPO_ROOT):
+        places |= {Path(cfg.out): "$OUT", out: "$OUT"}
+    return places
+
+
+def command_line(argv: list[str]) -> str:
+    return "python -m sbora_diffusion.world.pretrain " + " ".join(shlex.quote(a) for a in argv)
+
+
+def versions() -> dict:
     import diffusers
     import open_clip
     import transformers
 
-    common["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                          "open_clip": open_clip.__version__}
-    sd_dir, clip_dir = out / POCKET_SD_DIR.name, out / POCKET_CLIP_DIR.name
-    stage_seconds = {k: v.get("seconds") for k, v in results.items() if isinstance(v, dict) and "seconds" in v}
-    sd_record = common | {
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "open_clip": open_clip.__version__}
+
+
+def write_export_records(cfg: Config, results: dict) -> None:
+    """The records of what ``export`` wrote: how each folder was made (every command, settings, stages, files)."""
+    out = Path(cfg.out)
+    common = {
+        "commands": results["commands"], "preset": cfg.preset, "config": asdict(cfg), "threads": cfg.threads, "versions": versions(),
+        "note": "CPU float32 training; seeded, repeats closely but not bit for bit on other machines or torch builds",
+    }
+    stages = {k: results[k] for k in ("data", "clip", "vae", "latents", "unet") if k in results}
+    sd_dir = out / POCKET_SD_DIR.name
+    text = ("CLIPTextModel initialised from the pocket CLIP's text tower, trained jointly with the UNet" if cfg.text_init == "clip"
+            else "CLIPTextModel trained from random weights jointly with the UNet (the pocket CLIP is not part of this base)")
+    records = {sd_dir: common | {
         "what": "pocket-sd: a StableDiffusionPipeline pretrained on the pocket world (StableDiffusionPipeline.from_pretrained(folder))",
-        "architecture": {"vae": {k: list(v) if isinstance(v, tuple) else v for k, v in VAE_CFG.items()},
-                         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CFG.items()},
-                         "text_encoder": "CLIPTextModel initialised from the pocket CLIP's text tower, trained jointly with the UNet"},
-        "stages": {k: results.get(k) for k in ("data", "clip", "vae", "latents", "unet")},
-        "stage_seconds": stage_seconds,
-        "measurements": {k: results["measure"][k] for k in ("prompt_following",)} if "measure" in results else {},
-        "files": checksums(sd_dir),
-    }
-    clip_record = common | {
-        "what": "pocket-clip: an open_clip CLIP trained on the pocket world (open_clip.create_model_and_transforms('local-dir:FOLDER'))",
-        "stages": {k: results.get(k) for k in ("data", "clip")},
-        "stage_seconds": {k: stage_seconds.get(k) for k in ("data", "clip")},
-        "measurements": {k: results["measure"][k] for k in ("clip_retrieval", "concept_identification")} if "measure" in results else {},
-        "files": checksums(clip_dir),
-    }
-    (sd_dir / RECORD_NAME).write_text(json.dumps(sd_record, indent=2) + "\n")
-    (clip_dir / RECORD_NAME).write_text(json.dumps(clip_record, indent=2) + "\n")
+        "architecture": {"vae": vae_cfg(cfg), "unet": unet_cfg(cfg), "text_encoder": {
+            "what": text, "width": cfg.text_width, "layers": cfg.text_layers, "heads": cfg.text_heads, "vocabulary": "CLIP's BPE (49408)"}},
+        "stages": stages, "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
+        "stage_cpu_seconds": {k: v.get("cpu_seconds") for k, v in stages.items()}, "measurements": {}, "files": checksums(sd_dir),
+    }}
+    clip_dir = out / POCKET_CLIP_DIR.name
+    if "clip" in stages:
+        records[clip_dir] = common | {
+            "what": "pocket-clip: an open_clip CLIP trained on the pocket world (open_clip.create_model_and_transforms('local-dir:FOLDER'))",
+            "stages": {k: stages[k] for k in ("data", "clip")}, "measurements": {}, "files": checksums(clip_dir),
+        }
+    for folder, record in records.items():
+        (folder / RECORD_NAME).write_text(json.dumps(portable(record, record_places(cfg)), indent=2) + "\n")
 
 
-STAGES = ("data", "clip", "vae", "latents", "unet", "export", "measure")
+def update_measurements(cfg: Config, measured: dict, argv: list[str]) -> None:
+    """Put the measure stage's numbers (and its command) into the records of the folders in --out; the rest of each record stays.
+
+    Every record there is written back without this machine's paths (an older record may hold some)."""
+    out = Path(cfg.out)
+    numbers = {POCKET_SD_DIR.name: measured["base"], POCKET_CLIP_DIR.name: measured.get("clip", {})}
+    if not (out / POCKET_SD_DIR.name / RECORD_NAME).is_file():
+        raise FileNotFoundError(f"{out / POCKET_SD_DIR.name / RECORD_NAME} is missing: export before measuring (the record says how the base was made)")
+    for name, found in numbers.items():
+        path = out / name / RECORD_NAME
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        if found:
+            record.setdefault("measurements", {}).update(found)
+            record["measure_command"] = command_line(argv)
+        path.write_text(json.dumps(portable(record, record_places(cfg, record.get("config", {}).get("work"))), indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=STAGES + ("all",), nargs="+", help="stages to run, in order ('all': every stage)")
+# ----------------------------------------------------------------------------- the command
+
+
+def stage_done(cfg: Config, stage: str, results: dict) -> bool:
+    """Whether --resume may skip a stage: the world is rendered, the latents encoded by the newest VAE, a
+    training stage trained to its step count (or stopped at its targets there). Export and measure always run."""
+    if stage == "data":
+        return results.get("data", {}).get("num_images") == cfg.num_images and (cfg.work_dir / "meta.json").is_file()
+    if stage == "latents":
+        vae = stage_checkpoint(cfg, "vae")
+        return vae is not None and results.get("latents", {}).get("vae_checkpoint") == vae.name and (cfg.work_dir / "latents.npy").is_file()
+    if stage not in TRAINED or (path := stage_checkpoint(cfg, stage)) is None:
+        return False
+    step = int(path.stem.split("-")[1])
+    stopped = results.get(stage, {}).get("stopped_at_targets")
+    return step >= getattr(cfg, f"{TRAINED[stage]}_steps") or (cfg.stop_at_targets and stopped == step)
+
+
+def parse_args(argv: list[str]) -> tuple[Config, list[str], bool, bool]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="v2")
+    defaults = preset_config(pre.parse_known_args(argv)[0].preset)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=STAGES + ("all",), nargs="+", help="stages to run, in order ('all': every stage the preset needs)")
+    ap.add_argument("--resume", action="store_true", help="continue each training stage from its newest checkpoint; skip those already done")
+    ap.add_argument("--overwrite", action="store_true", help="retrain stages whose folders already hold a run")
     for f in fields(Config):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        kind = type(getattr(defaults, f.name))
+        parse = (lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]) if kind is bool else kind
+        ap.add_argument("--" + f.name.replace("_", "-"), type=parse, default=getattr(defaults, f.name), metavar=kind.__name__.upper())
     args = ap.parse_args(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    cfg = replace(defaults, **{f.name: getattr(args, f.name) for f in fields(Config)})
+    for name in ("unet", "vae"):
+        cfg.channels(name)  # refused early: a bad width list
+    if "all" in args.stage:
+        stages = [s for s in STAGES if s != "clip" or cfg.text_init == "clip"]
+    else:
+        stages = [s for s in STAGES if s in args.stage]
+    return cfg, stages, args.resume, args.overwrite
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sbora.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
+    cfg, stages, resume, overwrite = parse_args(argv)
     torch.set_num_threads(cfg.threads)
-    stages = list(STAGES) if "all" in args.stage else [s for s in STAGES if s in args.stage]
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     results_path = cfg.work_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results["commands"] = results.get("commands", []) + [command_line(argv)]
+    results_path.write_text(json.dumps(results, indent=2))
     for stage in stages:
+        if resume and stage_done(cfg, stage, results):
+            log(f"stage {stage}: already done; skipped (--resume)")
+            continue
         log(f"stage {stage}")
-        t0 = time.time()
-        res = globals()[f"stage_{stage}"](cfg)
-        res["seconds"] = round(time.time() - t0, 1)
-        res["command"] = "python -m sbora_diffusion.world.pretrain " + " ".join(shlex.quote(a) for a in argv)
+        t0, c0 = time.time(), time.process_time()
+        res = globals()[f"stage_{stage}"](cfg, resume, overwrite)
+        earlier = results.get(stage, {}) if resume and stage in TRAINED else {}  # a resumed stage's time adds up
+        res["seconds"] = round(time.time() - t0 + earlier.get("seconds", 0), 1)
+        res["cpu_seconds"] = round(time.process_time() - c0 + earlier.get("cpu_seconds", 0), 1)
+        res["commands"] = earlier.get("commands", []) + [command_line(argv)]
         results[stage] = res
         results_path.write_text(json.dumps(results, indent=2))
-        log(f"stage {stage} done in {res['seconds']:.0f}s: {json.dumps({k: v for k, v in res.items() if k != 'per_concept'})[:400]}")
-    if "export" in stages or "measure" in stages:
-        write_records(cfg, results, argv)
+        log(f"stage {stage} done in {res['seconds']:.0f}s: {json.dumps({k: v for k, v in res.items() if k not in ('commands', 'base', 'clip')})[:400]}")
+        if stage == "export":
+            write_export_records(cfg, results)
+        if stage == "measure":
+            update_measurements(cfg, res, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

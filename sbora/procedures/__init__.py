@@ -1,7 +1,8 @@
-"""Training procedures: they change how training runs, not a layer's forward pass (DESIGN.md §2-3).
+"""Training procedures: they change how training runs, not a layer's forward pass (docs/architecture.md §2-3).
 
     Delta-LoRA   delta_lora.py   --delta (any method) or --method delta-lora; --delta-lambda, --delta-start
     DiffoRA      diffora.py      --select diffora; --keep-ratio or --param-budget; --select-warmup, --gate-lr
+    EMA          ema.py          an average of the trained weights (the pocket base's pretraining: sbora_diffusion/world/pretrain.py)
 
 Each is implemented once, as a procedure of the shared engine (``engine.py``: ``setup``,
 ``after_optimizer_step``, ``log_values``, ``state_dict``/``load_state_dict``, ``fingerprint``),
@@ -27,6 +28,7 @@ from ..engine import EngineConfig
 from .common import resolve_steps
 from .delta_lora import DeltaLoRA
 from .diffora import DiffoRA
+from .ema import EMA
 
 SELECTIONS = ("none", "diffora")
 STEP_HELP = "whole optimizer steps (>= 1) or a fraction of --steps (< 1)"
@@ -108,4 +110,4 @@ def adapter_metadata(procedures: Sequence) -> dict:
     return out
 
 
-__all__ = ["SELECTIONS", "DeltaLoRA", "DiffoRA", "ProcedureConfig", "adapter_metadata", "build_procedures", "resolve_steps"]
+__all__ = ["EMA", "SELECTIONS", "DeltaLoRA", "DiffoRA", "ProcedureConfig", "adapter_metadata", "build_procedures", "resolve_steps"]

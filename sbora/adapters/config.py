@@ -5,13 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..configuration import ConfigError, from_dict, load_yaml, override, resolve_named_config
+from ..configuration import ConfigError, check_fields, from_dict, load_yaml, override, resolve_named_config
 
-# Module-path suffixes per model family (DESIGN.md §2). A preset name may stand in `targets`.
+# Module-path suffixes per model family (docs/architecture.md §2). A preset name may stand in `targets`.
 TARGET_PRESETS: dict[str, list[str]] = {
     "sd-unet": ["to_q", "to_k", "to_v", "to_out.0"],
     "sd-unet-full": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
     "sd-unet-cross-kv": ["attn2.to_k", "attn2.to_v"],  # Custom Diffusion's trained projections
+    # SDXL's UNet: the attention projections (attn1 and attn2) of every transformer block at every level,
+    # as diffusers' SDXL DreamBooth-LoRA script targets; -full adds each block's proj_in/proj_out and
+    # feed-forward, every linear layer of the transformer blocks as kohya's SDXL LoRAs. diffusers names
+    # these layers as in SD 1.x, so the suffixes are SD's: the names say which base a file was made for.
+    "sdxl-unet": ["to_q", "to_k", "to_v", "to_out.0"],
+    "sdxl-unet-full": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
     "clip-text": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "clip-text-mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -28,8 +34,12 @@ LEGACY_LAYOUT = "scattered"
 # single columns up to r), opt-in until its quality is shown equal to the paper's layout: on the
 # pocket base (robot, 5 seeds, 40 images each) blocks - scattered was -0.005 ± 0.088 CLIP-I, an
 # interval far wider than any effect that matters (docs/benchmarks/hot_swap.md). SBoRA-FB's r rows
-# are contiguous in memory whatever they are, so blocks gain it little (DESIGN.md §3, issue #25).
+# are contiguous in memory whatever they are, so blocks gain it little (docs/architecture.md §3, issue #25).
 DEFAULT_LAYOUTS: dict[str, str] = {}
+# The core method names, which the registry (registry.py) declares and writes here when the package
+# loads: a config checks its method without importing the registry, which imports the cores,
+# which build on this module.
+KNOWN_METHODS: set[str] = set()
 DEFAULT_METHOD = "sbora-fa"  # what every command trains and composes unless told otherwise (one of adapters.registry.METHODS)
 
 
@@ -71,12 +81,11 @@ class AdapterConfig:
         return out
 
     def validate(self) -> None:
-        from .registry import METHODS  # late import: the registry imports the cores, which import this
-
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown adapter method '{self.method}'; known: {', '.join(sorted(METHODS))}")
+        if self.method not in KNOWN_METHODS:
+            raise ConfigError(f"unknown adapter method '{self.method}'; known: {', '.join(sorted(KNOWN_METHODS))}")
         if self.rank <= 0:
             raise ConfigError(f"rank must be a positive integer, got {self.rank}")
+        check_fields(self, {"alpha": (0, None, "open"), "seed": (0, None)})
         if self.layout is not None and self.layout not in LAYOUTS:
             raise ConfigError(f"unknown index layout '{self.layout}'; known: {', '.join(LAYOUTS)}")
         if self.slot < 0:

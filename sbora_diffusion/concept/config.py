@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from .configuration import CONFIG_DIR, ConfigError, from_dict, load_yaml, override, resolve_named_config
+from sbora.configuration import ConfigError, from_dict, load_yaml, resolve_named_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".mpo")
 # Photo formats Pillow cannot decode here: named in an error instead of being skipped silently.
 UNSUPPORTED_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF", ".dng": "raw DNG", ".cr2": "raw CR2", ".cr3": "raw CR3",
                         ".nef": "raw NEF", ".arw": "raw ARW", ".orf": "raw ORF", ".rw2": "raw RW2", ".raw": "raw", ".jxl": "JPEG XL"}
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the repository (data/concepts/ lives there)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository (data/concepts/ lives there)
 
 
 class ConceptError(ConfigError):
@@ -102,7 +102,7 @@ class ConceptConfig:
 def safe_name(name: str) -> str:
     """`name` itself when it is made of ASCII letters, digits, '_' and '-' (and is a usable adapter name),
     else an ASCII transliteration plus 8 hex digits of the name's hash: unique per name, never a path."""
-    from .adapters.inject import check_adapter_name
+    from sbora.adapters.inject import check_adapter_name
 
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()).strip("_-")[:40]
     try:
@@ -203,25 +203,30 @@ def load_concept(name_or_path: str | Path, **overrides) -> ConceptConfig:
 
     Paths in overrides (e.g. ``instance_dir`` from the command line) are taken as given.
     """
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        name = folder.resolve().name
-        config = ConceptConfig(name=name, instance_dir=str(folder), token=f"<{safe_name(name).lower()}1>")
-    elif ("/" in str(name_or_path) or "\\" in str(name_or_path)) and not folder.exists():
-        raise ConceptError(f"{folder} does not exist: pass a folder of images, a concept YAML file, or a name from configs/concepts/")
-    else:
-        try:
-            path = resolve_named_config("concepts", name_or_path)
-        except ConfigError as e:
-            raise ConceptError(f"{e}; or pass a folder of images as --concept") from None
-        data = load_yaml(path)
-        data.setdefault("name", path.stem)
-        data.setdefault("instance_dir", f"data/concepts/{data['name']}")
-        for key in ("instance_dir", "class_dir"):
-            data[key] = _resolve_dir(data.get(key))
-        config = from_dict(ConceptConfig, data, source=str(path))
+    data, source = concept_values(name_or_path)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides:
-        config = override(config, overrides, source="concept overrides")
+    config = from_dict(ConceptConfig, {**data, **overrides}, source=source.removeprefix("from "))
     config.validate()
     return config
+
+
+def concept_values(name_or_path: str | Path) -> tuple[dict, str]:
+    """(the fields a concept name, YAML or folder of images gives, "from concept '<name>'"); the YAML's
+    folders resolved against the repository. A ConceptError when there is no such concept."""
+    folder = Path(name_or_path).expanduser()
+    source = f"from concept '{name_or_path}'"
+    if folder.is_dir():
+        name = folder.resolve().name
+        return {"name": name, "instance_dir": str(folder), "token": f"<{safe_name(name).lower()}1>"}, source
+    if ("/" in str(name_or_path) or "\\" in str(name_or_path)) and not folder.exists():
+        raise ConceptError(f"{folder} does not exist: pass a folder of images, a concept YAML file, or a name from configs/concepts/")
+    try:
+        path = resolve_named_config("concepts", name_or_path)
+    except ConfigError as e:
+        raise ConceptError(f"{e}; or pass a folder of images as --concept") from None
+    data = load_yaml(path)
+    data.setdefault("name", path.stem)
+    data.setdefault("instance_dir", f"data/concepts/{data['name']}")
+    for key in ("instance_dir", "class_dir"):
+        data[key] = _resolve_dir(data.get(key))
+    return data, source

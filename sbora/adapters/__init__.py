@@ -1,7 +1,8 @@
-"""Adapter cores, the AdaptedLinear wrapper, injection and adapter files (DESIGN.md §2-3)."""
+"""Adapter cores, the AdaptedLinear wrapper, injection and adapter files (docs/architecture.md §2-3)."""
 
 from .base import Core
 from .config import TARGET_PRESETS, AdapterConfig, load_adapter_config
+from .file import AdapterFile, AdapterFileError
 from .inject import (
     active_adapters,
     adapted_layers,
@@ -16,7 +17,7 @@ from .inject import (
     set_adapter_weight,
     unmerge,
 )
-from .io import AdapterFile, AdapterFileError, load_adapter, read_adapter, save_adapter
+from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLinear
 from .registry import METHOD_SPECS, METHODS, MethodSpec, method_spec
 

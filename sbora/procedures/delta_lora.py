@@ -2,7 +2,7 @@
 Matrices", arXiv 2309.02411) as a procedure of the shared training engine: any core, both trainers.
 
 After each optimizer step t > K the paper moves the frozen weight by λ·s·(B_t A_t − B_{t−1}A_{t−1}),
-which telescopes to W_t = W_0 + λ·s·(B_t A_t − B_K A_K) (DESIGN.md §3). The adapter cores with
+which telescopes to W_t = W_0 + λ·s·(B_t A_t − B_K A_K) (docs/architecture.md §3). The adapter cores with
 ``AdapterConfig.delta`` (``adapters/delta.py``) carry that sum as a branch with detached current
 factors, so this procedure has one thing to do: at the end of step K (at set-up when K = 0) it
 gives every core its factors of that moment and λ. W itself is never written and gets no

@@ -1,23 +1,22 @@
-"""Typed dataclass configs that load from YAML and take command-line overrides.
+"""Typed dataclass configs that load from YAML and take overrides.
 
 One mechanism for every config in the project (adapter methods, concept training, LLM
-training): a dataclass whose fields carry ``metadata={"help": ...}``, a YAML file with a
-subset of its fields, and an argparse parser generated from the fields so that every field
-can be overridden as ``--field value`` and ``--help`` explains each of them.
+training, composition, evaluation, the app, the benchmarks): a dataclass whose fields carry
+``metadata={"help": ...}``, YAML files with a subset of its fields, and overrides in layers
+(``layered``: later values win; a mapping field such as the LLM trainer's nested ``adapter``
+merges into the one below it). The command frame (``sbora/cli.py``) turns every field into an
+option ``--field`` and layers the YAMLs and the command line with these functions.
 
-Other spellings of an option (``canonical_argv``): every option is also accepted with
-underscores (``--train_batch_size`` = ``--train-batch-size``), and a field may list earlier
-names or other tools' names under ``metadata={"aliases": (...)}`` (``--max-train-steps`` and
-diffusers' ``--max_train_steps`` for ``--steps``). Names of other tools' options that have no
-equivalent here are refused with a message saying so.
+Other names of a field: a field may list earlier names or other tools' names under
+``metadata={"aliases": (...)}`` (``max-train-steps`` and diffusers' ``max_train_steps`` for
+``steps``, ``base`` for ``model``); they are accepted as YAML keys and as options alike
+(``known_fields``), so renaming a field keeps its old name working.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import textwrap
 import types
 import typing
 from pathlib import Path
@@ -28,7 +27,7 @@ import yaml
 T = TypeVar("T")
 
 # One source of truth: configs/ at the repository's top. A built wheel carries a copy of it as
-# sbora_diffusion/configs/ (setup.py's build step), which a non-editable install reads instead.
+# sbora/configs/ (setup.py's build step), which a non-editable install reads instead.
 _PACKAGED = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
@@ -37,11 +36,7 @@ class ConfigError(ValueError):
     """A config file or a config value is wrong; the message says what to change."""
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """``Optional[X]`` / ``X | None`` -> (X, True); anything else -> (tp, False)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -53,7 +48,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML or command-line value to the field's declared type."""
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         return None
     if dataclasses.is_dataclass(inner):  # a nested config (e.g. one entry of a list in YAML)
@@ -63,6 +58,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"config field '{name}' expects a mapping of {inner.__name__} fields, got {value!r}")
         return from_dict(inner, value, source=f"config field '{name}'")
     origin = typing.get_origin(inner)
+    if origin is dict or inner is dict:  # a nested mapping of overrides (the LLM trainer's adapter)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{name}' expects a mapping of field: value, got {value!r}")
+        return dict(value)
     try:
         if origin in (list, tuple):
             (item_tp, *_) = typing.get_args(inner) or (str,)
@@ -102,20 +101,49 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
 
 
 def override(config: T, data: dict[str, Any], source: str = "override") -> T:
-    """A copy of ``config`` with the fields in ``data`` replaced (values coerced to type)."""
-    types_ = _field_types(type(config))
-    unknown = sorted(set(data) - set(types_))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown field(s) {', '.join(unknown)}; "
-            f"valid fields of {type(config).__name__}: {', '.join(sorted(types_))}"
-        )
-    values = {k: coerce(v, types_[k], k) for k, v in data.items()}
-    new = dataclasses.replace(config, **values)
+    """A copy of ``config`` with the fields in ``data`` replaced (values coerced to type; a mapping
+    field's mapping merges into the current one), then validated."""
+    data = known_fields(type(config), data, source)
+    types_ = typing.get_type_hints(type(config))
+    data = layered({k: getattr(config, k) for k in data}, data)
+    new = dataclasses.replace(config, **{k: coerce(v, types_[k], k) for k, v in data.items()})
     validate = getattr(new, "validate", None)
     if validate is not None:
         validate()
     return new
+
+
+def known_fields(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`data` keyed by ``cls``'s field names: dashes read as underscores, a field's aliases as the field;
+    an unknown key, or one field given twice under two names, is a ConfigError naming `source`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    aliases = {alias.replace("-", "_"): option.replace("-", "_") for alias, option in field_aliases(cls).items()}
+    out: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    unknown = []
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        name = name if name in names else aliases.get(name, name)
+        if name not in names:
+            unknown.append(str(key))
+        elif name in out:
+            raise ConfigError(f"{source}: {given[name]} and {key} are one field ({name}); give it once")
+        else:
+            out[name], given[name] = value, str(key)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"valid fields of {cls.__name__}: {', '.join(sorted(names))}")
+    return out
+
+
+def layered(*layers: dict[str, Any]) -> dict[str, Any]:
+    """The layers' values in one dict, later layers winning; a mapping value merges into a mapping below it."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            below = out.get(key)
+            out[key] = {**below, **value} if isinstance(value, dict) and isinstance(below, dict) else value
+    return out
 
 
 def check_fields(config: Any, ranges: dict[str, tuple]) -> None:
@@ -180,71 +208,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), defaults: Any = None, source: str | None = None,
-    title: str | None = None,
-) -> None:
-    """One ``--field`` option per dataclass field, default None (= keep the YAML/dataclass value).
-
-    The help of each option shows the value the run will use: the field's value in `defaults`
-    (the config resolved from YAML for this command line), else the dataclass default, and
-    `source` says where it comes from (e.g. "configs/train/tiny.yaml").
-    """
-    types_ = _field_types(cls)
-    values = defaults if defaults is not None else cls()
-    origin = f"; from {source}" if source else ""
-    group = parser.add_argument_group(title or f"{cls.__name__} fields (override the YAML config)")
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        inner, _ = _unwrap_optional(types_[f.name])
-        value = getattr(values, f.name)
-        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else "none" if value is None else value
-        help_ = f"{f.metadata.get('help', '')} (default: {shown}{origin})".replace("%", "%%")
-        flag = "--" + f.name.replace("_", "-")
-        if inner is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            kind = "comma-separated list" if typing.get_origin(inner) in (list, tuple) else getattr(inner, "__name__", "value")
-            group.add_argument(flag, dest=f.name, default=None, metavar=kind.upper().replace("-", "_"), help=help_)
-
-
 def field_aliases(*classes: type) -> dict[str, str]:
     """``{alias: option}`` (dash forms, no leading ``--``) from the fields' ``metadata["aliases"]``."""
     return {alias.replace("_", "-"): f.name.replace("_", "-") for cls in classes for f in dataclasses.fields(cls)
             for alias in f.metadata.get("aliases", ())}
-
-
-def canonical_argv(argv: list[str], aliases: dict[str, str], refused: dict[str, str] | None = None, source: str = "") -> list[str]:
-    """`argv` with every option in its canonical spelling: underscores as dashes, `aliases`
-    (``{name: option}``, dash forms) replaced by the option they stand for (``--name=value`` too).
-
-    An option named in `refused` (``{name: why}``) is an error that says it has no equivalent
-    here and what to do instead; `source` names where such names come from (e.g. "diffusers").
-    """
-    out = []
-    for token in argv:
-        if token.startswith("--") and len(token) > 2:
-            flag, eq, value = token[2:].partition("=")
-            name = flag.replace("_", "-")
-            if refused and name in refused:
-                raise ConfigError(f"--{flag}{f' ({source})' if source else ''} has no equivalent here: {refused[name]}")
-            token = f"--{aliases.get(name, name)}{eq}{value}"
-        out.append(token)
-    return out
-
-
-def aliases_help(aliases: dict[str, str], refused: dict[str, str] | None = None, source: str = "", note: str = "") -> str:
-    """A ``--help`` epilog listing the other names that work and the refused ones (then `note`)."""
-    names = ", ".join(f"--{a} = --{o}" for a, o in sorted(aliases.items(), key=lambda kv: kv[1]))
-    parts = [f"Other names that work (every option also with underscores, e.g. --max_train_steps): {names}."]
-    if refused:
-        parts.append(f"Refused{f' {source}' if source else ''} options, which have no equivalent here (the error says what to use "
-                     "instead): " + ", ".join(f"--{n}" for n in sorted(refused)) + ".")
-    return "\n".join(textwrap.fill(part, width=100, break_on_hyphens=False) for part in [*parts, note] if part)
-
-
-def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The dataclass fields given on the command line (those not left at None)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}

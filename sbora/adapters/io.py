@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -45,30 +45,10 @@ from .. import __version__
 from ..configuration import ConfigError, from_dict
 from ..fileio import atomic_path
 from .config import LAYOUTS, LEGACY_LAYOUT, AdapterConfig
+from .file import EXTRA, FORMAT, FORMAT_VERSION, AdapterFile, AdapterFileError
+from .formats import PEFT_WEIGHTS, fit_to_model, read_lora_file
 from .inject import adapted_layers, build_cores, inject
 from .slots import SlotLayout
-
-FORMAT = "sbora-adapter"
-FORMAT_VERSION = "1"
-EXTRA = "_extra."
-
-
-class AdapterFileError(ValueError):
-    """An adapter file is missing, corrupt, or does not fit the model; the message says which."""
-
-
-@dataclass
-class AdapterFile:
-    config: AdapterConfig
-    modules: list[str]
-    tensors: dict[str, torch.Tensor]  # module tensors, keyed "<path>.<name>"
-    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    base_model: str | None = None
-    package_version: str | None = None
-    extra: dict = field(default_factory=dict)
-    format: str = FORMAT  # or "diffusers", "kohya", "peft": an imported LoRA file
-    module_configs: dict[str, AdapterConfig] = field(default_factory=dict)  # modules whose config differs from `config`
-
 
 def save_adapter(
     model: nn.Module,
@@ -138,8 +118,6 @@ def read_adapter(path: str | Path) -> AdapterFile:
 
     Also reads a diffusers, kohya or peft LoRA file, or a peft adapter folder (see ``formats``).
     """
-    from .formats import PEFT_WEIGHTS, read_lora_file  # late import: formats builds on this module
-
     path = Path(path)
     if path.is_dir():
         if not (path / PEFT_WEIGHTS).is_file():
@@ -228,9 +206,14 @@ def slot_layouts(path: str | Path, label: str | None = None) -> list[SlotLayout]
 
 
 def load_adapter(
-    model: nn.Module, path: str | Path, name: str = "default", weight: float = 1.0, base_model: str | None = None
+    model: nn.Module, path: str | Path, name: str = "default", weight: float = 1.0, base_model: str | None = None,
+    part: str | None = None, aliases: Mapping[str, str] | None = None,
 ) -> AdapterFile:
     """Inject adapter `name` from `path` into `model` with the file's weights and index sets.
+
+    `part`: which part of a diffusers/kohya LoRA file `model` is (``formats.PARTS``; none: the
+    part whose layer names fit it); `aliases`: other paths such a file may name its layers by
+    (see ``formats.fit_to_model``).
 
     Builds and fills every core first and checks every module path, tensor shape and index
     range; only when all of it fits is the model changed. Otherwise the model is left as it
@@ -238,9 +221,7 @@ def load_adapter(
     """
     file = read_adapter(path)
     if file.format != FORMAT:
-        from .formats import fit_to_model
-
-        file = fit_to_model(file, model, str(path))
+        file = fit_to_model(file, model, str(path), part=part, aliases=aliases)
     if base_model and file.base_model and base_model != file.base_model:
         warnings.warn(f"{path} was trained on '{file.base_model}', loading into '{base_model}'", stacklevel=2)
     origin = f" (trained on '{file.base_model}')" if file.base_model else ""

@@ -1,4 +1,4 @@
-"""The adapter-core interface and the deterministic per-layer index scheme (DESIGN.md §2-3).
+"""The adapter-core interface and the deterministic per-layer index scheme (docs/architecture.md §2-3).
 
 A core knows only shapes and tensors: it never imports diffusers or transformers. For a
 frozen base ``y = W x`` with ``W ∈ R^{d_out×d_in}`` it provides

@@ -1,4 +1,4 @@
-"""What two adapters of one layer share: their weights (overlap) and their outputs (cross-talk) (DESIGN.md §4).
+"""What two adapters of one layer share: their weights (overlap) and their outputs (cross-talk) (docs/architecture.md §4).
 
 **Weight overlap**, from ``lora_factors()`` alone. For two adapters a, b of one layer,
 ΔW_a = s_a·B_a A_a and ΔW_b = s_b·B_b A_b:

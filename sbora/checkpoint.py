@@ -119,3 +119,23 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path]:
             warnings.warn(f"{e}; resuming from the older {candidate.name} instead", stacklevel=2)
         return state, candidate
     raise CheckpointError(f"no readable checkpoint in {path}: " + "; ".join(errors))
+
+
+# The two ways a run ends early; here, not in the engine, so that the command frame (cli.py)
+# handles them without loading the training loop.
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a stop request): a checkpoint of the last step boundary was written."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
+
+    def __str__(self) -> str:
+        where = f"; checkpoint {self.checkpoint}" if self.checkpoint else ""
+        return f"interrupted at step {self.step}{where}; continue with the same command plus --resume"
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or a parameter stopped being finite; nothing was published."""

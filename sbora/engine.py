@@ -1,6 +1,10 @@
-"""The one training loop, shared by the concept trainer and the LLM trainer.
+"""The one training loop, shared by the concept trainer, the LLM trainer and the pocket world's pretraining.
 
-Each trainer brings its model, its data and its loss; this module owns everything else:
+A training run is a ``Task`` (its models, data, loss and what it saves) given to ``fit``:
+
+    state, engine = fit(task, cfg, out_dir, resume=...)
+
+``fit`` drives the engine; the engine's own steps, which ``fit`` runs in this order:
 
     engine = Engine(cfg, out_dir, resume=...)      # checks the output folder and the checkpoint first
     unet, te = engine.prepare(unet, te)            # accelerate: device, DDP, mixed precision
@@ -51,10 +55,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import TrainingDiverged, TrainingInterrupted, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .configuration import ConfigError, check_fields
+from .fileio import write_text
 from .rundir import LOG, RunDir
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -66,7 +72,7 @@ class EngineConfig:
     """The training loop's options: the same names in every trainer's command line.
 
     Each field's ``aliases`` are the names it had before and the names diffusers' and
-    transformers' training scripts give it; they keep working (``configuration.canonical_argv``)."""
+    transformers' training scripts give it; they keep working (``cli.canonical_argv``)."""
 
     steps: int = field(default=300, metadata={"help": "optimizer steps in total (a resumed run trains on up to this step)", "aliases": ("max-train-steps",)})
     batch_size: int = field(default=1, metadata={"help": "examples per micro-batch and process", "aliases": ("train-batch-size",)})
@@ -102,22 +108,6 @@ class EngineConfig:
             raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got '{self.mixed_precision}'")
         if self.warmup_steps > self.steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or a stop request): a checkpoint of the last step boundary was written."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(step, checkpoint)
-        self.step, self.checkpoint = step, checkpoint
-
-    def __str__(self) -> str:
-        where = f"; checkpoint {self.checkpoint}" if self.checkpoint else ""
-        return f"interrupted at step {self.step}{where}; continue with the same command plus --resume"
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss or a parameter stopped being finite; nothing was published."""
 
 
 @dataclass
@@ -525,3 +515,64 @@ class Engine:
             checkpoint = getattr(self, "_last_checkpoint", None) or self.resume_path
             if checkpoint is not None:
                 raise TrainingInterrupted(self.step, checkpoint) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# A task and one fit(): what every training run of the toolkit goes through.
+
+
+@dataclass
+class Setup:
+    """What a task hands the engine once its models are built (``Task.setup``)."""
+
+    named: dict[str, torch.nn.Parameter]  # every trainable tensor by name: the checkpoints' keys
+    groups: list[dict]  # optimizer groups: {"params", optional "lr", "weight_decay"}
+    fingerprint: dict = field(default_factory=dict)  # plain values a checkpoint must match to be resumed from
+    procedures: Sequence = ()  # Delta-LoRA, DiffoRA, ... (``procedures/``)
+    config: dict | None = None  # the run's resolved configuration, written to config.yaml
+
+
+class Task:
+    """One kind of training run: its models, its data and loss, and what it writes at the end.
+
+    ``fit`` calls ``setup(engine)`` once (build and place the models; everything that can be
+    wrong with the input should have been checked before, as the output folder is open by
+    then), ``loss(micro)`` for every micro-batch, ``after_step(engine, step, loss)`` after every
+    optimizer step, and ``save(engine, state)`` on the main process after the last step (write
+    the results into ``engine.run_dir``: they are published with the run).
+    """
+
+    desc = "train"  # the progress bar's label
+
+    def setup(self, engine: Engine) -> Setup:
+        raise NotImplementedError
+
+    def loss(self, micro: Micro) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, engine: Engine, step: int, loss: float) -> None:
+        """Called after every optimizer step (validation images, a progress display): nothing by default."""
+
+    def save(self, engine: Engine, state: RunState) -> None:
+        raise NotImplementedError
+
+
+def fit(task: Task, cfg: EngineConfig, out_dir: str | Path, *, resume: bool | str = False,
+        stop_event: threading.Event | None = None) -> tuple[RunState, Engine]:
+    """Train `task` under `cfg` into `out_dir`: the output folder's rules, config.yaml, the run's
+    fingerprint, the loop, and a published folder at the end, or a resumable ``.partial/`` after
+    a failure or Ctrl-C. Returns the final state and the (closed) engine, for what it measured."""
+    engine = Engine(cfg, out_dir, resume=resume, desc=task.desc, stop_event=stop_event)
+    try:
+        setup = task.setup(engine)
+        engine.setup(setup.named, setup.groups, fingerprint=setup.fingerprint, procedures=setup.procedures)
+        if engine.is_main and setup.config is not None:
+            write_text(engine.run_dir / "config.yaml", yaml.safe_dump(setup.config, sort_keys=False))
+        state = engine.run(task.loss, lambda step, loss: task.after_step(engine, step, loss))
+        if engine.is_main:
+            task.save(engine, state)
+        engine.finish()
+    except BaseException as e:
+        engine.abort(e)  # a Ctrl-C after the last step: TrainingInterrupted (finish with --resume)
+        raise
+    return state, engine

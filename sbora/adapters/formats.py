@@ -5,12 +5,13 @@ exports exactly. A file states a per-module scale as ``alpha / k`` (k = the expo
 which is how diffusers, peft, A1111 and ComfyUI apply it:
 
     diffusers   unet.<path>.lora_A.weight (k, d_in), unet.<path>.lora_B.weight (d_out, k),
-                text_encoder.text_model.<path>.lora_A.weight, ...; header ``lora_adapter_metadata``:
-                JSON of peft LoraConfig fields per part ("unet.r", "unet.lora_alpha",
-                "unet.target_modules", "unet.rank_pattern", "unet.alpha_pattern", "text_encoder.r", ...).
-                Without it diffusers assumes alpha = k (scale 1).
+                text_encoder.text_model.<path>.lora_A.weight, ... (SDXL: and text_encoder_2.text_model.<path>...);
+                header ``lora_adapter_metadata``: JSON of peft LoraConfig fields per part ("unet.r",
+                "unet.lora_alpha", "unet.target_modules", "unet.rank_pattern", "unet.alpha_pattern",
+                "text_encoder.r", ..., "text_encoder_2.r", ...). Without it diffusers assumes alpha = k (scale 1).
     kohya       lora_unet_<path with _>.lora_down.weight (k, d_in), .lora_up.weight (d_out, k),
-                .alpha (a 0-d tensor); lora_te_text_model_<path with _>.*  (A1111, ComfyUI)
+                .alpha (a 0-d tensor); lora_te_text_model_<path with _>.*  (A1111, ComfyUI); an SDXL
+                file's text encoders are lora_te1_ and lora_te2_ (the writer is given the prefixes)
     peft        base_model.model.<path>.lora_A.weight / lora_B.weight in adapter_model.safetensors,
                 plus adapter_config.json (r, lora_alpha, target_modules, rank_pattern, alpha_pattern)
 
@@ -49,8 +50,12 @@ renames them (diffusers/utils/state_dict_utils.py), then read as the 'diffusers'
                                                                 diffusers applies to network alphas (lora_alpha,
                                                                 alpha_pattern); not together with the metadata header
 
-A key in no layout is an error that lists these layouts. SDXL's second text encoder
-(``text_encoder_2.``, ``lora_te2_``) is refused in every layout.
+A key in no layout is an error that lists these layouts. SDXL's second text encoder is the part
+``text_encoder_2`` (``text_encoder_2.`` keys, kohya's ``lora_te2_``; its first is ``lora_te1_`` or
+``lora_te_``); two text encoders name their layers alike, so ``fit_to_model`` is told which part a
+model is. kohya's SDXL trainer names the UNet's layers by Stability's blocks
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``); the caller that knows the UNet's
+layout gives those names as `aliases` of its layer paths (the diffusion world's pipeline kinds).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -67,14 +73,15 @@ from torch import nn
 
 from .config import AdapterConfig
 from .inject import _linear_paths, adapted_layers
-from .io import AdapterFile, AdapterFileError
+from .file import AdapterFile, AdapterFileError
 from .layer import AdaptedLinear
 from .registry import METHOD_SPECS
 
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # the header key diffusers reads its LoraConfig fields from
 INFO_METADATA = "sbora_info"  # our provenance header: base model, concept, method, token
-PARTS = ("unet", "text_encoder")
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # a pipeline's parts, in diffusers' names (SDXL has the second text encoder)
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # what kohya_lora writes unless told (one text encoder)
+KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}  # reading
 PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -175,12 +182,12 @@ def classic_clip_path(path: str) -> str:
 
 
 def _file_path(part: str, path: str) -> str:
-    return classic_clip_path(path) if part == "text_encoder" else path
+    return path if part == "unet" else classic_clip_path(path)
 
 
 def _pattern_name(part: str, path: str) -> str:
     """The name a LoraConfig pattern uses: a suffix that matches either CLIP layout."""
-    return path.removeprefix("text_model.") if part == "text_encoder" else path
+    return path if part == "unet" else path.removeprefix("text_model.")
 
 
 def lora_config_fields(entries: dict[str, LoraEntry], names: dict[str, str]) -> dict:
@@ -214,13 +221,15 @@ def diffusers_lora(parts: dict[str, dict[str, LoraEntry]], info: dict | None = N
     return tensors, _header({"format": "pt", DIFFUSERS_METADATA: json.dumps(fields, sort_keys=True)}, info)
 
 
-def kohya_lora(parts: dict[str, dict[str, LoraEntry]], info: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, header) of a kohya-ss LoRA file (A1111, ComfyUI, diffusers' kohya reader): one alpha per part."""
+def kohya_lora(parts: dict[str, dict[str, LoraEntry]], info: dict | None = None,
+               prefixes: dict[str, str] = KOHYA_PREFIX) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header) of a kohya-ss LoRA file (A1111, ComfyUI, diffusers' kohya reader): one alpha per part.
+    `prefixes`: each part's key prefix (SDXL's text encoders: lora_te1_, lora_te2_)."""
     tensors = {}
     for part, entries in parts.items():
         alpha = _most_common([e.plain_alpha for e in entries.values()])
         for path, e in entries.items():
-            name = KOHYA_PREFIX[part] + _file_path(part, path).replace(".", "_")
+            name = prefixes[part] + _file_path(part, path).replace(".", "_")
             tensors[f"{name}.lora_down.weight"] = e.A
             tensors[f"{name}.lora_up.weight"] = e.B if e.plain_alpha == alpha else e.B * (e.plain_alpha / alpha)
             tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
@@ -327,14 +336,16 @@ def file_format(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 def part_of(fmt: str, name: str) -> str:
-    """The pipeline part ('unet', 'text_encoder') a module of a diffusers/kohya file belongs to; '' for peft."""
+    """The pipeline part (one of PARTS) a module of a diffusers/kohya file belongs to; '' for peft."""
     if fmt == "peft":
         return ""
-    return "unet" if name.startswith(("unet.", "lora_unet_")) else "text_encoder"
+    if fmt == "kohya":
+        return next(part for prefix, part in KOHYA_PARTS.items() if name.startswith(prefix))
+    return name.split(".", 1)[0]
 
 
 def lora_parts(file: AdapterFile) -> set[str]:
-    """The pipeline parts an imported diffusers/kohya file adapts ({'unet', 'text_encoder'}); empty for any other file."""
+    """The pipeline parts an imported diffusers/kohya file adapts (of PARTS); empty for any other file."""
     return {part_of(file.format, m) for m in file.modules} if file.format in ("diffusers", "kohya") else set()
 
 
@@ -366,8 +377,6 @@ def read_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
                 f"({ACCEPTED_LAYOUTS}); DoRA, LoHa, LoKr and bias-carrying LoRAs cannot be imported"
             )
         name, role = m.group(1), ROLES[m.group(2)]
-        if name.startswith(("lora_te2_", "text_encoder_2.")):
-            raise AdapterFileError(f"{source}: key {file_keys[key]} adapts SDXL's second text encoder; this toolkit's pipelines (Stable Diffusion 1.x/2.x) have one")
         modules.setdefault(name, {})[role] = (file_keys[key], t)
     if fmt == "diffusers":
         fields = _json(metadata[DIFFUSERS_METADATA], DIFFUSERS_METADATA, source) if DIFFUSERS_METADATA in metadata else None
@@ -454,28 +463,35 @@ def _alpha(fmt: str, name: str, k: int, pair: dict, fields: dict | None, source:
 
 
 def _file_names(fmt: str, path: str) -> list[str]:
-    """The module names a `fmt` file may use for the model layer at `path`."""
+    """The module names a `fmt` file may use for the model layer at `path` (in any part)."""
     clip = classic_clip_path(path)
     if fmt == "kohya":
-        return ["lora_unet_" + path.replace(".", "_"), "lora_te_" + clip.replace(".", "_"), "lora_te1_" + clip.replace(".", "_")]
+        return ["lora_unet_" + path.replace(".", "_")] + [prefix + clip.replace(".", "_") for prefix in KOHYA_PARTS if prefix != "lora_unet_"]
     if fmt == "diffusers":
-        return [f"unet.{path}", f"text_encoder.{path}", f"text_encoder.{clip}"]
+        return [f"unet.{path}"] + [f"{part}.{p}" for part in PARTS[1:] for p in (path, clip)]
     return [path, PEFT_PREFIX + path]
 
 
-def fit_to_model(file: AdapterFile, model: nn.Module, source: str) -> AdapterFile:
+def fit_to_model(file: AdapterFile, model: nn.Module, source: str, part: str | None = None,
+                 aliases: Mapping[str, str] | None = None) -> AdapterFile:
     """The part of an imported LoRA file that adapts `model`, renamed to its module paths and checked against its layers.
 
-    A diffusers/kohya file holds a UNet part and a text-encoder part: the one whose modules
-    are layers of `model` is taken, the other left for the other model. Every module of it
-    must be a linear layer of `model` with matching widths; errors name the file's key.
+    A diffusers/kohya file holds a UNet part and text-encoder parts: `part` (one of PARTS) is
+    taken if given, else the one whose modules are layers of `model`; the others are left for
+    the other models. `aliases` maps a layer's path to another path the file may name it by
+    (in any format's spelling). Every module of it must be a linear layer of `model` with
+    matching widths; errors name the file's key.
     """
     layers = {p: (m.base_layer if isinstance(m, AdaptedLinear) else m) for p, m in _linear_paths(model).items()}
     lookup = {n: p for p in layers for n in _file_names(file.format, p)}
+    lookup.update({n: p for p, alias in (aliases or {}).items() if p in layers for n in _file_names(file.format, alias)})
     by_part: dict[str, list[str]] = {}
     for name in file.modules:
         by_part.setdefault(part_of(file.format, name), []).append(name)
-    part = max(by_part, key=lambda q: sum(n in lookup for n in by_part[q]))
+    if part is None or file.format == "peft":  # a peft file adapts one model
+        part = max(by_part, key=lambda q: sum(n in lookup for n in by_part[q]))
+    elif part not in by_part:
+        raise AdapterFileError(f"{source} ({file.format} LoRA) has no {part} part; it adapts {', '.join(sorted(by_part))}")
     names = by_part[part]
     suffix, file_keys = SUFFIX[file.format], getattr(file, "keys", {})
     problems, paths = [], {}

@@ -1,4 +1,4 @@
-"""The method registry: the one place that says what a method is and what it can do (DESIGN.md §2).
+"""The method registry: the one place that says what a method is and what it can do (docs/architecture.md §2).
 
 Every command line (its ``--method`` choices and help), the app, export, composition and every
 benchmark's method and label tables read ``METHOD_SPECS``; nothing else lists methods. A method
@@ -27,14 +27,14 @@ from typing import Any
 
 from ..configuration import ConfigError
 from .base import Core
-from .config import DEFAULT_METHOD, LAYOUTS, AdapterConfig
+from .config import DEFAULT_METHOD, KNOWN_METHODS, LAYOUTS, AdapterConfig
 from .dense import DenseCore
 from .difflora import DiffLoRACore
 from .lora import LoRACore
 from .ortho import OrthoCore
 from .sbora import SBoRAFACore, SBoRAFBCore
 
-CONCEPT, LLM = "concept", "llm"  # the trainers: train_concept.py (sbora_diffusion.concept.train) and llm.train
+CONCEPT, LLM = "concept", "llm"  # the trainers: train_concept.py (sbora_diffusion.concept) and llm.train
 TRAINER_NAMES = {CONCEPT: "the concept trainer (train_concept.py)", LLM: "the LLM trainer (sbora-llm-train)"}
 REFERENCE_METHOD = "lora"  # what comparisons are made to: LoRA, the standard (its peft twin where times are compared)
 EXPORT_FORMATS = ("diffusers", "kohya", "peft")  # sbora-export --format (sbora_diffusion.export)
@@ -121,6 +121,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
 
 # Core method name -> core class: what ``AdapterConfig.method`` takes and ``inject`` builds.
 METHODS: dict[str, type[Core]] = {s.name: s.core for s in METHOD_SPECS.values() if s.base is None}
+KNOWN_METHODS.update(METHODS)  # what AdapterConfig.validate accepts
 
 assert DEFAULT_METHOD in METHODS and REFERENCE_METHOD in METHODS and all(set(s.layouts) <= set(LAYOUTS) for s in METHOD_SPECS.values())
 

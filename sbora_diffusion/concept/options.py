@@ -1,0 +1,68 @@
+"""The concept trainer's options (``TrainConfig``: the engine's and the procedures' plus
+DreamBooth's) and the training YAMLs they load from (``configs/train/``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sbora.configuration import CONFIG_DIR, ConfigError, check_fields, from_dict, load_yaml, resolve_named_config
+from sbora.procedures import ProcedureConfig
+
+from ..models import DEFAULT_MODEL
+from ..tokens import TOKEN_MODES
+
+
+@dataclass
+class TrainConfig(ProcedureConfig):
+    resolution: int | None = field(default=None, metadata={"help": "training/sampling resolution in pixels (none: the model's native size)"})
+    text_encoder_lr: float | None = field(default=None, metadata={"help": "learning rate of the text-encoder adapter (none: --lr)"})
+    token_lr: float = field(default=1e-3, metadata={"help": "learning rate of the concept's token embeddings"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass: less memory, more compute"})
+    train_text_encoder: bool = field(default=False, metadata={"help": "also put adapters on the CLIP text encoder"})
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["clip-text"], metadata={"help": "targets of the text-encoder adapter (presets clip-text, clip-text-mlp, or suffixes)"})
+    token_mode: str = field(default="new", metadata={"help": "concept token embeddings: new (add the token, learn it), rare (learn an existing word's embedding), none (token stays plain text)"})
+    with_prior_preservation: bool = field(default=False, metadata={"help": "DreamBooth prior preservation with class images"})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the class-image loss"})
+    num_class_images: int = field(default=100, metadata={"help": "class images to use; missing ones are generated once with the base model and cached"})
+    prediction_type: str | None = field(default=None, metadata={"help": "epsilon or v_prediction (none: the scheduler config's)"})
+    snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-gamma loss weighting (5.0 is the paper's; none: off)"})
+    noise_offset: float = field(default=0.0, metadata={"help": "noise offset (e.g. 0.05; 0: off)"})
+    center_crop: bool = field(default=True, metadata={"help": "centre crop after resizing (else a random crop each time)"})
+    random_flip: bool = field(default=False, metadata={"help": "flip images horizontally at random (off: keeps asymmetric concepts right)"})
+    validation_steps: int = field(default=0, metadata={"help": "save a validation grid every N steps (0: only the final samples.png)"})
+    validation_epochs: int | None = field(default=None, metadata={"help": "as diffusers' scripts: a validation grid every N epochs of the photos "
+                                                                          "(an epoch: ceil(photos / batch size / grad accum) steps); replaces --validation-steps"})
+    num_validation_images: int = field(default=2, metadata={"help": "images per validation prompt (seeds 0..N-1)"})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of validation, sample and class images"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance of validation, sample and class images"})
+    score_clip: str | None = field(default=None, metadata={"help": "CLIP that scores the final samples against the concept's photos (CLIP-I of the base's and the adapted "
+                                                                   "images, printed and saved to scores.json): pocket, ViT-B-32 (+ its openai weights), local-dir:FOLDER; none: off"})
+
+    def validate(self) -> None:
+        super().validate()
+        check_fields(self, {
+            "resolution": (8, 4096), "text_encoder_lr": (0, None, "open"), "token_lr": (0, None), "prior_loss_weight": (0, None),
+            "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "validation_steps": (0, None), "validation_epochs": (1, None),
+            "num_validation_images": (1, 64), "sample_steps": (1, 1000), "guidance_scale": (0, 100),
+        })
+        if self.token_mode not in TOKEN_MODES:
+            raise ConfigError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got '{self.token_mode}'")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ConfigError(f"prediction_type must be epsilon or v_prediction, got '{self.prediction_type}'")
+
+
+def default_train_config(model: str = DEFAULT_MODEL) -> str:
+    """The training YAML of a base model: ``configs/train/<model>.yaml`` for an embedded base that has one (its own
+    short settings), else ``default``."""
+    return model if (CONFIG_DIR / "train" / f"{model}.yaml").is_file() else "default"
+
+
+def train_config_path(name_or_path: str | None = None, model: str = DEFAULT_MODEL) -> Path:
+    """``configs/train/<name>.yaml`` (or a YAML path); without a name the model's (``default_train_config``)."""
+    return resolve_named_config("train", name_or_path or default_train_config(model))
+
+
+def load_train_config(name_or_path: str | None = None, model: str = DEFAULT_MODEL, **overrides) -> TrainConfig:
+    path = train_config_path(name_or_path, model)
+    return from_dict(TrainConfig, {**load_yaml(path), **overrides}, source=str(path))
