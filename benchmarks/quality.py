@@ -68,7 +68,8 @@ import torch
 from sbora.adapters.registry import CONCEPT, METHOD_SPECS, REFERENCE_METHOD, composable_methods, composition_label, label, trained_methods
 from sbora.configuration import ConfigError
 from sbora.engine import fit
-from sbora_diffusion.concept.train import ConceptTask, concept_token, trainable_parameters
+from sbora_diffusion.concept.pipeline import concept_token, trainable_parameters
+from sbora_diffusion.concept.train import ConceptTask
 
 from .accuracy import seed_interval
 from .common import run_benchmark

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from sbora.adapters import AdapterConfig, active_adapters, adapter_parameters, inject, load_adapter_config
+from sbora.adapters import AdapterConfig, active_adapters, load_adapter_config
 from sbora.adapters.config import DEFAULT_METHOD
 from sbora.adapters.registry import CONCEPT, check_trained_method
-from sbora.configuration import ConfigError, override
+from sbora.configuration import override
 from sbora.engine import Engine, Micro, RunState, Setup, Task, fit
 from sbora.fileio import write_json
 from sbora.procedures import adapter_metadata, build_procedures
@@ -45,12 +45,12 @@ from sbora.procedures import adapter_metadata, build_procedures
 from ..clip_score import load_clip
 from ..kinds import kind_of
 from ..models import DEFAULT_MODEL, load_pipeline
-from ..tokens import install_concept_tokens
 from .adapter import save_concept_adapter
 from .config import ConceptConfig, load_concept, safe_name
 from .data import class_image_paths, load_images, sample_batch, tokenize
 from .loss import diffusion_loss
 from .options import TrainConfig, load_train_config
+from .pipeline import cast_frozen, check_resolution, set_up_adapters
 from .samples import sample_grid, sample_images, sample_scores, save_png
 
 
@@ -75,55 +75,6 @@ class TrainResult:
     losses: list[float]
     is_main_process: bool = True
     scores: dict | None = None  # scores.json's content with --score-clip
-
-
-def set_up_adapters(pipe, concept: ConceptConfig, adapter: AdapterConfig, te_adapter: AdapterConfig | None, cfg: TrainConfig):
-    """Freeze the base, inject the adapters (UNet; with `te_adapter` every text encoder) and token embeddings;
-    return (named params, optimizer groups, tokens)."""
-    kind = kind_of(pipe)
-    for part in (*kind.parts(pipe).values(), pipe.vae):
-        part.requires_grad_(False)
-    name = concept.key
-    inject(pipe.unet, kind.unet_adapter(adapter), name=name)
-    groups = [{"params": adapter_parameters(pipe.unet, name)}]
-    if te_adapter is not None:
-        for text_encoder in kind.text_encoders(pipe):
-            inject(text_encoder, te_adapter, name=name)
-            groups.append({"params": adapter_parameters(text_encoder, name), "lr": cfg.text_encoder_lr or cfg.lr})
-    token_groups, tokens = concept_token(pipe, concept, cfg)
-    return trainable_parameters(pipe), groups + token_groups, tokens
-
-
-def concept_token(pipe, concept: ConceptConfig, cfg: TrainConfig) -> tuple[list[dict], list | None]:
-    """The concept token's learned embeddings (``--token-mode``), one per text encoder (its tokenizer gets the
-    token too): (their optimizer group, or none; the embeddings or None)."""
-    if cfg.token_mode == "none":
-        return [], None
-    kind = kind_of(pipe)
-    tokens = [install_concept_tokens(tokenizer, text_encoder, concept.token, cfg.token_mode, init_word=concept.class_word)
-              for tokenizer, text_encoder in zip(kind.tokenizers(pipe), kind.text_encoders(pipe))]
-    return [{"params": [t.vectors for t in tokens], "lr": cfg.token_lr, "weight_decay": 0.0}], tokens
-
-
-def trainable_parameters(pipe) -> dict:
-    """Every trainable tensor of the UNet and text encoders, by name (the checkpoints' keys)."""
-    return {f"{part}.{n}": p for part, model in kind_of(pipe).parts(pipe).items() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def cast_frozen(pipe, dtype: torch.dtype) -> None:
-    """Frozen weights to the mixed-precision dtype; trainable ones stay fp32 (as diffusers' scripts), and so does
-    a VAE that its pipeline kind keeps in float32 (SDXL's)."""
-    kind = kind_of(pipe)
-    for part in (*kind.parts(pipe).values(), *(() if kind.vae_float32 else (pipe.vae,))):
-        for p in part.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(dtype)
-
-
-def check_resolution(pipe, res: int) -> None:
-    """Images become latents through the VAE: the resolution must be a multiple of its factor."""
-    if res % pipe.vae_scale_factor:
-        raise ConfigError(f"resolution {res} does not fit this model: it must be a multiple of {pipe.vae_scale_factor} (its VAE's factor)")
 
 
 def resolved_config(model: str, method: str, concept, adapter, te_adapter, cfg) -> dict:
