@@ -414,6 +414,16 @@ def diffusers_pipeline(folder):
     return pipe
 
 
+def assert_both_load_it(path, expected, tiny_sdxl, tiny_sdxl_dir) -> None:
+    """diffusers' StableDiffusionXLPipeline.load_lora_weights and our loader (an import) both give `expected` from the LoRA file."""
+    theirs = diffusers_pipeline(tiny_sdxl_dir)
+    theirs.load_lora_weights(str(path), adapter_name="c")
+    assert np.abs(np_images(theirs) - expected).max() <= TOL
+    again = copy.deepcopy(tiny_sdxl)
+    load_concept_adapter(again, path)
+    assert np.abs(np_images(again) - expected).max() <= TOL
+
+
 @pytest.mark.parametrize("method, fmt", [("sbora-fa", "diffusers"), ("sbora-fb", "diffusers"), ("ortho", "kohya"), ("lora", "kohya"),
                                          ("difflora", "diffusers")])
 def test_stable_diffusion_xl_pipeline_load_lora_weights_equals_our_adapters(method, fmt, tiny_sdxl, tiny_sdxl_dir, tmp_path):
@@ -430,13 +440,7 @@ def test_stable_diffusion_xl_pipeline_load_lora_weights_equals_our_adapters(meth
     else:  # the names A1111 and ComfyUI look up for SDXL's two text encoders
         assert {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha",
                 "lora_unet_mid_block_attentions_0_transformer_blocks_1_attn2_to_k.alpha"} <= set(keys)
-    theirs = diffusers_pipeline(tiny_sdxl_dir)
-    theirs.load_lora_weights(str(path), adapter_name="c")
-    assert np.abs(np_images(theirs) - expected).max() <= TOL
-    # The file reads back as the same adapters (import of both formats).
-    again = copy.deepcopy(tiny_sdxl)
-    load_concept_adapter(again, path)
-    assert np.abs(np_images(again) - expected).max() <= TOL
+    assert_both_load_it(path, expected, tiny_sdxl, tiny_sdxl_dir)
 
 
 def test_concept_export_with_its_sdxl_token_file_and_merged_pipeline(trained_te, tiny_sdxl_dir, tmp_path):
@@ -515,12 +519,7 @@ def test_a_kohya_sdxl_lora_in_stabilitys_block_names_imports_as_diffusers_reads_
     assert sum(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for k in renamed) == 136 * 3
     sgm = tmp_path / "sgm-names.safetensors"
     save_file(renamed, str(sgm))
-    theirs = diffusers_pipeline(tiny_sdxl_dir)
-    theirs.load_lora_weights(str(sgm), adapter_name="c")
-    assert np.abs(np_images(theirs) - expected).max() <= TOL
-    again = copy.deepcopy(tiny_sdxl)
-    load_concept_adapter(again, sgm)
-    assert np.abs(np_images(again) - expected).max() <= TOL
+    assert_both_load_it(sgm, expected, tiny_sdxl, tiny_sdxl_dir)
 
 
 def test_the_training_cost_benchmark_builds_the_sdxl_unet_at_the_widths_it_accepts():
