@@ -10,12 +10,14 @@ in ``adapters/formats.py``):
     diffusers   OUT (.safetensors): the UNet and text-encoder LoRA with the LoRA metadata diffusers
                 reads (rank and alpha per module); learned token embeddings go to
                 <OUT stem>.learned_embeds.safetensors, for ``pipe.load_textual_inversion``
-    kohya       OUT (.safetensors) in kohya keys with ``.alpha`` (A1111, ComfyUI, diffusers);
-                the same embedding file beside it
+                (SDXL: ``text_encoder_2.`` keys too, and the token file holds ``clip_l`` and ``clip_g``)
+    kohya       OUT (.safetensors) in kohya keys with ``.alpha`` (A1111, ComfyUI, diffusers;
+                SDXL: ``lora_te1_`` / ``lora_te2_``); the same embedding file beside it
     peft        OUT/ a peft adapter folder (LLM adapters: made from the adapter and the base's
                 config alone, without its weights or tokenizer); a concept gets OUT/unet/ and
-                OUT/text_encoder/ (one peft folder per model) and OUT/learned_embeds.safetensors
-    --merge-into MODEL   OUT/ a plain diffusers pipeline folder (or transformers model folder)
+                OUT/text_encoder/ (SDXL: and OUT/text_encoder_2/; one peft folder per model) and
+                OUT/learned_embeds.safetensors
+    --merge-into MODEL   OUT/ a plain diffusers pipeline folder, SD or SDXL (or transformers model folder)
                 with the adapter, and a concept's token embeddings, folded into the weights; a
                 transformers model gets its base's tokenizer beside it when that loads here
                 (else it is saved without one, and a note says so)
