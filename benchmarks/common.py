@@ -506,3 +506,33 @@ def run_units(units: list, worker: tuple[int, int], is_done: Callable[[object], 
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
+
+
+def run_resumable(config, res: dict, save: Callable[[], None], collect: Callable, schedule: Callable, worker: Callable) -> None:
+    """``--worker K/N`` of an LLM benchmark in units: this worker's share of `schedule(config)`, done by
+    `worker(config, sched, base, tokenizer, device_name, k)`, the report (`collect(config)`) saved after
+    each unit; ``--merge``: the report only."""
+    config.validate()
+    if config.merge:
+        res.update(collect(config))
+        return
+    from llm.models import load_base
+
+    k, n = parse_worker(config.worker)
+    if n > 1 and not config.out_dir:  # one writer per file: the published report comes from --merge
+        config.out_dir = str(Path(config.work_dir) / f"report-worker{k}")
+    sched = schedule(config)
+    device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
+    base, tokenizer = load_base()
+    base.requires_grad_(False).to(device)
+    doer = worker(config, sched, base, tokenizer, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", k)
+
+    def report() -> None:
+        res.clear()
+        res.update(collect(config))
+        save()
+
+    report()
+    run_units(sched.units, (k, n), sched.is_done, sched.ready, lambda unit: (doer.do(unit), report()))
+    res.clear()
+    res.update(collect(config))

@@ -57,7 +57,7 @@ import torch
 from sbora.configuration import ConfigError
 
 from .accuracy import paired_difference, ratio_difference, ratio_interval
-from .common import UnitStore, clone_sharing_weights, parse_worker, run_benchmark, run_units
+from .common import UnitStore, clone_sharing_weights, parse_worker, run_benchmark, run_resumable
 
 TASKS = ("addsub", "multistep", "reverse")
 DISJOINT = ("sbora-fa", "sbora-fb", "ortho")  # one slot per task
@@ -290,36 +290,11 @@ def collect(config: MultitaskConfig) -> dict:
     return res
 
 
-def run_resumable(config: MultitaskConfig, res: dict, save: Callable[[], None]) -> None:
-    """``--worker K/N``: this worker's share of the schedule; ``--merge``: the report only."""
-    config.validate()
-    if config.merge:
-        res.update(collect(config))
-        return
-    from llm.models import load_base
-
-    k, n = parse_worker(config.worker)
-    if n > 1 and not config.out_dir:  # one writer per file: the published report comes from --merge
-        config.out_dir = str(Path(config.work_dir) / f"report-worker{k}")
-    sched = Schedule(config)
-    device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
-    base, tokenizer = load_base()
-    base.requires_grad_(False).to(device)
-    worker = Worker(config, sched, base, tokenizer, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", k)
-
-    def report() -> None:
-        res.clear()
-        res.update(collect(config))
-        save()
-
-    report()
-    run_units(sched.units, (k, n), sched.is_done, sched.ready, lambda unit: (worker.do(unit), report()))
-    res.clear()
-    res.update(collect(config))
-
-
 def measure(config: MultitaskConfig, res: dict, save: Callable[[], None]) -> None:
-    (run_resumable if config.worker or config.merge else run)(config, res, save)
+    if config.worker or config.merge:
+        run_resumable(config, res, save, collect, Schedule, Worker)
+    else:
+        run(config, res, save)
 
 
 # ---------------------------------------------------------------------------- reading the results
