@@ -68,6 +68,7 @@ import torch
 from sbora.adapters.registry import CONCEPT, METHOD_SPECS, REFERENCE_METHOD, composable_methods, composition_label, label, trained_methods
 from sbora.configuration import ConfigError
 from sbora.engine import fit
+from sbora_diffusion.concept.options import ConceptRun
 from sbora_diffusion.concept.pipeline import concept_token, trainable_parameters
 from sbora_diffusion.concept.train import ConceptTask
 
@@ -338,7 +339,8 @@ class FullUNetTask(ConceptTask):
     def __init__(self, concept, model: str, cfg, pipe, lr: float):
         if cfg.with_prior_preservation or cfg.train_text_encoder:
             raise ConfigError("the full-UNet ceiling supports the plain DreamBooth loss only (no prior preservation or text-encoder adapter)")
-        super().__init__(concept, CEILING, CEILING, model, None, None, cfg, concept.instance_images(), pipe=pipe)
+        out_dir = Path(cfg.output_dir or "outputs") / CEILING
+        super().__init__(ConceptRun(concept, CEILING, CEILING, model, None, None, cfg, concept.instance_images(), out_dir), pipe=pipe)
         self.lr = lr
 
     def trainables(self, pipe) -> tuple[dict, list[dict], object]:

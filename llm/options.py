@@ -5,7 +5,10 @@ The adapter is a nested config, not fields of its own: ``TrainConfig.adapter`` h
 the method's ``configs/methods/<method>.yaml`` (rank, alpha, dropout, targets, slot, seed,
 layout, ...), over this trainer's own default targets (``ADAPTER_DEFAULTS``: the LLaMA-family
 attention projections); on the command line they are the options of the ``ADAPTER`` section
-(``--rank 8 --slot 1``), in a YAML a mapping ``adapter: {rank: 16, alpha: 32}``."""
+(``--rank 8 --slot 1``), in a YAML a mapping ``adapter: {rank: 16, alpha: 32}``.
+
+Also what follows from the options alone: the run's examples (``splits``) and whether they fit
+the model's positions (``check_context``)."""
 
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from sbora.cli import Section, yaml_layer
 from sbora.configuration import ConfigError, check_fields
 from sbora.procedures import ProcedureConfig
 
-from .data import task_name
-from .models import DEFAULT_BASE
+from .data import carve_validation, load_task, prompt_text, task_name
+from .models import DEFAULT_BASE, context_length
 from .peft_dora import REFUSED
 from .quant import QUANT_MODES, resolve_mode
 
@@ -102,6 +105,27 @@ class TrainConfig(ProcedureConfig):
         mode = resolve_mode(self.quantize)
         method = self.label_with_procedures(self.method, self.adapter_config())
         return Path("outputs") / "llm" / task_name(self.task) / (method if mode == "none" else f"{method}-{mode}")
+
+    def splits(self) -> tuple[list, list]:
+        """(training examples, scored examples). With --val-size the validation problems replace the test split in the
+        score: the test split stays unseen."""
+        train_set, test_set = load_task(self.task, self.eval_data, self.train_size, self.test_size, self.test_fraction)
+        if self.val_size:
+            train_set, test_set = carve_validation(train_set, self.val_size)
+        return train_set, test_set[: self.eval_limit] if self.eval_limit else test_set
+
+    def check_context(self, model, tokenizer, test_set: list) -> None:
+        """Every training example and every scored prompt plus its answer budget must fit the model's positions."""
+        limit = context_length(model)
+        if limit is None:
+            return
+        if self.max_length > limit:
+            raise ConfigError(f"--max-length {self.max_length} exceeds the model's context of {limit} positions; lower --max-length to at most {limit}")
+        if self.eval and test_set:
+            longest = max(len(tokenizer(prompt_text(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in test_set)
+            if longest + self.max_new_tokens > limit:
+                raise ConfigError(f"a test prompt has {longest} tokens: with --max-new-tokens {self.max_new_tokens} it exceeds the model's "
+                                  f"context of {limit} positions; lower --max-new-tokens to at most {limit - longest}")
 
 
 def method_yaml(method: str) -> str:

@@ -8,25 +8,19 @@
 
 Follows the SBoRA paper's LLM setting (instruction tuning on the chat template, loss on the
 response only, adapters on the attention projections; ``--targets llama-mlp`` adds the MLP).
-This module brings the data and the loss; the loop (optimizer, schedule, precision,
-checkpoints, exact resume, Ctrl-C, logs, the output folder's rules) is the shared engine's
-(``sbora/engine.py``), with the same options as the concept trainer.
+This module brings the data and the loss; the loop, checkpoints, resume and the output folder's
+rules are the shared engine's (``sbora/engine.py``), with the same options as the concept trainer.
 
 Output folder (default ``outputs/llm/<task>/<method>/``, ``<method>-<int8|nf4>`` under
-QSBoRA): ``adapter.safetensors``, ``config.yaml`` (the resolved training and adapter configs),
-``log.jsonl`` (step, loss, learning rate), ``results.json``/``results.md`` (adapted and
-zero-shot accuracy), ``checkpoints/`` and, with ``--merge``, ``merged/`` (a plain
-transformers model folder with the adapter folded in). Under ``--method peft-dora`` the adapter
-is peft's ``adapter_model.safetensors`` + ``adapter_config.json`` instead (the folder loads
-with ``PeftModel.from_pretrained``).
+QSBoRA): ``adapter.safetensors`` (``--method peft-dora``: peft's ``adapter_model.safetensors`` +
+``adapter_config.json``, loadable with ``PeftModel.from_pretrained``), ``config.yaml``,
+``log.jsonl``, ``results.json``/``results.md`` (adapted and zero-shot accuracy), ``checkpoints/``
+and, with ``--merge``, ``merged/`` (a plain transformers folder with the adapter folded in).
 
-From Python::
-
-    train(config: TrainConfig, model=None, tokenizer=None) -> dict
-
-returns ``{"output_dir", "adapter", "adapter_name", "steps", "final_loss", "trainable_params",
+From Python, ``train(config: TrainConfig, model=None, tokenizer=None) -> dict`` returns
+``{"output_dir", "adapter", "adapter_name", "steps", "final_loss", "trainable_params",
 "adapted_layers", "quantize", "results" (as llm.evaluate.evaluate, or None with eval off),
-"merged" (path or None)}``. A given `model`/`tokenizer` is used (and changed) in place of
+"merged" (path or None)}``; a given `model`/`tokenizer` is used (and changed) in place of
 loading `config.model`.
 """
 
@@ -39,31 +33,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora.adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, save_adapter
-from sbora.configuration import ConfigError, to_dict
+from sbora.configuration import to_dict
 from sbora.engine import Engine, Micro, RunState, Setup, Task, fit
 from sbora.procedures import adapter_metadata, build_procedures
 
 from .cli import llm_command
-from .data import InstructionDataset, batch_indices, carve_validation, collate, load_task, prompt_text, task_name
+from .data import InstructionDataset, batch_indices, collate, task_name
 from .evaluate import score_with_zero_shot, write_results
-from .models import context_length, prepare_base, save_merged
+from .models import prepare_base, save_merged
 from .options import ADAPTER, TrainConfig
 from .peft_dora import PEFT_WEIGHTS, dora_layers, dora_off, inject_dora, save_dora
 from .quant import resolve_mode
-
-
-def check_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig, dataset: InstructionDataset, test_set: list) -> None:
-    """Every training example and every scored prompt plus its answer budget must fit the model's positions."""
-    limit = context_length(model)
-    if limit is None:
-        return
-    if config.max_length > limit:
-        raise ConfigError(f"--max-length {config.max_length} exceeds the model's context of {limit} positions; lower --max-length to at most {limit}")
-    if config.eval and test_set:
-        longest = max(len(tokenizer(prompt_text(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in test_set)
-        if longest + config.max_new_tokens > limit:
-            raise ConfigError(f"a test prompt has {longest} tokens: with --max-new-tokens {config.max_new_tokens} it exceeds the model's "
-                              f"context of {limit} positions; lower --max-new-tokens to at most {limit - longest}")
 
 
 class LLMTask(Task):
@@ -80,7 +60,7 @@ class LLMTask(Task):
         model, self.tokenizer = prepare_base(config.model, self.quantize, engine.accelerator, self.model, self.tokenizer)
         self.model = model
         self.dataset = InstructionDataset(self.tokenizer, self.train_set, config.max_length, truncate=config.truncate)
-        check_context(model, self.tokenizer, config, self.dataset, self.test_set)
+        config.check_context(model, self.tokenizer, self.test_set)
         model.requires_grad_(False)
         if self.dora:
             inject_dora(model, self.adapter_config, name, config.spec.peft_config)
@@ -143,10 +123,7 @@ def train(config: TrainConfig, model: PreTrainedModel | None = None, tokenizer: 
     if quantize != "none":
         print(f"QSBoRA: the base's linear layers are quantized to {quantize} (--quantize {config.quantize})", file=sys.stderr)
     out = config.resolved_output_dir()
-    train_set, test_set = load_task(config.task, config.eval_data, config.train_size, config.test_size, config.test_fraction)
-    if config.val_size:  # the validation problems replace the test split in the score: the test split stays unseen
-        train_set, test_set = carve_validation(train_set, config.val_size)
-    test_set = test_set[: config.eval_limit] if config.eval_limit else test_set
+    train_set, test_set = config.splits()
     task = LLMTask(config, adapter_config, quantize, config.adapter_name or task_name(config.task), train_set, test_set, model, tokenizer)
     state, engine = fit(task, config, out, resume=resume, stop_event=stop_event)
     return {

@@ -103,14 +103,13 @@ from sbora.cli import Command, Invocation, Section, yaml_layer
 from sbora.configuration import ConfigError, check_fields, from_dict
 from sbora.fileio import write_json, write_text
 
-from .concept.adapter import load_concept_adapter
+from .concept.adapter import ADAPTER_FILE, load_concept_adapter
 from .fusion import Fused, concept_prompts, fuse, save_fused
 from .generate import DTYPES, default_device, dtype_for, save_images
 from .kinds import PromptEmbeds, kind_of
 from .regional import DEFAULT_MODE, MODES as REGIONAL_MODES, RegionalPrompt, RegionError, box_mask, image_mask, install_regional_processors, parse_box, regional_sampling
 from .tokens import install_concept_tokens, resolve_token_ids
 
-ADAPTER_FILE = "adapter.safetensors"
 MODES = ("unmerged", "merged")
 DEFAULT_OVERLAP_THRESHOLD = 1e-3  # above float32 round-off of orthogonal bases (~1e-7), far below real overlaps (~0.03+)
 REGIONAL_PROMPT = "a photo of {token} {class_word}"

@@ -125,6 +125,15 @@ def test_the_command_frame_does_not_load_the_training_loop(graph):
     assert "sbora.engine" in closure(graph, "llm.train")  # the closure follows edges
 
 
+@pytest.mark.parametrize("trainer", ["sbora_diffusion/concept/train.py", "llm/train.py"])
+def test_each_trainer_is_only_its_task(trainer):
+    """A trainer brings its data and loss as a Task; the loop, options, run folder and pipeline set-up live elsewhere
+    (docs/architecture.md). Its size is the symptom of that: at most 150 lines with its docstring."""
+    lines = (ROOT / trainer).read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150, f"{trainer} has {len(lines)} lines: move what is not its task's data and loss to its own module"
+    assert "(Task):" in "\n".join(lines)
+
+
 def test_the_old_import_paths_of_moved_modules_still_work():
     """The documented Python API before the split (sbora_diffusion.adapters…) imports the same objects, with a warning naming the new place."""
     code = (

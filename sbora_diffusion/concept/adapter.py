@@ -37,6 +37,9 @@ from sbora.configuration import ConfigError
 from ..kinds import KIND_KEY, SDXL, PipelineKind, kind_named, kind_of
 from ..tokens import ConceptTokenEmbedding, concept_token_extra, install_concept_tokens, resolve_token_ids
 
+ADAPTER_FILE = "adapter.safetensors"  # a concept run's adapter (the trainer writes it; compose finds it by concept and method)
+
+
 def part_file(path: str | Path, part: str) -> Path:
     """The file of a model part's adapter beside the main one: adapter.text_encoder.safetensors, ..."""
     path = Path(path)

@@ -1,16 +1,23 @@
 """The concept trainer's options (``TrainConfig``: the engine's and the procedures' plus
-DreamBooth's) and the training YAMLs they load from (``configs/train/``)."""
+DreamBooth's), the training YAMLs they load from (``configs/train/``), and ``ConceptRun``:
+one run's concept, method, adapters and output folder, resolved and checked before that
+folder is touched."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sbora.configuration import CONFIG_DIR, ConfigError, check_fields, from_dict, load_yaml, resolve_named_config
+from sbora.adapters import AdapterConfig, load_adapter_config
+from sbora.adapters.registry import CONCEPT, check_trained_method
+from sbora.configuration import CONFIG_DIR, ConfigError, check_fields, from_dict, load_yaml, override, resolve_named_config
 from sbora.procedures import ProcedureConfig
 
 from ..models import DEFAULT_MODEL
 from ..tokens import TOKEN_MODES
+from .config import ConceptConfig, load_concept, safe_name
 
 
 @dataclass
@@ -51,6 +58,14 @@ class TrainConfig(ProcedureConfig):
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type must be epsilon or v_prediction, got '{self.prediction_type}'")
 
+    def validation_interval(self, photos: int) -> int:
+        """Steps between validation grids (0: none). diffusers' epoch is one pass over the photos (or the
+        class images, if more) in batches, with accumulation."""
+        if not self.validation_epochs:
+            return self.validation_steps
+        images = max(photos, self.num_class_images if self.with_prior_preservation else 0)
+        return self.validation_epochs * math.ceil(math.ceil(images / self.batch_size) / self.grad_accum)
+
 
 def default_train_config(model: str = DEFAULT_MODEL) -> str:
     """The training YAML of a base model: ``configs/train/<model>.yaml`` for an embedded base that has one (its own
@@ -66,3 +81,46 @@ def train_config_path(name_or_path: str | None = None, model: str = DEFAULT_MODE
 def load_train_config(name_or_path: str | None = None, model: str = DEFAULT_MODEL, **overrides) -> TrainConfig:
     path = train_config_path(name_or_path, model)
     return from_dict(TrainConfig, {**load_yaml(path), **overrides}, source=str(path))
+
+
+@dataclass
+class ConceptRun:
+    """One concept run, resolved: what trains (UNet adapter, text-encoder adapter or None) on which photos, and where it goes."""
+
+    concept: ConceptConfig
+    method: str  # as given: a registry name or a method YAML's path
+    label: str  # the output folder's method part (procedures included, e.g. sbora-fa-delta)
+    model: str
+    adapter: AdapterConfig | None  # None: no adapter trains (the quality benchmark's full-UNet ceiling)
+    te_adapter: AdapterConfig | None
+    cfg: TrainConfig
+    instance_paths: list[Path]
+    out_dir: Path
+
+    def resolved(self) -> dict:
+        """config.yaml's content."""
+        return {"model": self.model, "method": self.method, "concept": dataclasses.asdict(self.concept), "concept_key": self.concept.key,
+                "adapter": self.adapter and dataclasses.asdict(self.adapter), "text_encoder_adapter": self.te_adapter and dataclasses.asdict(self.te_adapter),
+                "train": dataclasses.asdict(self.cfg)}
+
+    def metadata(self, steps: int) -> dict:
+        """What the adapter file records about the concept (the app and compose read it)."""
+        c = self.concept
+        return {"concept": c.key, "display_name": c.name, "method": self.label, "token": c.token, "class_word": c.class_word,
+                "token_mode": self.cfg.token_mode, "eval_prompts": c.eval_prompts, "validation_prompts": c.validation_prompts, "steps": steps}
+
+
+def resolve_run(concept: str | ConceptConfig, method: str, model: str, cfg: TrainConfig, adapter_overrides: dict | None = None,
+                concept_overrides: dict | None = None) -> ConceptRun:
+    """Everything that can be wrong in the options is checked here, before the output folder is touched:
+    the concept and its photos, the method (one of the registry's that this trainer trains, or a YAML path)."""
+    concept = concept if isinstance(concept, ConceptConfig) else load_concept(concept, **(concept_overrides or {}))
+    instance_paths = concept.instance_images()
+    check_trained_method(method, CONCEPT)
+    adapter = load_adapter_config(method, **(adapter_overrides or {}))
+    # The folder's method part: the method name, or a safe form of a method YAML's file name.
+    label = cfg.label_with_procedures(adapter.method if method == adapter.method else safe_name(Path(method).stem), adapter)
+    adapter = cfg.adapter_with_procedures(adapter)
+    te_adapter = override(adapter, {"targets": cfg.text_encoder_targets}) if cfg.train_text_encoder else None
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / concept.key / label
+    return ConceptRun(concept, method, label, model, adapter, te_adapter, cfg, instance_paths, out_dir)

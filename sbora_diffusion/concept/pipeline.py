@@ -1,10 +1,12 @@
 """The pipeline's side of a concept run: what is frozen, what trains (the adapters on the UNet and,
 optionally, every text encoder; the concept token's embeddings), the dtype of the frozen weights,
-and the resolution check. The pipeline kind (``kinds.py``) says which text encoders there are."""
+gradient checkpointing, the training noise scheduler and the resolution check. The pipeline kind
+(``kinds.py``) says which text encoders there are."""
 
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler
 
 from sbora.adapters import AdapterConfig, adapter_parameters, inject
 from sbora.configuration import ConfigError
@@ -56,6 +58,18 @@ def cast_frozen(pipe, dtype: torch.dtype) -> None:
         for p in part.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
+
+
+def prepare_for_training(pipe, cfg: TrainConfig, dtype: torch.dtype, train_text_encoders: bool) -> DDPMScheduler:
+    """Cast the frozen weights, turn on gradient checkpointing (``--gradient-checkpointing``; the text encoders only when
+    they train); return the noise scheduler the loss adds noise with (the pipeline's, ``--prediction-type`` applied)."""
+    cast_frozen(pipe, dtype)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for te in kind_of(pipe).text_encoders(pipe) if train_text_encoders else ():
+            # transformers 5 name; older releases only have gradient_checkpointing_enable
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    return DDPMScheduler.from_config(pipe.scheduler.config, **({"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}))
 
 
 def check_resolution(pipe, res: int) -> None:

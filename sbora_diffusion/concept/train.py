@@ -3,12 +3,11 @@ r"""Single-concept training: personalize Stable Diffusion (1.x/2.x or SDXL) to o
 DreamBooth (Ruiz et al., 2023) with low-rank adapters instead of full fine-tuning, as in
 Mix-of-Show and the SBoRA paper: any adapter method of the registry on the UNet's attention
 (and optionally the CLIP text encoders), optionally a learned embedding for the concept's
-token (Textual-Inversion style, "new" or "rare" token), optional prior preservation with
-class images. The loss is in ``concept/loss.py``, the data in ``concept/data.py``; the loop
-(optimizer, schedule, precision, checkpoints, resume, Ctrl-C, logs) is the shared engine's.
-An SDXL base (a ``StableDiffusionXLPipeline`` folder or hub id) trains the same way: the
-pipeline's kind (``kinds.py``) supplies its two text encoders, each with the concept's token,
-and its UNet's conditioning (pooled prompt, size/crop numbers).
+token (Textual-Inversion style), optional prior preservation with class images. This module
+brings the task; the loss, data, options and pipeline set-up have their modules in ``concept/``
+and the loop (schedule, precision, checkpoints, resume, Ctrl-C, logs) is the shared engine's.
+An SDXL base trains the same way: its kind (``kinds.py``) supplies both text encoders, each
+with the concept's token, and the UNet's conditioning (pooled prompt, size/crop numbers).
 
     python train_concept.py --concept robot --method sbora-fa          # embedded offline default
     accelerate launch train_concept.py --concept dog --method sbora-fa \
@@ -17,27 +16,22 @@ and its UNet's conditioning (pooled prompt, size/crop numbers).
         --model stabilityai/stable-diffusion-xl-base-1.0 --resolution 1024 --mixed-precision bf16
 
 Outputs in ``outputs/<concept>/<method>/`` (or ``--output-dir``): adapter.safetensors
-(+ adapter.text_encoder.safetensors; SDXL: + adapter.text_encoder_2.safetensors), config.yaml
-(everything resolved), samples.png (base and adapted images side by side, labelled), log.jsonl, logs/ (tensorboard),
-validation/step-*.png, checkpoints/step-*.pt. Everything is checked before that folder is
-touched, and a run only replaces an earlier one with --overwrite (see ``rundir``).
+(+ adapter.text_encoder[_2].safetensors), config.yaml, samples.png (base | adapted, labelled),
+log.jsonl, logs/ (tensorboard), validation/step-*.png, checkpoints/step-*.pt. Everything is
+checked before that folder is touched; a run replaces an earlier one only with --overwrite.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 
-from sbora.adapters import AdapterConfig, active_adapters, load_adapter_config
+from sbora.adapters import active_adapters
 from sbora.adapters.config import DEFAULT_METHOD
-from sbora.adapters.registry import CONCEPT, check_trained_method
-from sbora.configuration import override
 from sbora.engine import Engine, Micro, RunState, Setup, Task, fit
 from sbora.fileio import write_json
 from sbora.procedures import adapter_metadata, build_procedures
@@ -45,26 +39,13 @@ from sbora.procedures import adapter_metadata, build_procedures
 from ..clip_score import load_clip
 from ..kinds import kind_of
 from ..models import DEFAULT_MODEL, load_pipeline
-from .adapter import save_concept_adapter
-from .config import ConceptConfig, load_concept, safe_name
+from .adapter import ADAPTER_FILE, save_concept_adapter
+from .config import ConceptConfig
 from .data import class_image_paths, load_images, sample_batch, tokenize
 from .loss import diffusion_loss
-from .options import TrainConfig, load_train_config
-from .pipeline import cast_frozen, check_resolution, set_up_adapters
+from .options import ConceptRun, TrainConfig, load_train_config, resolve_run
+from .pipeline import check_resolution, prepare_for_training, set_up_adapters
 from .samples import sample_grid, sample_images, sample_scores, save_png
-
-
-def method_label(method: str, adapter: AdapterConfig) -> str:
-    """The output folder's method part: the method name, or a safe form of a method YAML's file name."""
-    return adapter.method if method == adapter.method else safe_name(Path(method).stem)
-
-
-ADAPTER_FILE = "adapter.safetensors"
-
-
-def default_output_dir(concept: ConceptConfig, label: str) -> Path:
-    return Path("outputs") / concept.key / label
-
 
 @dataclass
 class TrainResult:
@@ -77,63 +58,46 @@ class TrainResult:
     scores: dict | None = None  # scores.json's content with --score-clip
 
 
-def resolved_config(model: str, method: str, concept, adapter, te_adapter, cfg) -> dict:
-    return {"model": model, "method": method, "concept": dataclasses.asdict(concept), "concept_key": concept.key,
-            "adapter": adapter and dataclasses.asdict(adapter), "text_encoder_adapter": dataclasses.asdict(te_adapter) if te_adapter else None,
-            "train": dataclasses.asdict(cfg)}
-
-
 class ConceptTask(Task):
     """DreamBooth with adapters as a task of the engine: the photos (and class images) and the diffusion loss."""
 
-    def __init__(self, concept: ConceptConfig, method: str, label: str, model: str, adapter: AdapterConfig, te_adapter: AdapterConfig | None,
-                 cfg: TrainConfig, instance_paths: list[Path], pipe=None, scorer=None, on_step=None):
-        self.concept, self.method, self.model, self.adapter, self.te_adapter, self.cfg = concept, method, model, adapter, te_adapter, cfg
-        self.instance_paths, self.pipe, self.scorer, self.on_step = instance_paths, pipe, scorer, on_step
-        self.method_label, self.desc, self.scores = label, f"train {concept.key}/{label}", None
+    def __init__(self, run: ConceptRun, pipe=None, scorer=None, on_step=None):
+        self.run, self.concept, self.cfg, self.adapter = run, run.concept, run.cfg, run.adapter
+        self.pipe, self.scorer, self.on_step = pipe, scorer, on_step
+        self.desc, self.scores = f"train {run.concept.key}/{run.label}", None
 
     def setup(self, engine: Engine) -> Setup:
-        cfg, concept = self.cfg, self.concept
-        pipe = self.pipe = self.pipe if self.pipe is not None else load_pipeline(self.model)
+        run, cfg, concept = self.run, self.cfg, self.concept
+        pipe = self.pipe = self.pipe if self.pipe is not None else load_pipeline(run.model)
         res = self.res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         check_resolution(pipe, res)
-        self.instance_images = load_images(self.instance_paths, res)
-        self.validation_steps = cfg.validation_steps
-        if cfg.validation_epochs:  # diffusers' epoch: one pass over the photos (or the class images, if more)
-            epoch = math.ceil(math.ceil(max(len(self.instance_paths), cfg.num_class_images if cfg.with_prior_preservation else 0) / cfg.batch_size) / cfg.grad_accum)
-            self.validation_steps = cfg.validation_epochs * epoch
+        self.instance_images = load_images(run.instance_paths, res)
+        self.validation_steps = cfg.validation_interval(len(run.instance_paths))
         named, groups, self.tokens = self.trainables(pipe)  # rank/target errors surface here
         kind = self.kind = kind_of(pipe)
         pipe.to(engine.device)
         self.class_images = []
-        if cfg.with_prior_preservation:
-            # One process generates the missing class images (from the base: adapters off), the others then read them.
+        if cfg.with_prior_preservation:  # one process generates the missing class images (adapters off), the others read them
             with engine.accelerator.main_process_first(), engine.accelerator.autocast(), active_adapters(kind.parts(pipe).values(), {}):
-                paths = class_image_paths(pipe, self.model, concept, cfg.num_class_images, res, cfg.sample_steps, cfg.guidance_scale)
+                paths = class_image_paths(pipe, run.model, concept, cfg.num_class_images, res, cfg.sample_steps, cfg.guidance_scale)
                 self.class_images = load_images(paths, res)
-        cast_frozen(pipe, engine.weight_dtype)
-        train_te = self.te_adapter is not None or self.tokens is not None
+        train_te = run.te_adapter is not None or self.tokens is not None
+        self.noise_scheduler = prepare_for_training(pipe, cfg, engine.weight_dtype, train_te)
         texts = kind.text_encoders(pipe)
-        if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-            if train_te:
-                for te in texts:  # transformers 5 name; older releases only have gradient_checkpointing_enable
-                    (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, **({"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}))
         self.unet, *self.text_encoders = engine.prepare(pipe.unet, *texts) if train_te else (*engine.prepare(pipe.unet), *texts)
         self.device = engine.device
         # One (B, 77) tensor of prompt ids per text encoder (after the concept token joined its tokenizer).
         self.instance_ids = [tokenize(t, concept.fill(concept.instance_prompt), cfg.batch_size) for t in kind.tokenizers(pipe)]
         self.class_ids = [tokenize(t, concept.fill(concept.class_prompt), cfg.batch_size) for t in kind.tokenizers(pipe)]
-        models = kind.parts(pipe) if self.te_adapter else {"unet": pipe.unet}
+        models = kind.parts(pipe) if run.te_adapter else {"unet": pipe.unet}
         self.procedures = build_procedures(cfg, self.adapter, models, concept.key) if self.adapter else []
         fingerprint = {"adapter": self.adapter and dataclasses.asdict(self.adapter), "token_mode": cfg.token_mode, "token": concept.token,
-                       "text_encoder_adapter": self.te_adapter and dataclasses.asdict(self.te_adapter)}
-        return Setup(named, groups, fingerprint, self.procedures, resolved_config(self.model, self.method, concept, self.adapter, self.te_adapter, cfg))
+                       "text_encoder_adapter": run.te_adapter and dataclasses.asdict(run.te_adapter)}
+        return Setup(named, groups, fingerprint, self.procedures, run.resolved())
 
     def trainables(self, pipe) -> tuple[dict, list[dict], object]:
         """What trains: (named parameters, optimizer groups, the concept's token embeddings or None)."""
-        return set_up_adapters(pipe, self.concept, self.adapter, self.te_adapter, self.cfg)
+        return set_up_adapters(pipe, self.concept, self.adapter, self.run.te_adapter, self.cfg)
 
     def loss(self, micro: Micro) -> torch.Tensor:
         cfg = self.cfg
@@ -153,16 +117,13 @@ class ConceptTask(Task):
 
     def save(self, engine: Engine, state: RunState) -> None:
         """The adapter file, samples.png (base | adapted) and, with --score-clip, scores.json."""
-        concept, cfg = self.concept, self.cfg
-        info = {"concept": concept.key, "display_name": concept.name, "method": self.method_label, "token": concept.token,
-                "class_word": concept.class_word, "token_mode": cfg.token_mode, "eval_prompts": concept.eval_prompts,
-                "validation_prompts": concept.validation_prompts, "steps": state.step, **adapter_metadata(self.procedures)}
-        save_concept_adapter(self.pipe, engine.run_dir / ADAPTER_FILE, concept.key, base_model=str(self.model), info=info,
-                             tokens=self.tokens, token_mode=cfg.token_mode)
-        prompts, base, adapted = sample_images(self.pipe, concept, cfg, self.res, engine.accelerator.autocast)
+        run, cfg = self.run, self.cfg
+        save_concept_adapter(self.pipe, engine.run_dir / ADAPTER_FILE, run.concept.key, base_model=str(run.model),
+                             info={**run.metadata(state.step), **adapter_metadata(self.procedures)}, tokens=self.tokens, token_mode=cfg.token_mode)
+        prompts, base, adapted = sample_images(self.pipe, run.concept, cfg, self.res, engine.accelerator.autocast)
         save_png(sample_grid(prompts, base, adapted), engine.run_dir / "samples.png")
         if self.scorer is not None:
-            self.scores = sample_scores(self.scorer, cfg.score_clip, self.instance_paths, base, adapted)
+            self.scores = sample_scores(self.scorer, cfg.score_clip, run.instance_paths, base, adapted)
             write_json(engine.run_dir / "scores.json", {"prompts": prompts, **self.scores})
 
 
@@ -177,20 +138,12 @@ def train(
     recorded in the adapter) defaults to the one `pipe` was loaded from, else DEFAULT_MODEL."""
     model = model or getattr(pipe, "base_model_id", None) or DEFAULT_MODEL
     cfg = train_config or load_train_config(model=model)
-    # Everything that can be wrong is checked before the output folder is touched.
-    concept = concept if isinstance(concept, ConceptConfig) else load_concept(concept, **(concept_overrides or {}))
-    instance_paths = concept.instance_images()
-    check_trained_method(method, CONCEPT)  # a method of the registry this trainer trains, or a YAML path
-    adapter = load_adapter_config(method, **(adapter_overrides or {}))
-    label = cfg.label_with_procedures(method_label(method, adapter), adapter)
-    adapter = cfg.adapter_with_procedures(adapter)
-    te_adapter = override(adapter, {"targets": cfg.text_encoder_targets}) if cfg.train_text_encoder else None
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(concept, label)
+    run = resolve_run(concept, method, model, cfg, adapter_overrides, concept_overrides)
     # The scoring CLIP is loaded before training: a wrong name or missing weights stop the run before its first step.
     scorer = load_clip(cfg.score_clip) if cfg.score_clip else None
-    task = ConceptTask(concept, method, label, model, adapter, te_adapter, cfg, instance_paths, pipe=pipe, scorer=scorer, on_step=on_step)
-    state, engine = fit(task, cfg, out_dir, resume=resume, stop_event=stop_event)
+    task = ConceptTask(run, pipe=pipe, scorer=scorer, on_step=on_step)
+    state, engine = fit(task, cfg, run.out_dir, resume=resume, stop_event=stop_event)
     for m in kind_of(task.pipe).parts(task.pipe).values():
         m.eval()
-    return TrainResult(out_dir=out_dir, adapter_path=out_dir / ADAPTER_FILE, pipe=task.pipe, step=state.step, losses=state.losses,
+    return TrainResult(out_dir=run.out_dir, adapter_path=run.out_dir / ADAPTER_FILE, pipe=task.pipe, step=state.step, losses=state.losses,
                        is_main_process=engine.is_main, scores=task.scores)
