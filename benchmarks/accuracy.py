@@ -31,6 +31,16 @@ def seed_interval(values: list[float]) -> tuple[float, float]:
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def wilson_interval(hits: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval (low, high) of a rate of `hits` in `n` trials (sound near 0 and 1, unlike ±1.96·se)."""
+    if n < 1:
+        return math.nan, math.nan
+    p, z2 = hits / n, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _check(a: list[list[bool]], b: list[list[bool]]) -> None:
     if not a or len(a) != len(b) or any(len(x) != len(a[0]) for x in [*a, *b]):
         raise ValueError(f"answer sheets do not pair: {len(a)} and {len(b)} seeds of {sorted({len(x) for x in [*a, *b]})} problems")

@@ -72,7 +72,7 @@ from sbora_diffusion.concept.options import ConceptRun
 from sbora_diffusion.concept.pipeline import concept_token, trainable_parameters
 from sbora_diffusion.concept.train import ConceptTask
 
-from .accuracy import seed_interval
+from .accuracy import seed_interval, wilson_interval
 from .common import run_benchmark
 
 DIFFORA = "diffora"  # DiffoRA selection (a training procedure, --select diffora) over the paper's SBoRA-FA
@@ -102,9 +102,11 @@ DRIFT_PROMPTS = (
     "a painting of a purple heart",
     "a small orange diamond on the right, on a blue background",
 )
-METRICS = ("clip_i", "clip_t", "drift")
+METRICS = ("clip_i", "clip_t", "drift", "identified")
 METRIC_LABELS = {"clip_i": "CLIP-I (image alignment, plain cosine)", "clip_t": "CLIP-T (text alignment, plain cosine)",
-                 "drift": "drift (1 − cosine to the base's image of unrelated prompts; lower is better)"}
+                 "drift": "drift (1 − cosine to the base's image of unrelated prompts; lower is better)",
+                 "identified": "identified (share of images the design probe names as the concept, of the five concepts and their "
+                               "colour-matched distractors)"}
 
 
 @dataclass
@@ -184,6 +186,10 @@ PRESETS: dict[str, dict] = {
               "drift_prompts": 2, "drift_images": 1, "pairs": ["robot+duck"], "multi_images": 2},
     # The comparison: 5 concepts, 3 seeds, the training config's full budget (configs/train/pocket.yaml: 300 steps of 4).
     "full": {},
+    # Issue #27 item 2: is each held-out concept there after `make demo`'s budget (SBoRA-FA, 300 steps)? 5 prompts x 8 images
+    # per concept, against the zero-shot base on the same prompts and seeds.
+    "demo": {"methods": ["sbora-fa"], "ceiling": False, "seeds": 1, "num_prompts": 5, "num_images": 8, "drift_prompts": 0,
+             "pairs": [], "multi_methods": []},
 }
 
 
@@ -370,6 +376,7 @@ class Context:
     slots: dict[str, int]
     base_drift: list | None = None  # manifest entries of the base's drift images
     references: dict[str, torch.Tensor] = field(default_factory=dict)
+    probe: object = None  # the design probe (sbora_diffusion.world.design_probe): identification of held-out concepts
     gen_seconds: float = 0.0
     gen_images: int = 0
 
@@ -388,7 +395,9 @@ def _generate(ctx: Context, pipe, prompts: list[str], seeds: list[int], out: Pat
 
 
 def score_pipe(ctx: Context, pipe, concept, out: Path, zero_shot: bool = False) -> dict:
-    """CLIP-T, CLIP-I and drift of `pipe` for `concept` (zero_shot: the prompts with the class word, no drift)."""
+    """CLIP-T, CLIP-I, drift and identification of `pipe` for `concept` (zero_shot: the prompts with the class word, no drift)."""
+    from PIL import Image
+
     from sbora_diffusion.clip_score import drift, score
     from sbora_diffusion.concept.samples import base_prompt
 
@@ -401,13 +410,53 @@ def score_pipe(ctx: Context, pipe, concept, out: Path, zero_shot: bool = False) 
     row = {"samples": [str(e.image) for e in entries[:: cfg.num_images]], "clip_i": sc["summary"]["clip_i_cosine"], "clip_t": sc["summary"]["clip_t_cosine"],
            "clip_t_mixofshow": sc["summary"]["clip_t_mixofshow"], "images": len(entries),
            "per_prompt": {p: {"clip_i": _mean([r["clip_i_cosine"] for r in sc["images"] if r["prompt"] == p]),
-                              "clip_t": _mean([r["clip_t_cosine"] for r in sc["images"] if r["prompt"] == p])} for p in prompts}}
+                              "clip_t": _mean([r["clip_t_cosine"] for r in sc["images"] if r["prompt"] == p])} for p in prompts},
+           **identification(ctx, concept.name, [Image.open(e.image).convert("RGB") for e in entries])}
     if zero_shot or not cfg.drift_prompts:
         row["drift"] = 0.0
     else:
         adapted = _generate(ctx, pipe, list(DRIFT_PROMPTS[: cfg.drift_prompts]), list(range(cfg.drift_images)), out / "drift")
         row["drift"] = drift(ctx.scorer, ctx.base_drift, adapted)["summary"]["drift"]
     return row
+
+
+def identification(ctx: Context, name: str, images: list) -> dict:
+    """The design probe's verdicts on PIL `images` asked for held-out concept `name` (nan for another concept)."""
+    from sbora_diffusion.world.concepts import CONCEPTS
+    from sbora_diffusion.world.identification import identify, rate
+
+    if ctx.probe is None or name not in CONCEPTS:
+        return {"identified": math.nan, "among_concepts": math.nan, "beats_distractors": math.nan}
+    found = identify(ctx.probe, name, images)
+    return {k: rate(found[k]) for k in ("identified", "among_concepts", "beats_distractors")} | {"named": found["named"]}
+
+
+def keep_box(image, box: Sequence[float], fill: tuple[int, int, int] = (128, 128, 128)):
+    """The image at full size with everything outside `box` (fractions x0, y0, x1, y1) painted `fill` (the world's plain
+    gray): the design probe then reads an object in that box at the scale it was trained on, where a crop would stretch it."""
+    from PIL import Image
+
+    out = Image.new("RGB", image.size, fill)
+    w, h = image.size
+    region = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
+    out.paste(image.convert("RGB").crop(region), region[:2])
+    return out
+
+
+def placement(ctx: Context, images: list, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per concept of a pair (names[k] asked in BOXES[k]): in how many of the images the design probe identifies it in its
+    own half, and in the other half (landed on the wrong side); no counts (images 0) for a concept it does not know."""
+    from sbora_diffusion.world.concepts import CONCEPTS
+    from sbora_diffusion.world.identification import identify
+
+    out = {}
+    for k, name in enumerate(names):
+        if ctx.probe is None or name not in CONCEPTS:
+            out[name] = {"own_half": 0, "other_half": 0, "images": 0}
+            continue
+        own, other = (sum(identify(ctx.probe, name, [keep_box(im, box) for im in images])["identified"]) for box in (BOXES[k], BOXES[1 - k]))
+        out[name] = {"own_half": own, "other_half": other, "images": len(images)}
+    return out
 
 
 def train_one(ctx: Context, method: str, concept, seed: int) -> tuple[object, dict]:
@@ -478,7 +527,7 @@ def run_pair(ctx: Context, pair: str, method: str, seed: int, runs: dict) -> lis
             im.save(folder / f"{s:05d}.png")
         clip_i = {c.name: _mean(crop_clip_i(ctx.scorer, images, box, ctx.references[c.name])) for c, box in zip((a, b), BOXES)}
         out.append({"pair": pair, "method": method, "mode": mode, "seed": seed, "clip_i": clip_i, "max_interference": overlap,
-                    "prompt": prompt})
+                    "placement": placement(ctx, images, (a.name, b.name)), "prompt": prompt})
     del composer, pipe
     return out
 
@@ -498,7 +547,7 @@ def zero_shot_pair(ctx: Context, pair: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     for s, im in enumerate(images):
         im.save(folder / f"{s:05d}.png")
-    return {"pair": pair, "prompt": prompt,
+    return {"pair": pair, "prompt": prompt, "placement": placement(ctx, images, (a.name, b.name)),
             "clip_i": {c.name: _mean(crop_clip_i(ctx.scorer, images, box, ctx.references[c.name])) for c, box in zip((a, b), BOXES)}}
 
 
@@ -555,7 +604,9 @@ def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, s
         raise ConfigError(f"pair(s) {', '.join(clash)} would share a slot (the narrowest layer holds {capacity} slots of this rank): "
                           "pick pairs of concepts fewer than that apart in --concepts")
     work = Path(config.work_dir)
-    ctx = Context(config, base, scorer, work, overrides, tcfg.steps, sample_steps, guidance, slots)
+    from sbora_diffusion.world.design_probe import load_probe
+
+    ctx = Context(config, base, scorer, work, overrides, tcfg.steps, sample_steps, guidance, slots, probe=load_probe())
     concepts = {c: load_concept(c) for c in config.concepts}
     for c in concepts.values():
         ctx.references[c.name] = scorer.reference_embeddings(c.instance_dir)
@@ -630,6 +681,25 @@ def table_lines(res: dict, metric: str) -> list[str]:
     return lines
 
 
+def identification_lines(res: dict) -> list[str]:
+    """Per run and concept: identified k of n with its 95% Wilson interval, the two partial verdicts, and the
+    zero-shot base's rate on the same prompts and seeds (the control)."""
+    zs = res.get("zero_shot", {})
+    rows = [r for r in res.get("runs", []) if r.get("identified") == r.get("identified")]
+    if not rows:
+        return []
+    lines = ["| method | concept | seed | identified (95% Wilson) | among the 5 concepts | beats its distractors | zero-shot base |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        k = round(r["identified"] * r["images"])
+        lo, hi = wilson_interval(k, r["images"])
+        base = zs.get(r["concept"], {}).get("identified", math.nan)
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['concept']} | {r['seed']} | {k}/{r['images']} = {r['identified']:.0%} "
+                     f"[{lo:.0%}, {hi:.0%}] | {r['among_concepts']:.0%} | {r['beats_distractors']:.0%} | "
+                     + ("—" if base != base else f"{base:.0%}") + " |")
+    return lines
+
+
 def multi_lines(res: dict) -> list[str]:
     rows = multi_table(res)
     if not rows:
@@ -649,14 +719,35 @@ def multi_lines(res: dict) -> list[str]:
     return lines
 
 
+def placement_lines(res: dict) -> list[str]:
+    """Per composition and mode: in how many images the design probe identifies each concept in its own half and in the
+    other, pooled over pairs, concepts and seeds (images as the units: 95% Wilson interval)."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    entries = [((FLOOR, "class words"), z) for z in res.get("multi_zero_shot", [])] + [((m["method"], m["mode"]), m) for m in res.get("multi", [])]
+    for key, entry in entries:
+        for v in entry.get("placement", {}).values():
+            if v["images"]:
+                c = counts.setdefault(key, [0, 0, 0])
+                c[0], c[1], c[2] = c[0] + v["own_half"], c[1] + v["other_half"], c[2] + v["images"]
+    if not counts:
+        return []
+    lines = ["| composition | mode | identified in its own half (95%) | in the other half |", "|---|---|---:|---:|"]
+    for (method, mode), (own, other, n) in counts.items():
+        lo, hi = wilson_interval(own, n)
+        lines.append(f"| {MULTI_LABELS.get(method, LABELS.get(method, method))} | {mode} | {own}/{n} = {own / n:.0%} [{lo:.0%}, {hi:.0%}] | "
+                     f"{other}/{n} = {other / n:.0%} |")
+    return lines
+
+
 def paired_lines(res: dict) -> list[str]:
     runs = res.get("runs", [])
     methods = [m for m in dict.fromkeys(r["method"] for r in runs) if m != REFERENCE]
     if not any(r["method"] == REFERENCE for r in runs) or not methods:
         return []
-    lines = ["| method | # trainable (UNet) | Δ CLIP-I | Δ CLIP-T | Δ drift | units | final loss | train s / run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | # trainable (UNet) | Δ CLIP-I | Δ CLIP-T | Δ drift | Δ identified | units | final loss | train s / run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lora = [r for r in runs if r["method"] == REFERENCE]
-    lines.append(f"| {LABELS[REFERENCE]} | {lora[0]['trainable_params']:,} | 0 | 0 | 0 | — | {_mean([r['final_loss'] for r in lora]):.4f} | "
+    lines.append(f"| {LABELS[REFERENCE]} | {lora[0]['trainable_params']:,} | 0 | 0 | 0 | 0 | — | {_mean([r['final_loss'] for r in lora]):.4f} | "
                  f"{_mean([r['train_seconds'] for r in lora]):.1f} |")
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
@@ -688,12 +779,25 @@ def markdown(payload: dict) -> str:
     ]
     for metric in METRICS:
         lines += [f"## {METRIC_LABELS[metric]}", "", *table_lines(res, metric), ""]
+    il = identification_lines(res)
+    if il:
+        lines += ["## Is the concept there? Identification per run", "",
+                  "The design probe (`sbora_diffusion/world/design_probe.py`, its controls in `weights/design-probe/record.json`) names each "
+                  "image as one of ten groups: the five held-out concepts and each one's colour-matched distractors (the world's own "
+                  "designs of the concept's class in its colours). *Identified*: it names the concept; *among the 5 concepts*: the "
+                  "concept wins among the concepts only; *beats its distractors*: the concept scores above its own distractors. "
+                  "Control: the zero-shot base on the same prompts (class word for the token) and seeds.", "", *il, ""]
     pl = paired_lines(res)
     if pl:
         lines += ["## Differences to LoRA (paired: same concept and seed; 95% over the (concept, seed) units)", "", *pl, "",
                   "Trainable parameters: the UNet's adapter parameters (DiffoRA: those it kept after the cut; Delta-LoRA also moves the "
                   "frozen weights), the full fine-tune's every UNet weight; each run also learns the concept token's embedding.", ""]
     ml = multi_lines(res)
+    pl2 = placement_lines(res)
+    if pl2:
+        lines += ["## Multi-concept: where each concept landed", "",
+                  "The design probe on each half of the composed image (the other half painted the world's plain gray): in how "
+                  "many images it names the concept in the half it was asked for, and in the other half.", "", *pl2, ""]
     if ml:
         lines += ["## Multi-concept: CLIP-I of each concept in its own half (A left, B right)", "",
                   f"Prompt `{PAIR_PROMPT}` with each concept's token and class word; `sum`: both adapters everywhere (the weights' "
@@ -721,7 +825,7 @@ def readme_tables(payload: dict) -> str:
     """The README's view of a run: its command, the CLIP-I and CLIP-T tables and the multi-concept table."""
     res = payload["results"]
     out = [f"`{payload['command']}` ({payload['environment']['date'][:10]}, {payload['seconds'] / 60:.1f} min on 2 shared CPU cores):", ""]
-    for metric in ("clip_i", "clip_t"):
+    for metric in ("clip_i", "clip_t", "identified"):
         out += [f"**{METRIC_LABELS[metric]}**", "", *table_lines(res, metric), ""]
     ml = multi_lines(res)
     if ml:

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from benchmarks import quality as q
-from benchmarks.accuracy import T95
+from benchmarks.accuracy import T95, wilson_interval
 from numeric import assert_close_to_signal
+from sbora_diffusion.world import design_probe as dp
 
 @pytest.fixture(scope="module")
 def scorer(tiny_clip_files):
@@ -136,6 +137,33 @@ def test_slots_fit_the_narrowest_layer(tiny_pipe):
         q.assign_slots(["a"], 0)
 
 
+def test_keep_box_paints_the_rest_gray_at_full_size():
+    im = Image.new("RGB", (64, 64), (200, 10, 10))
+    left = q.keep_box(im, (0.0, 0.0, 0.5, 1.0))
+    assert left.size == (64, 64)
+    assert left.getpixel((10, 30)) == (200, 10, 10) and left.getpixel((31, 0)) == (200, 10, 10)
+    assert left.getpixel((32, 30)) == (128, 128, 128) and left.getpixel((63, 63)) == (128, 128, 128)
+
+
+def test_placement_table_pools_images_with_wilson_intervals():
+    res = {"multi_zero_shot": [{"placement": {"robot": {"own_half": 1, "other_half": 0, "images": 4}, "duck": {"own_half": 0, "other_half": 0, "images": 4}}}],
+           "multi": [{"method": "sbora-fa", "mode": "regional", "placement": {"robot": {"own_half": 4, "other_half": 0, "images": 4},
+                                                                              "duck": {"own_half": 3, "other_half": 1, "images": 4}}},
+                     {"method": "sbora-fa", "mode": "regional", "placement": {"robot": {"own_half": 0, "other_half": 0, "images": 0}}}]}
+    lines = q.placement_lines(res)
+    assert lines[2].startswith("| zero-shot base (floor) | class words | 1/8 = 12% [")
+    assert "| regional | 7/8 = 88% [" in lines[3] and lines[3].endswith("| 1/8 = 12% |")
+    assert q.placement_lines({"multi": []}) == []
+
+
+def test_wilson_interval_covers_the_rate_and_stays_in_0_1():
+    assert wilson_interval(0, 40)[0] == 0.0 and 0.05 < wilson_interval(0, 40)[1] < 0.1  # 0 of 40: up to ~8.8%
+    assert wilson_interval(40, 40)[1] == 1.0 and 0.9 < wilson_interval(40, 40)[0] < 0.95
+    lo, hi = wilson_interval(28, 40)
+    assert lo < 0.7 < hi and hi - lo == pytest.approx(0.27, abs=0.02)  # 70% of 40: about ±14 points
+    assert math.isnan(wilson_interval(0, 0)[0])
+
+
 def test_estimate_counts_every_run_and_image():
     cfg = q.QualityConfig(concepts=["robot", "duck"], methods=["lora", "sbora-fa"], seeds=2, num_prompts=3, num_images=2,
                           drift_prompts=2, drift_images=1, pairs=["robot+duck"], multi_methods=["lora"], multi_modes=["sum"], multi_images=3)
@@ -212,6 +240,8 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
         (m, c, 0) for m in ("lora", "sbora-fa", "full-ft") for c in ("robot", "duck")}
     for r in res["runs"]:
         assert -1 <= r["clip_i"] <= 1 and -1 <= r["clip_t"] <= 1 and 0 <= r["drift"] <= 2 and r["images"] == 1
+        assert r["identified"] in (0.0, 1.0) and len(r["named"]) == 1 and r["named"][0] in dp.GROUPS  # the design probe's verdict on 1 image
+    assert all(0 <= z["identified"] <= 1 for z in res["zero_shot"].values())
     fa = [r for r in res["runs"] if r["method"] == "sbora-fa"]
     assert {r["concept"]: r["slot"] for r in fa} == {"robot": 0, "duck": 1}
     lora = next(r for r in res["runs"] if r["method"] == "lora")
@@ -219,6 +249,9 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert len(res["multi"]) == 2 * 2  # methods x modes (one seed)
     assert {m["mode"] for m in res["multi"]} == {"sum", "regional"}
     assert all(set(m["clip_i"]) == {"robot", "duck"} for m in res["multi"])
+    for m in [*res["multi"], *res["multi_zero_shot"]]:  # the design probe on each half of every composed image
+        assert set(m["placement"]) == {"robot", "duck"}
+        assert all(v["images"] == 1 and v["own_half"] in (0, 1) and v["other_half"] in (0, 1) for v in m["placement"].values())
     fa_pairs = [m for m in res["multi"] if m["method"] == "sbora-fa"]
     assert max(m["max_interference"] for m in fa_pairs) == pytest.approx(0.0, abs=1e-6)  # disjoint slots
     assert res["full_estimate"]["total"] > 0 and res["timing"]["images"] > 0
@@ -229,4 +262,5 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert len(list((tmp_path / "work" / "multi" / "robot_duck" / "sbora-fa" / "sum" / "seed0").glob("*.png"))) == 1
     readme = q.write_readme(out / "quality.json", tmp_path / "readme" / "quality.md").read_text()
     assert readme.startswith("### Personalization quality") and "`python -m benchmarks.quality --preset quick --model tiny" in readme
-    assert readme.count("| SBoRA-FA | ") == 2 and "partial" not in readme  # CLIP-I and CLIP-T tables of a finished run
+    assert readme.count("| SBoRA-FA | ") == 3 and "partial" not in readme  # CLIP-I, CLIP-T and identified tables of a finished run
+    assert "## Is the concept there? Identification per run" in md and "[" in md.split("Identification per run")[1]  # Wilson intervals

@@ -12,7 +12,11 @@ Each concept is one fixed design (a sprite) of a class the world knows (``toy``,
 ``python -m sbora_diffusion.world.concepts`` writes 5 reference photos per concept
 (varied position, size and background, drawn in the world's style at 64x64) to
 ``data/concepts/<name>/`` and the concept configs to ``configs/concepts/<name>.yaml``.
-``view(name, seed)`` draws further photos of a concept (other seeds: the identification check).
+``view(name, seed)`` draws further photos of a concept (other seeds: the identification check);
+``distractor(name, seed)`` a **colour-matched distractor**: an object of the concept's class in
+the concept's own colours (its main colour, its accents) but of one of the world's random
+designs, so that telling it from the concept takes the design, not the colour
+(``identification.py``).
 """
 
 from __future__ import annotations
@@ -119,16 +123,22 @@ class HeldOutConcept:
     class_word: str
     draw: Callable[[int, random.Random], Image.Image]
     description: str
+    palette: tuple[tuple[int, int, int], ...]  # the sprite's colours, main first: what its distractors are drawn in
 
 
 CONCEPTS: dict[str, HeldOutConcept] = {
     c.name: c
     for c in [
-        HeldOutConcept("robot", "<robot1>", "toy", draw_robot, "a red toy robot (yellow eyes, blue antenna ball)"),
-        HeldOutConcept("duck", "<duck1>", "toy", draw_duck, "a yellow rubber duck toy with an orange beak"),
-        HeldOutConcept("beachball", "<beachball1>", "ball", draw_beachball, "a beach ball of red, white, blue and yellow wedges"),
-        HeldOutConcept("checkerflag", "<flag1>", "flag", draw_checkerflag, "a purple and yellow checkered flag"),
-        HeldOutConcept("boltbadge", "<badge1>", "badge", draw_boltbadge, "a navy shield badge with a gold border and a white lightning bolt"),
+        HeldOutConcept("robot", "<robot1>", "toy", draw_robot, "a red toy robot (yellow eyes, blue antenna ball)",
+                       ((210, 40, 40), (250, 220, 40), (40, 90, 220))),
+        HeldOutConcept("duck", "<duck1>", "toy", draw_duck, "a yellow rubber duck toy with an orange beak",
+                       ((250, 205, 30), (245, 120, 20))),
+        HeldOutConcept("beachball", "<beachball1>", "ball", draw_beachball, "a beach ball of red, white, blue and yellow wedges",
+                       ((220, 30, 30), (250, 250, 250), (30, 80, 220), (250, 210, 30))),
+        HeldOutConcept("checkerflag", "<flag1>", "flag", draw_checkerflag, "a purple and yellow checkered flag",
+                       ((135, 50, 185), (245, 215, 35))),
+        HeldOutConcept("boltbadge", "<badge1>", "badge", draw_boltbadge, "a navy shield badge with a gold border and a white lightning bolt",
+                       ((25, 35, 110), (235, 185, 40), (250, 250, 250))),
     ]
 }
 NUM_REFERENCES = 5
@@ -146,6 +156,20 @@ def view(name: str, seed: int, background: str | None = None, position: str | No
     spec = g.ObjectSpec("toy", "red", size or rng.choice(["medium", "big", "big"]), position or rng.choice(g.POSITIONS))
     cx, cy, side = g.place(spec, rng)
     sprite = CONCEPTS[name].draw(side, rng)
+    return g.compose(background, [(sprite, cx, cy)], style, rng)[0]
+
+
+def distractor(name: str, seed: int, background: str | None = None, position: str | None = None, size: str | None = None,
+               style: str = "photo") -> Image.Image:
+    """One 64x64 photo of a colour-matched distractor of a held-out concept: the world's random design of its class
+    in its palette, placed and lit like ``view``."""
+    concept = CONCEPTS[name]
+    rng = random.Random(f"{name}/distractor/{seed}")
+    background = background or rng.choice(g.BACKGROUNDS)
+    spec = g.ObjectSpec(concept.class_word, "red", size or rng.choice(["medium", "big", "big"]), position or rng.choice(g.POSITIONS))
+    cx, cy, side = g.place(spec, rng)
+    main, *accents = concept.palette
+    sprite = g.CLASS_DRAWERS[concept.class_word](main, side, rng, accents=accents).rotate(rng.uniform(-10, 10), resample=Image.BICUBIC)
     return g.compose(background, [(sprite, cx, cy)], style, rng)[0]
 
 

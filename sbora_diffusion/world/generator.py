@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -169,12 +169,15 @@ def draw_shape(shape: str, rgb, side: int, width: int | None = None) -> Image.Im
     return im
 
 
-def _accent(rng: random.Random, main: str, exclude: tuple[str, ...] = ()) -> tuple[int, int, int]:
+def _accent(rng: random.Random, main: str, exclude: tuple[str, ...] = (), accents: Sequence[tuple[int, int, int]] = ()) -> tuple[int, int, int]:
+    """A second colour: one of `accents` when given (a colour-matched design), else any other named colour."""
+    if accents:
+        return tuple(rng.choice(list(accents)))
     names = [c for c in COLOURS if c != main and c not in exclude]
     return COLOURS[rng.choice(names)]
 
 
-def draw_toy(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image:
+def draw_toy(rgb, side: int, rng: random.Random, main: str = "", accents: Sequence = ()) -> Image.Image:
     """A random toy figurine: body, head, eyes, optional ears, arms, legs or wheels (never an antenna).
 
     The main colour covers body and head; limbs are a darker shade or an accent colour. Eyes
@@ -185,7 +188,7 @@ def draw_toy(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image:
     dark = shade(rgb, 0.6) + (255,)
     fill = tuple(rgb) + (255,)
     out = outline_of(rgb) + (255,)
-    limb = dark if rng.random() < 0.6 else _accent(rng, main, ("white",)) + (255,)
+    limb = dark if rng.random() < 0.6 else _accent(rng, main, ("white",), accents) + (255,)
     w = max(1, int(2 * s))
     bw = rng.uniform(30, 46)  # body half-width
     body_top, body_bot = rng.uniform(46, 54), rng.uniform(78, 84)
@@ -237,14 +240,14 @@ def draw_toy(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image:
     return im
 
 
-def draw_ball(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image:
+def draw_ball(rgb, side: int, rng: random.Random, main: str = "", accents: Sequence = ()) -> Image.Image:
     """A ball with a random pattern: plain with a highlight, one or two stripes, or dots (never wedges)."""
     im, d = _rgba(side)
     m = max(1, side // 16)
     fill = tuple(rgb) + (255,)
     out = outline_of(rgb) + (255,)
     d.ellipse([m, m, side - 1 - m, side - 1 - m], fill=fill)
-    acc = _accent(rng, main) + (255,)
+    acc = _accent(rng, main, accents=accents) + (255,)
     kind = rng.choice(["plain", "stripe", "stripes", "dots"])
     mask = Image.new("L", (side, side), 0)
     ImageDraw.Draw(mask).ellipse([m, m, side - 1 - m, side - 1 - m], fill=255)
@@ -270,7 +273,7 @@ def draw_ball(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image
     return im
 
 
-def draw_flag(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image:
+def draw_flag(rgb, side: int, rng: random.Random, main: str = "", accents: Sequence = ()) -> Image.Image:
     """A flag on a pole: two or three stripes (horizontal or vertical), or a plain field with a disc (never checkered)."""
     im, d = _rgba(side)
     s = side / 100
@@ -279,7 +282,7 @@ def draw_flag(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image
     x0, y0, x1, y1 = 14 * s, 8 * s, 96 * s, rng.uniform(58, 70) * s
     fill = tuple(rgb) + (255,)
     d.rectangle([x0, y0, x1, y1], fill=fill)
-    acc = _accent(rng, main) + (255,)
+    acc = _accent(rng, main, accents=accents) + (255,)
     kind = rng.choice(["h2", "h3", "v3", "disc"])
     if kind == "h2":
         d.rectangle([x0, (y0 + y1) / 2, x1, y1], fill=acc)
@@ -294,12 +297,12 @@ def draw_flag(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image
     return im
 
 
-def draw_badge(rgb, side: int, rng: random.Random, main: str = "") -> Image.Image:
+def draw_badge(rgb, side: int, rng: random.Random, main: str = "", accents: Sequence = ()) -> Image.Image:
     """A badge: a disc, shield or hexagon with a border and a simple symbol (circle, star, square; never a bolt)."""
     im, d = _rgba(side)
     s = side / 100
     fill = tuple(rgb) + (255,)
-    border = _accent(rng, main) + (255,)
+    border = _accent(rng, main, accents=accents) + (255,)
     w = max(2, int(7 * s))
     kind = rng.choice(["disc", "shield", "hexagon"])
     if kind == "disc":

@@ -1,0 +1,143 @@
+"""The design probe: image features that tell a held-out concept from its colour-matched distractors.
+
+Why not the pocket CLIP: on the world's own fresh photos (no generation involved), nearest-reference
+identification in the pocket CLIP's 64-d features (the five concepts' reference photos and eight
+colour-matched distractors of each as candidates) found the right concept for only 38-69% of 16
+fresh photos per concept, and took half of the duck's fresh distractors for the duck. A measure
+that fails on the photos themselves cannot tell whether a trained adapter drew the concept. So
+identification (``identification.py``) asks a small CNN trained on world renders to name which of
+ten groups (each held-out concept, each concept's distractors) an image shows.
+
+The renders are what generated images are made of: ``concepts.view`` and ``concepts.distractor``
+(any background, position, size; a fifth are paintings), each sent once through the pocket VAE
+(encode, decode: the softness every generated image has), then blurred, noised and shifted in
+brightness at random; the network sees every render both as drawn and after the VAE. Training is
+deterministic (seeded) and takes a few minutes on one CPU thread; the weights ship as
+``weights/design-probe/model.safetensors`` with a record of how they were made and what they
+measure (``record.json``, both written by ``python -m sbora_diffusion.world.identification``).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sbora.fileio import atomic_path
+
+from . import POCKET_SD_DIR, WEIGHTS_DIR
+from .concepts import CONCEPTS, distractor, view
+
+PROBE_DIR = WEIGHTS_DIR / "design-probe"
+PROBE_FILE = PROBE_DIR / "model.safetensors"
+RECORD_FILE = PROBE_DIR / "record.json"
+GROUPS = (*CONCEPTS, *(f"{n}~distractor" for n in CONCEPTS))  # the classes it learns to name
+TRAIN_SEED0 = 100_000  # render seeds of its training photos: far from the gallery's (0..) and the controls' (10000..)
+
+
+class DesignProbe(nn.Module):
+    """(B, 3, 64, 64) in [0, 1] -> (B, 128) unit features; ``head`` names the group during training."""
+
+    def __init__(self, width: int = 32, groups: int = len(GROUPS)):
+        super().__init__()
+        w = width
+        layers, cin = [], 3
+        for cout in (w, 2 * w, 4 * w, 4 * w):  # 64 -> 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
+            cin = cout
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, groups)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean((2, 3))  # (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, groups)
+
+    @torch.no_grad()
+    def encode_images(self, images: list, desc: str = "") -> torch.Tensor:
+        """The scorer interface of ``clip_score.ClipScorer``: (N, D) unit features of PIL images."""
+        self.eval()
+        f = torch.cat([self.features(to_tensor(images[i : i + 256])) for i in range(0, len(images), 256)])
+        return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    arrays = [np.asarray(im.convert("RGB").resize((64, 64), Image.BICUBIC), dtype=np.float32) / 255.0 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, 64, 64)
+
+
+def render(group: int, seed: int) -> Image.Image:
+    """A world photo of group `group` (a concept, or a concept's distractors), a fifth of them paintings."""
+    name = GROUPS[group].split("~")[0]
+    style = "painting" if random.Random(seed).random() < 0.2 else "photo"
+    return (view if group < len(CONCEPTS) else distractor)(name, seed, style=style)
+
+
+@torch.no_grad()
+def through_vae(images: list[Image.Image], vae_dir: Path = POCKET_SD_DIR / "vae") -> list[Image.Image]:
+    """Each image encoded and decoded by the pocket VAE (the latent mean): the softness of generated images."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval()
+    out = []
+    for i in range(0, len(images), 64):
+        x = to_tensor(images[i : i + 64]) * 2 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        out += [Image.fromarray(((a.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for a in y]
+    return out
+
+
+def augment(im: Image.Image, rng: random.Random) -> Image.Image:
+    """Blur, brightness and noise at random: generated images differ from renders in all three."""
+    if rng.random() < 0.5:
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    a = np.asarray(im, dtype=np.float32) * rng.uniform(0.85, 1.15)
+    a = a + np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0, 8), a.shape)
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+def train_probe(per_group: int = 300, epochs: int = 8, batch: int = 64, lr: float = 2e-3, seed: int = 0, vae: bool = True) -> DesignProbe:
+    """The probe, trained on `per_group` renders of each group (each also through the VAE when `vae`), deterministic in `seed`."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    labels = [g for g in range(len(GROUPS)) for _ in range(per_group)]
+    images = [render(g, TRAIN_SEED0 + k) for g in range(len(GROUPS)) for k in range(per_group)]
+    if vae:
+        images, labels = images + through_vae(images), labels + labels
+    probe = DesignProbe()
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * (len(images) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    y_all = torch.tensor(labels)
+    probe.train()
+    for _ in range(epochs):
+        order = list(range(len(images)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i : i + batch]
+            x = to_tensor([augment(images[j], rng) for j in idx])
+            loss = nn.functional.cross_entropy(probe(x), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return probe.eval()
+
+
+def load_probe(path: Path = PROBE_FILE) -> DesignProbe:
+    if not path.is_file():
+        raise FileNotFoundError(f"no design probe at {path}: make one with `python -m sbora_diffusion.world.identification`")
+    probe = DesignProbe()
+    probe.load_state_dict(load_file(str(path)))
+    return probe.eval()
+
+
+def save_probe(probe: DesignProbe, path: Path = PROBE_FILE) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(tmp))

@@ -1,0 +1,96 @@
+"""Is the concept in the image? Identification of the held-out concepts against colour-matched distractors (issue #27).
+
+An image asked for concept c counts as **identified** when the design probe
+(``design_probe.py``: a small CNN trained on world renders) names c among ten groups: the five
+held-out concepts and, for each, its colour-matched distractors (``concepts.distractor``: the
+world's own designs of the concept's class in the concept's colours). The distractors are the
+control that isolates the design: an image that got the robot's red and a toy's shape but not its
+antenna and yellow eyes is named "robot~distractor", so colour alone does not pass.
+
+Three verdicts per image, from the probe's ten scores:
+
+- ``identified``: c has the highest score of all ten (the measure the targets use);
+- ``among_concepts``: c has the highest score of the five concepts (which concept is it?);
+- ``beats_distractors``: c scores above its own distractors (is it c's design, not just c's colours?).
+
+``controls(probe)`` gives what the measure itself does on photos whose answer is known: fresh
+photos of each concept (other seeds than any the probe saw; should be identified) and fresh
+distractors (should not), each also sent through the pocket VAE as generated images are.
+
+    python -m sbora_diffusion.world.identification     # train the design probe, measure its controls, write both to weights/design-probe/
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from sbora.fileio import write_json
+
+from .concepts import CONCEPTS, distractor, view
+from .design_probe import GROUPS, RECORD_FILE, DesignProbe, save_probe, through_vae, to_tensor, train_probe
+
+CONTROL_SEED0 = 10_000  # fresh photos of the controls (the probe trained on seeds from design_probe.TRAIN_SEED0)
+
+
+@torch.no_grad()
+def identify(probe: DesignProbe, name: str, images: Sequence[Image.Image]) -> dict[str, list]:
+    """Per image of `images` (asked for concept `name`): the group the probe names, and the three verdicts (module docstring)."""
+    if name not in CONCEPTS:
+        raise KeyError(f"unknown held-out concept {name!r}; known: {', '.join(CONCEPTS)}")
+    probe.eval()
+    logits = torch.cat([probe(to_tensor(list(images[i : i + 256]))) for i in range(0, len(images), 256)])  # (M, 10)
+    c, decoy, k = GROUPS.index(name), GROUPS.index(f"{name}~distractor"), len(CONCEPTS)
+    named = logits.argmax(1)
+    return {"named": [GROUPS[j] for j in named.tolist()], "identified": (named == c).tolist(),
+            "among_concepts": (logits[:, :k].argmax(1) == c).tolist(), "beats_distractors": (logits[:, c] > logits[:, decoy]).tolist()}
+
+
+def rate(hits: Sequence[bool]) -> float:
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def controls(probe: DesignProbe, views: int = 32, vae: bool = True) -> dict[str, dict[str, float]]:
+    """Per concept: the share of `views` fresh photos of it that are identified, and the share of as many fresh
+    distractors of it that are taken for it; with `vae` the same again after a pocket-VAE round trip."""
+    out = {}
+    for n in CONCEPTS:
+        photos = [view(n, CONTROL_SEED0 + k) for k in range(views)]
+        decoys = [distractor(n, CONTROL_SEED0 + k) for k in range(views)]
+        row = {"views": views, "photos_identified": rate(identify(probe, n, photos)["identified"]),
+               "distractors_taken_for_it": rate(identify(probe, n, decoys)["identified"])}
+        if vae:
+            row |= {"vae_photos_identified": rate(identify(probe, n, through_vae(photos))["identified"]),
+                    "vae_distractors_taken_for_it": rate(identify(probe, n, through_vae(decoys))["identified"])}
+        out[n] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m sbora_diffusion.world.identification",
+                                     description="Train the design probe on world renders, measure its controls, write weights/design-probe/")
+    parser.add_argument("--per-group", type=int, default=300, help="training renders per group (10 groups; each also through the VAE)")
+    parser.add_argument("--epochs", type=int, default=8, help="passes over the training renders")
+    parser.add_argument("--views", type=int, default=32, help="fresh photos (and distractors) per concept in the controls")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    probe = train_probe(args.per_group, args.epochs)
+    seconds = time.time() - t0
+    found = controls(probe, views=args.views)
+    save_probe(probe)
+    record = {"command": " ".join(["python -m sbora_diffusion.world.identification", *(argv or [])]), "per_group": args.per_group,
+              "epochs": args.epochs, "threads": args.threads, "train_seconds": round(seconds, 1), "controls": found}
+    write_json(RECORD_FILE, record)
+    for n, row in found.items():
+        print(n, {k: round(v, 3) for k, v in row.items()})
+    return record
+
+
+if __name__ == "__main__":
+    main()
