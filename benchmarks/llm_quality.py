@@ -528,6 +528,8 @@ def targets_check(res: dict) -> list[tuple[str, bool, str]]:
 def verdict(gap: float, half: float, points: float = 1.0) -> str:
     """What a paired difference (points, 95% half-width) says about 'within `points` of LoRA'."""
     lo, hi = gap - half, gap + half
+    if lo > 0:
+        return f"above LoRA, not merely within {points:g} point of it: the whole interval [{lo:+.1f}, {hi:+.1f}] lies above 0"
     if lo >= -points:
         return f"within {points:g} point of LoRA: the whole interval [{lo:+.1f}, {hi:+.1f}] lies above −{points:g}"
     if hi < -points:

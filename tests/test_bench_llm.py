@@ -258,3 +258,12 @@ def test_multitask_merges_wait_for_their_task_adapters_and_the_report_is_partial
     text = (tmp_path / "out" / "llm_multitask_cpu.md").read_text()
     assert "## Retention pooled over the tasks" in text and "| SBoRA-FA | 66.7 | 66.7 | 100.0% ± 0.0% | +75.0%" in text
     assert "Solo accuracy ≥ 50% on every task (enough to keep for retention to mean something): yes." in text
+
+
+def test_verdict_names_what_the_interval_shows():
+    from benchmarks.llm_quality import verdict
+
+    assert verdict(2.0, 1.4).startswith("above LoRA") and "[+0.6, +3.4]" in verdict(2.0, 1.4)
+    assert verdict(1.0, 1.4).startswith("within 1 point") and "[-0.4, +2.4]" in verdict(1.0, 1.4)
+    assert verdict(-3.0, 1.0).startswith("more than 1 point below")
+    assert verdict(-1.0, 1.0).startswith("not resolved")
