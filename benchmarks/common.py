@@ -508,24 +508,19 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def run_resumable(config, res: dict, save: Callable[[], None], collect: Callable, schedule: Callable, worker: Callable) -> None:
-    """``--worker K/N`` of an LLM benchmark in units: this worker's share of `schedule(config)`, done by
-    `worker(config, sched, base, tokenizer, device_name, k)`, the report (`collect(config)`) saved after
-    each unit; ``--merge``: the report only."""
+def run_resumable(config, res: dict, save: Callable[[], None], collect: Callable, schedule: Callable, start: Callable) -> None:
+    """``--worker K/N`` of a benchmark in units: this worker's share of `schedule(config)`, done by the worker that
+    ``start(config, sched, k)`` returns (its ``do(unit)``; it loads what the units share once), the report
+    (`collect(config)`) saved after each unit; ``--merge``: the report only."""
     config.validate()
     if config.merge:
         res.update(collect(config))
         return
-    from llm.models import load_base
-
     k, n = parse_worker(config.worker)
     if n > 1 and not config.out_dir:  # one writer per file: the published report comes from --merge
         config.out_dir = str(Path(config.work_dir) / f"report-worker{k}")
     sched = schedule(config)
-    device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
-    base, tokenizer = load_base()
-    base.requires_grad_(False).to(device)
-    doer = worker(config, sched, base, tokenizer, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", k)
+    doer = start(config, sched, k)
 
     def report() -> None:
         res.clear()
@@ -536,3 +531,18 @@ def run_resumable(config, res: dict, save: Callable[[], None], collect: Callable
     run_units(sched.units, (k, n), sched.is_done, sched.ready, lambda unit: (doer.do(unit), report()))
     res.clear()
     res.update(collect(config))
+
+
+def llm_start(make: Callable) -> Callable:
+    """The LLM benchmarks' `start` for ``run_resumable``: the base model and tokenizer loaded once, on CUDA when present
+    (unless ``--cpu``), then ``make(config, sched, base, tokenizer, device_name, k)``."""
+
+    def start(config, sched, k: int):
+        from llm.models import load_base
+
+        device = torch.device("cuda" if torch.cuda.is_available() and not config.cpu else "cpu")
+        base, tokenizer = load_base()
+        base.requires_grad_(False).to(device)
+        return make(config, sched, base, tokenizer, torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", k)
+
+    return start

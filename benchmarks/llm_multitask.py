@@ -57,7 +57,7 @@ import torch
 from sbora.configuration import ConfigError
 
 from .accuracy import paired_difference, ratio_difference, ratio_interval
-from .common import UnitStore, clone_sharing_weights, parse_worker, run_benchmark, run_resumable
+from .common import UnitStore, clone_sharing_weights, llm_start, parse_worker, run_benchmark, run_resumable
 
 TASKS = ("addsub", "multistep", "reverse")
 DISJOINT = ("sbora-fa", "sbora-fb", "ortho")  # one slot per task
@@ -292,7 +292,7 @@ def collect(config: MultitaskConfig) -> dict:
 
 def measure(config: MultitaskConfig, res: dict, save: Callable[[], None]) -> None:
     if config.worker or config.merge:
-        run_resumable(config, res, save, collect, Schedule, Worker)
+        run_resumable(config, res, save, collect, Schedule, llm_start(Worker))
     else:
         run(config, res, save)
 

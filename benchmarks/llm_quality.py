@@ -83,7 +83,7 @@ from sbora.configuration import ConfigError
 from sbora.engine import TrainingDiverged
 
 from .accuracy import discordance, paired_difference, problems_needed, seed_interval
-from .common import UnitStore, clone_sharing_weights, parse_worker, run_benchmark, run_resumable
+from .common import UnitStore, clone_sharing_weights, llm_start, parse_worker, run_benchmark, run_resumable
 
 # name -> llm.train options of the method (beyond those every run shares)
 METHODS = {
@@ -482,7 +482,7 @@ def unit_timing(records: list[dict]) -> dict:
 
 def measure(config: LLMQualityConfig, res: dict, save: Callable[[], None]) -> None:
     if config.worker or config.merge:
-        run_resumable(config, res, save, collect, Schedule, lambda config, sched, base, tokenizer, device, k: Worker(config, sched, base, tokenizer, device))
+        run_resumable(config, res, save, collect, Schedule, llm_start(lambda config, sched, base, tokenizer, device, k: Worker(config, sched, base, tokenizer, device)))
     else:
         run(config, res, save)
 

@@ -16,13 +16,16 @@ Protocol (docs/architecture.md §5, Mix-of-Show's, which the SBoRA paper follows
    their adapter) and Custom Diffusion (dense cross-attention k/v updates).
    SBoRA-FA/FB, Ortho and DiffoRA train concept k of the run in slot k (modulo the slots the
    narrowest layer holds), so the concepts of one seed sit in disjoint slots and compose
-   without retraining (step 4).
+   without retraining (step 4). **Learning rates**: with two or more ``--lrs`` (the ceiling:
+   ``--full-ft-lrs``), each method first trains every rate on every concept with seed 0 and is
+   scored on validation images (seeds ``VAL_SEED0``.., never the reported ones); its rate with
+   the highest mean CLIP-I trains the seeds (seed 0 reuses the sweep's own run).
 2. **Floor and ceiling.** The zero-shot base (no training; the prompt with the class word
    instead of the token, as the trainer's sample grids ask it) and a **fully fine-tuned UNet**
    (every UNet weight, convolutions and norms included, trained by AdamW with the same loss,
    data, steps, batch, schedule, clipping and concept-token embedding as the adapters, in a
-   small explicit loop reusing ``concept/loss.py`` and ``concept/data.py``; its learning rate
-   is ``--full-ft-lr``, since a dense update needs a smaller one than a zero-started adapter).
+   task on the shared engine, ``FullUNetTask``; its learning rates are ``--full-ft-lrs``, since
+   a dense update needs smaller ones than a zero-started adapter).
 3. **Scores** (``sbora_diffusion.clip_score`` with the pocket CLIP): for each run, the concept's
    eval prompts × seeds 0..N-1 (image k of a prompt uses seed k, ``generate.generate``):
    CLIP-T (plain cosine of image and prompt with the token replaced by the class word, after
@@ -44,11 +47,25 @@ Protocol (docs/architecture.md §5, Mix-of-Show's, which the SBoRA paper follows
    method minus LoRA on the same concept and seed, the interval over those (concept, seed)
    units.
 
-Results: ``docs/benchmarks/quality.{json,md,png}`` (``quality_full.*`` with ``--preset full``);
+Identification (``sbora_diffusion/world/identification.py``) is scored with the rest: the share
+of a run's images the design probe names as the concept, against the five concepts, their
+colour-matched distractors and any other world object; for a pair, in each half of the image
+(the concept's own half and the other one: where it landed).
+
+**Resumable runs in units**, seed-major, as the LLM benchmarks: the zero-shot base per concept
+and pair, each method's sweep, then seed 0 of every method, concept and pair, then seed 1...
+Each finished unit is one JSON file in ``--work-dir/units``; the same command continues a
+stopped run; ``--worker K/N`` splits the units between processes (one thread each);
+``--merge`` builds the report from whatever is done, and the JSON says whether it is complete.
+
+Results: ``docs/benchmarks/quality.{json,md,png}`` (``quality_<preset>.*`` for other presets);
 runs, adapters and generated images under ``--work-dir``.
 
-    python -m benchmarks.quality --preset quick      # ≤ 15 min on 2 shared CPU cores
-    python -m benchmarks.quality --preset full       # all 5 concepts, 3 seeds, more images (runtime in the .md)
+    python -m benchmarks.quality --preset quick                        # every method end to end, ≤ 15 min on 2 CPU cores
+    python -m benchmarks.quality --preset demo                         # is each concept there after the demo's budget?
+    python -m benchmarks.quality --preset standard --worker 0/2 &      # the comparison (issue #27): ~8 h of one core,
+    python -m benchmarks.quality --preset standard --worker 1/2 &      # two workers side by side, resumable
+    python -m benchmarks.quality --preset standard --merge             # -> docs/benchmarks/quality_standard.*, any time
 """
 
 from __future__ import annotations
@@ -73,7 +90,7 @@ from sbora_diffusion.concept.pipeline import concept_token, trainable_parameters
 from sbora_diffusion.concept.train import ConceptTask
 
 from .accuracy import seed_interval, wilson_interval
-from .common import run_benchmark
+from .common import UnitStore, parse_worker, run_benchmark, run_resumable
 
 DIFFORA = "diffora"  # DiffoRA selection (a training procedure, --select diffora) over the paper's SBoRA-FA
 DIFFORA_METHOD = "sbora-fa"
@@ -105,8 +122,8 @@ DRIFT_PROMPTS = (
 METRICS = ("clip_i", "clip_t", "drift", "identified")
 METRIC_LABELS = {"clip_i": "CLIP-I (image alignment, plain cosine)", "clip_t": "CLIP-T (text alignment, plain cosine)",
                  "drift": "drift (1 − cosine to the base's image of unrelated prompts; lower is better)",
-                 "identified": "identified (share of images the design probe names as the concept, of the five concepts and their "
-                               "colour-matched distractors)"}
+                 "identified": "identified (share of images the design probe names as the concept, of the five concepts, their "
+                               "colour-matched distractors and any other world object)"}
 
 
 @dataclass
@@ -119,27 +136,32 @@ class QualityConfig:
                                 metadata={"help": "held-out concepts (configs/concepts/NAME.yaml)"})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "methods: " + ", ".join(METHODS)})
     ceiling: bool = field(default=True, metadata={"help": "also train the full-UNet fine-tune ceiling"})
-    seeds: int = field(default=3, metadata={"help": "training seeds per (method, concept): train_seed = adapter seed = 0..N-1"})
+    seeds: int = field(default=4, metadata={"help": "training seeds per (method, concept): train_seed = adapter seed = 0..N-1"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps of every run (none: the training config's)"})
-    lr: float | None = field(default=None, metadata={"help": "adapter learning rate of every method (none: the training config's)"})
+    lrs: list[float] | None = field(default_factory=lambda: [1e-3, 3e-3, 1e-2], metadata={"help": "learning rates of every adapter method: with two or more, each method's "
+                                                                     "best of them (validation CLIP-I, seed 0) trains the seeds (none: the "
+                                                                     "training config's lr)", "aliases": ("lr",)})
     rank: int | None = field(default=None, metadata={"help": "adapter rank of every low-rank method (none: the method YAMLs', 16)"})
-    full_ft_lr: float = field(default=1e-4, metadata={"help": "learning rate of the full-UNet fine-tune"})
-    num_prompts: int = field(default=5, metadata={"help": "eval prompts per concept (the first N of its config's eval_prompts)"})
+    full_ft_lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4], metadata={"help": "learning rates of the full-UNet fine-tune (swept "
+                                                                                        "like --lrs)", "aliases": ("full-ft-lr",)})
+    num_prompts: int = field(default=4, metadata={"help": "eval prompts per concept (the first N of its config's eval_prompts)"})
     num_images: int = field(default=4, metadata={"help": "images per eval prompt (seeds 0..N-1)"})
     sample_steps: int | None = field(default=None, metadata={"help": "DDIM steps of every image (none: the training config's sample_steps)"})
     guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (none: the training config's)"})
     drift_prompts: int = field(default=5, metadata={"help": f"unrelated prompts for drift (the first N of {len(DRIFT_PROMPTS)})"})
     drift_images: int = field(default=2, metadata={"help": "images per drift prompt"})
-    pairs: list[str] = field(default_factory=lambda: ["robot+duck", "beachball+checkerflag", "boltbadge+robot"],
+    pairs: list[str] = field(default_factory=lambda: ["robot+duck", "beachball+checkerflag", "duck+beachball", "checkerflag+boltbadge"],
                              metadata={"help": "multi-concept pairs A+B (A left, B right), of --concepts"})
     multi_methods: list[str] = field(default_factory=lambda: list(MULTI_METHODS), metadata={"help": "composition methods: " + ", ".join(MULTI_METHODS)})
     multi_modes: list[str] = field(default_factory=lambda: list(MULTI_MODES), metadata={"help": "sum (weights only) and/or regional"})
-    multi_images: int = field(default=4, metadata={"help": "images per pair, method, mode and seed"})
+    multi_images: int = field(default=8, metadata={"help": "images per pair, method, mode and seed"})
     gen_batch_size: int = field(default=8, metadata={"help": "images per pipeline call"})
     text_prefix: str = field(default="A photo depicts ", metadata={"help": "CLIP-T text prefix (Mix-of-Show's)"})
     threads: int = field(default=1, metadata={"help": "torch threads (0: leave as is; on shared cores 2 threads ran 3x slower than 1 here)"})
-    work_dir: str = field(default="outputs/bench_quality", metadata={"help": "runs, adapters and generated images"})
+    work_dir: str = field(default="outputs/bench_quality", metadata={"help": "runs, adapters, generated images and the finished units (units/)"})
     out_dir: str | None = field(default=None, metadata={"help": "results folder (default docs/benchmarks)"})
+    worker: str = field(default="0/1", metadata={"help": "K/N: run every N-th unit from the K-th (N workers side by side, one thread each)"})
+    merge: bool = field(default=False, metadata={"help": "only build the report from the finished units in --work-dir"})
 
     def validate(self) -> None:
         from sbora_diffusion.concept.config import load_concept
@@ -158,8 +180,9 @@ class QualityConfig:
                 raise ConfigError(f"{what} must be at least {lo}, got {value}")
         if self.drift_prompts > len(DRIFT_PROMPTS):
             raise ConfigError(f"drift_prompts must be at most {len(DRIFT_PROMPTS)}, got {self.drift_prompts}")
-        if self.full_ft_lr <= 0 or (self.lr is not None and self.lr <= 0):
-            raise ConfigError("learning rates must be positive")
+        if not self.full_ft_lrs or min(self.full_ft_lrs) <= 0 or (self.lrs is not None and (not self.lrs or min(self.lrs) <= 0)):
+            raise ConfigError("learning rates must be positive (one or more per list)")
+        parse_worker(self.worker)
         bad = [m for m in self.multi_methods if m not in MULTI_METHODS]
         if bad:
             raise ConfigError(f"unknown multi-concept method(s) {', '.join(bad)}; known: {', '.join(MULTI_METHODS)}")
@@ -183,13 +206,17 @@ PRESETS: dict[str, dict] = {
     # Every method, 2 concepts, 2 seeds, 40 steps (the demo's learning rate, 3e-3, over 40 of its 300 steps), a few images
     # at 15 DDIM steps: sized for ≤ 15 min on 2 CPU cores (one torch thread).
     "quick": {"concepts": ["robot", "duck"], "seeds": 2, "steps": 40, "sample_steps": 15, "num_prompts": 3, "num_images": 2,
-              "drift_prompts": 2, "drift_images": 1, "pairs": ["robot+duck"], "multi_images": 2},
-    # The comparison: 5 concepts, 3 seeds, the training config's full budget (configs/train/pocket.yaml: 300 steps of 4).
-    "full": {},
+              "drift_prompts": 2, "drift_images": 1, "pairs": ["robot+duck"], "multi_images": 2, "lrs": None, "full_ft_lrs": [1e-4]},
+    # The comparison (issue #27 items 3 and 4; the defaults above): 5 concepts, 4 seeds, the training config's budget
+    # (configs/train/pocket.yaml: the demo's 300 steps of 4), each method at its best of 3 learning rates (sweep on seed 0),
+    # 4 prompts x 4 images per (concept, seed), 4 pairs x 8 images per composition, mode and seed. Resumable units:
+    # ~8 h of one CPU core here, two workers side by side.
+    "standard": {},
+    "full": {},  # the earlier name of standard
     # Issue #27 item 2: is each held-out concept there after `make demo`'s budget (SBoRA-FA, 300 steps)? 5 prompts x 8 images
     # per concept, against the zero-shot base on the same prompts and seeds.
     "demo": {"methods": ["sbora-fa"], "ceiling": False, "seeds": 1, "num_prompts": 5, "num_images": 8, "drift_prompts": 0,
-             "pairs": [], "multi_methods": []},
+             "pairs": [], "multi_methods": [], "lrs": None},
 }
 
 
@@ -318,17 +345,19 @@ def multi_paired(res: dict, method: str, mode: str) -> tuple[float, float, int]:
     return (*seed_interval(diffs), len(diffs)) if diffs else (math.nan, math.nan, 0)
 
 
-def estimate_seconds(config: QualityConfig, timing: dict, steps: int) -> dict[str, float]:
-    """Run time of `config` from measured unit costs: seconds per training step (per method), per image, per run's overhead."""
-    runs = len(config.concepts) * config.seeds
-    train = sum(timing["step_seconds"].get(m, timing["step_seconds_mean"]) * steps * runs for m in config.methods)
-    if config.ceiling:
-        train += timing["step_seconds"].get(CEILING, timing["step_seconds_mean"]) * steps * runs
-    n_runs = runs * (len(config.methods) + int(config.ceiling))
-    per_run_images = config.num_prompts * config.num_images + config.drift_prompts * config.drift_images
-    images = n_runs * per_run_images + len(config.concepts) * config.num_prompts * config.num_images + config.drift_prompts * config.drift_images
-    images += len(config.pairs) * config.seeds * len(config.multi_methods) * len(config.multi_modes) * config.multi_images
-    images += len(config.pairs) * config.multi_images
+def estimate_seconds(config: QualityConfig, timing: dict, steps: int, default_lr: float) -> dict[str, float]:
+    """Run time of `config` from measured unit costs: seconds per training step (per method), per image, per run's overhead.
+    A sweep trains every rate on every concept (seed 0); the reported seed 0 of an adapter method reuses its sweep run."""
+    concepts, eval_images = len(config.concepts), config.num_prompts * config.num_images
+    trained, images = {}, concepts * eval_images + config.drift_prompts * config.drift_images  # the zero-shot base, the base's drift
+    for m in all_methods(config):
+        grid = lr_grid(config, m, default_lr)
+        sweep = concepts * len(grid) if len(grid) > 1 else 0
+        trained[m] = concepts * config.seeds + sweep - (concepts if sweep and m != CEILING else 0)
+        images += sweep * eval_images + concepts * config.seeds * (eval_images + config.drift_prompts * config.drift_images)
+    images += len(config.pairs) * config.multi_images * (1 + config.seeds * len(config.multi_methods) * len(config.multi_modes))
+    train = sum(timing["step_seconds"].get(m, timing["step_seconds_mean"]) * steps * n for m, n in trained.items())
+    n_runs = sum(trained.values())
     out = {"train": train, "images": images * timing["image_seconds"], "overhead": n_runs * timing["run_overhead_seconds"],
            "runs": n_runs, "image_count": images, "steps": steps}
     out["total"] = out["train"] + out["images"] + out["overhead"]
@@ -394,8 +423,9 @@ def _generate(ctx: Context, pipe, prompts: list[str], seeds: list[int], out: Pat
     return read_manifest(out / "manifest.jsonl")
 
 
-def score_pipe(ctx: Context, pipe, concept, out: Path, zero_shot: bool = False) -> dict:
-    """CLIP-T, CLIP-I, drift and identification of `pipe` for `concept` (zero_shot: the prompts with the class word, no drift)."""
+def score_pipe(ctx: Context, pipe, concept, out: Path, zero_shot: bool = False, first_seed: int = 0) -> dict:
+    """CLIP-T, CLIP-I, drift and identification of `pipe` for `concept` on image seeds first_seed.. (zero_shot: the prompts
+    with the class word, no drift; a sweep's validation images, first_seed = VAL_SEED0: no drift either)."""
     from PIL import Image
 
     from sbora_diffusion.clip_score import drift, score
@@ -405,14 +435,14 @@ def score_pipe(ctx: Context, pipe, concept, out: Path, zero_shot: bool = False) 
     prompts = [concept.fill(p) for p in concept.eval_prompts[: cfg.num_prompts]]
     if zero_shot:
         prompts = [base_prompt(p, concept) for p in prompts]
-    entries = _generate(ctx, pipe, prompts, list(range(cfg.num_images)), out / "eval", None if zero_shot else concept)
+    entries = _generate(ctx, pipe, prompts, list(range(first_seed, first_seed + cfg.num_images)), out / "eval", None if zero_shot else concept)
     sc = score(ctx.scorer, entries, reference_dir=concept.instance_dir, text_prefix=cfg.text_prefix)
     row = {"samples": [str(e.image) for e in entries[:: cfg.num_images]], "clip_i": sc["summary"]["clip_i_cosine"], "clip_t": sc["summary"]["clip_t_cosine"],
            "clip_t_mixofshow": sc["summary"]["clip_t_mixofshow"], "images": len(entries),
            "per_prompt": {p: {"clip_i": _mean([r["clip_i_cosine"] for r in sc["images"] if r["prompt"] == p]),
                               "clip_t": _mean([r["clip_t_cosine"] for r in sc["images"] if r["prompt"] == p])} for p in prompts},
            **identification(ctx, concept.name, [Image.open(e.image).convert("RGB") for e in entries])}
-    if zero_shot or not cfg.drift_prompts:
+    if zero_shot or first_seed or not cfg.drift_prompts:
         row["drift"] = 0.0
     else:
         adapted = _generate(ctx, pipe, list(DRIFT_PROMPTS[: cfg.drift_prompts]), list(range(cfg.drift_images)), out / "drift")
@@ -459,27 +489,26 @@ def placement(ctx: Context, images: list, names: Sequence[str]) -> dict[str, dic
     return out
 
 
-def train_one(ctx: Context, method: str, concept, seed: int) -> tuple[object, dict]:
-    """Train `method` on `concept` with `seed` on a fresh copy of the base; returns (trained pipe, run record)."""
+def train_one(ctx: Context, method: str, concept, seed: int, lr: float, out: Path) -> tuple[object, dict]:
+    """Train `method` on `concept` with `seed` at `lr` into `out`, on a fresh copy of the base; returns (trained pipe, run record)."""
     from sbora.adapters import adapter_parameters
     from sbora_diffusion.concept.train import load_train_config, train
 
     cfg = ctx.config
-    out = ctx.work / "runs" / concept.key / method / f"seed{seed}"
     pipe = copy.deepcopy(ctx.base)
     t0 = time.time()
     per_step = None
     if method == CEILING:
         tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, "train_seed": seed, "output_dir": str(out)})
-        state, _ = fit(FullUNetTask(concept, cfg.model, tcfg, pipe, cfg.full_ft_lr), tcfg, out)
+        state, _ = fit(FullUNetTask(concept, cfg.model, tcfg, pipe, lr), tcfg, out)
         for part in (pipe.unet, pipe.text_encoder):
             part.requires_grad_(False)
             part.eval()
         record = {"trainable_params": sum(p.numel() for p in pipe.unet.parameters()), "final_loss": _mean(state.losses[-10:]),
-                  "steps": state.step, "lr": cfg.full_ft_lr, "adapter": None}
+                  "steps": state.step, "lr": lr, "adapter": None}
     else:
         yaml_name, extra = METHODS[method]
-        tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, **extra, "train_seed": seed, "output_dir": str(out)})
+        tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, **extra, "lr": lr, "train_seed": seed, "output_dir": str(out)})
         adapter = {"seed": seed, **({"rank": cfg.rank, "alpha": float(cfg.rank)} if cfg.rank and METHOD_SPECS[yaml_name].low_rank else {})}
         if method in SLOT_METHODS:
             adapter["slot"] = ctx.slots[concept.name]
@@ -559,108 +588,221 @@ def load_scorer(config: QualityConfig):
     return load_clip(config.clip_model, pretrained=None, weights=config.clip_weights, device="cpu", batch_size=64)
 
 
-def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, scorer=None) -> None:
-    """Fill `res` (zero-shot, then method by method, then the pairs), calling `save` after each part."""
-    from sbora.adapters import load_adapter_config
-    from sbora_diffusion.concept.options import load_train_config, train_config_path
-    from sbora_diffusion.concept.config import load_concept
-    from sbora.configuration import shown_path
-    from sbora_diffusion.models import load_pipeline
+# ---------------------------------------------------------------------------- the run in units (resumable, seed-major)
 
-    config.validate()
-    t_start = time.time()
-    last_save = [t_start]
 
-    def checkpoint() -> None:  # the results so far, at most once a minute (writing the figure takes a moment)
-        if time.time() - last_save[0] > 60:
-            save()
-            last_save[0] = time.time()
-    base = pipe if pipe is not None else load_pipeline(config.model)
-    base.set_progress_bar_config(disable=True)
-    for part in (base.unet, base.text_encoder, base.vae):
-        part.requires_grad_(False).eval()
-    scorer = scorer if scorer is not None else load_scorer(config)
-    from sbora_diffusion.concept.options import TrainConfig
+VAL_SEED0 = 1000  # a sweep scores validation images on seeds 1000.. ; the reported runs use seeds 0..N-1
 
-    # The trainer's own outputs are not scored here: no validation grids, one small sample image, no checkpoints on the way.
-    overrides = {"checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True, "cpu": True}
-    if "score_clip" in TrainConfig.__dataclass_fields__:
-        overrides["score_clip"] = None
-    if config.steps is not None:
-        overrides["steps"] = config.steps
-    if config.lr is not None:
-        overrides["lr"] = config.lr
-    tcfg = load_train_config(config.train_config, model=config.model, **overrides)
-    sample_steps = config.sample_steps or tcfg.sample_steps
-    guidance = config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale
-    overrides["sample_steps"] = min(sample_steps, 5)  # the trainer's own samples.png only (not scored): cheap
-    overrides["guidance_scale"] = guidance
-    capacity = min((slot_capacity(base.unet, load_adapter_config(METHODS[m][0], **({"rank": config.rank} if config.rank else {})), side)
-                    for m, side in SLOT_METHODS.items() if m in config.methods), default=len(config.concepts))
-    slots = assign_slots(config.concepts, capacity)
-    pairs = [parse_pair(p, config.concepts) for p in config.pairs]
-    clash = [f"{a}+{b}" for a, b in pairs if slots[a] == slots[b]]
-    if clash and any(m in SLOT_METHODS for m in config.multi_methods):
-        raise ConfigError(f"pair(s) {', '.join(clash)} would share a slot (the narrowest layer holds {capacity} slots of this rank): "
-                          "pick pairs of concepts fewer than that apart in --concepts")
-    work = Path(config.work_dir)
-    from sbora_diffusion.world.design_probe import load_probe
 
-    ctx = Context(config, base, scorer, work, overrides, tcfg.steps, sample_steps, guidance, slots, probe=load_probe())
-    concepts = {c: load_concept(c) for c in config.concepts}
-    for c in concepts.values():
-        ctx.references[c.name] = scorer.reference_embeddings(c.instance_dir)
-    res.update(concepts=list(config.concepts), base_parameters={"unet": sum(p.numel() for p in base.unet.parameters())},
-               settings={"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr, "token_lr": tcfg.token_lr,
-                         "lr_schedule": tcfg.lr_schedule, "token_mode": tcfg.token_mode, "sample_steps": sample_steps,
-                         "guidance_scale": guidance, "slot_capacity": capacity, "slots": slots, "resolution": tcfg.resolution,
-                         "full_ft_lr": config.full_ft_lr, "train_config": shown_path(train_config_path(config.train_config, config.model))},
-               zero_shot={}, runs=[], multi=[], multi_zero_shot=[], timing={})
-    # The base's images of the drift prompts, once: every adapted model is compared with them.
-    if config.drift_prompts:
-        ctx.base_drift = _generate(ctx, base, list(DRIFT_PROMPTS[: config.drift_prompts]), list(range(config.drift_images)), work / "base-drift")
-    for c in concepts.values():
-        res["zero_shot"][c.name] = score_pipe(ctx, base, c, work / "runs" / c.key / FLOOR, zero_shot=True)
-    save()
-    methods = [*config.methods, *([CEILING] if config.ceiling else [])]
-    adapters: dict[tuple[str, str, int], dict] = {}
-    step_seconds: dict[str, list[float]] = {}
-    overheads: list[float] = []
-    for pair in config.pairs:
-        res["multi_zero_shot"].append(zero_shot_pair(ctx, pair))
-    # Seed by seed (every method and concept, then that seed's pairs): a run stopped early still compares every method.
+def lr_grid(config: QualityConfig, method: str, default_lr: float) -> list[float]:
+    """The learning rates `method` is swept over (one: no sweep)."""
+    return list(config.full_ft_lrs) if method == CEILING else list(config.lrs or [default_lr])
+
+
+def all_methods(config: QualityConfig) -> list[str]:
+    return [*config.methods, *([CEILING] if config.ceiling else [])]
+
+
+def schedule(config: QualityConfig, default_lr: float) -> list[tuple]:
+    """The units in the order they run, seed-major: the zero-shot base per concept and pair, each method's sweep (seed 0,
+    every learning rate and concept; only with two or more rates), then seed 0 of every method and concept and that seed's
+    pairs, then seed 1 ..."""
+    units: list[tuple] = [*(("zero-shot", c) for c in config.concepts), *(("pair-zero-shot", p) for p in config.pairs)]
+    for m in all_methods(config):
+        grid = lr_grid(config, m, default_lr)
+        if len(grid) > 1:
+            units += [("sweep", m, lr, c) for lr in grid for c in config.concepts]
     for seed in range(config.seeds):
-        for method in methods:
-            for c in concepts.values():
-                t0 = time.time()
-                pipe_m, record = train_one(ctx, method, c, seed)
-                g0 = ctx.gen_seconds
-                row = score_pipe(ctx, pipe_m, c, work / "runs" / c.key / method / f"seed{seed}")
-                row.update(method=method, concept=c.name, seed=seed, **record, eval_seconds=time.time() - t0 - record["train_seconds"])
-                res["runs"].append(row)
-                adapters[(method, c.name, seed)] = row
-                step_seconds.setdefault(method, []).append(record["step_seconds"])
-                overheads.append(record["setup_seconds"] + row["eval_seconds"] - (ctx.gen_seconds - g0))
-                del pipe_m
-                gc.collect()
-                checkpoint()
-        for pair in config.pairs:
-            for method in config.multi_methods:
-                res["multi"] += run_pair(ctx, pair, method, seed, adapters)
-            checkpoint()
-    res["timing"] = {
-        "step_seconds": {m: statistics.median(v) for m, v in step_seconds.items()},
-        "step_seconds_mean": _mean([statistics.median(v) for v in step_seconds.values()]) if step_seconds else math.nan,
-        "image_seconds": ctx.gen_seconds / max(1, ctx.gen_images), "images": ctx.gen_images,
-        "run_overhead_seconds": _mean(overheads) if overheads else 0.0,
-        "note": "step seconds: the median over runs of the time between optimizer steps; run overhead: a run's training set-up, "
-                "sample grid and saving plus its scoring time beyond generation (CLIP encoding, files)",
-        "measured_seconds": time.time() - t_start,
-    }
-    full = QualityConfig(**{**{k: getattr(QualityConfig(), k) for k in QualityConfig.__dataclass_fields__}, **PRESETS["full"],
-                            "model": config.model, "threads": config.threads})
-    full_steps = full.steps or load_train_config(config.train_config, model=config.model).steps
-    res["full_estimate"] = estimate_seconds(full, res["timing"], full_steps)
+        units += [("run", m, c, seed) for m in all_methods(config) for c in config.concepts]
+        units += [("pair", p, m, seed) for p in config.pairs for m in config.multi_methods]
+    return units
+
+
+def unit_key(unit: tuple) -> str:
+    kind, *rest = unit
+    if kind == "sweep":
+        return f"sweep-{rest[0]}-lr{rest[1]:g}-{rest[2]}"
+    if kind in ("run", "pair"):
+        return f"{kind}-{rest[0].replace('+', '_')}-{rest[1]}-seed{rest[2]}" if kind == "pair" else f"run-{rest[0]}-{rest[1]}-seed{rest[2]}"
+    return f"{kind}-{rest[0].replace('+', '_')}"
+
+
+def protocol(config: QualityConfig) -> dict:
+    """What every unit of one run must share (a unit of other settings is refused, not mixed in)."""
+    keys = ("model", "clip_model", "clip_weights", "train_config", "steps", "rank", "num_prompts", "num_images", "sample_steps",
+            "guidance_scale", "drift_prompts", "drift_images", "multi_images", "multi_modes", "text_prefix", "concepts")
+    return {k: getattr(config, k) for k in keys}
+
+
+class Schedule:
+    """What is done and what is ready, read from the unit store (other workers' units included) each time it is asked."""
+
+    def __init__(self, config: QualityConfig):
+        self.config = config
+        self.tcfg = base_train_config(config)
+        self.store = UnitStore(Path(config.work_dir) / "units", protocol(config))
+        self.units = schedule(config, self.tcfg.lr)
+
+    def load(self, unit: tuple) -> dict | None:
+        return self.store.load(unit_key(unit))
+
+    def best(self, method: str) -> tuple[bool, float | None]:
+        """(the sweep is finished, the best learning rate: highest mean validation CLIP-I over the concepts, ties to the
+        higher identification rate)."""
+        grid = lr_grid(self.config, method, self.tcfg.lr)
+        if len(grid) == 1:
+            return True, grid[0]
+        found = {lr: [self.load(("sweep", method, lr, c)) for c in self.config.concepts] for lr in grid}
+        if any(r is None for rows in found.values() for r in rows):
+            return False, None
+        score = {lr: (_mean([r["clip_i"] for r in rows]), _mean([r["identified"] for r in rows if r["identified"] == r["identified"]] or [0.0]))
+                 for lr, rows in found.items()}
+        return True, max(grid, key=lambda lr: score[lr])
+
+    def ready(self, unit: tuple) -> bool:
+        if unit[0] == "run":
+            return self.best(unit[1])[0]
+        if unit[0] == "pair":
+            return all(self.is_done(("run", unit[2], c, unit[3])) for c in unit[1].split("+"))
+        return True
+
+    def is_done(self, unit: tuple) -> bool:
+        record = self.load(unit)
+        if record is None or unit[0] != "run":
+            return record is not None
+        return record["lr"] == self.best(unit[1])[1]  # a run at a rate an extended sweep no longer picks is redone
+
+
+def base_train_config(config: QualityConfig):
+    from sbora_diffusion.concept.options import load_train_config
+
+    return load_train_config(config.train_config, model=config.model, **({"steps": config.steps} if config.steps is not None else {}))
+
+
+class Worker:
+    """One process's share of the units: the base pipeline, CLIP and design probe loaded once."""
+
+    def __init__(self, config: QualityConfig, sched: Schedule, k: int, pipe=None, scorer=None):
+        from sbora.adapters import load_adapter_config
+        from sbora_diffusion.concept.config import load_concept
+        from sbora_diffusion.models import load_pipeline
+        from sbora_diffusion.world.design_probe import load_probe
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.sched, tcfg = sched, sched.tcfg
+        base = pipe if pipe is not None else load_pipeline(config.model)
+        base.set_progress_bar_config(disable=True)
+        for part in (base.unet, base.text_encoder, base.vae):
+            part.requires_grad_(False).eval()
+        scorer = scorer if scorer is not None else load_scorer(config)
+        # The trainer's own outputs are not scored here: no validation grids, a cheap sample image, no checkpoints on the way.
+        overrides = {"checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True, "cpu": True, "score_clip": None,
+                     "steps": tcfg.steps, "sample_steps": min(config.sample_steps or tcfg.sample_steps, 5),
+                     "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale}
+        capacity = min((slot_capacity(base.unet, load_adapter_config(METHODS[m][0], **({"rank": config.rank} if config.rank else {})), side)
+                        for m, side in SLOT_METHODS.items() if m in config.methods), default=len(config.concepts))
+        slots = assign_slots(config.concepts, capacity)
+        clash = [p for p in config.pairs if len({slots[c] for c in parse_pair(p, config.concepts)}) == 1]
+        if clash and any(m in SLOT_METHODS for m in config.multi_methods):
+            raise ConfigError(f"pair(s) {', '.join(clash)} would share a slot (the narrowest layer holds {capacity} slots of this rank): "
+                              "pick pairs of concepts fewer than that apart in --concepts")
+        self.ctx = Context(config, base, scorer, Path(config.work_dir), overrides, tcfg.steps, config.sample_steps or tcfg.sample_steps,
+                           overrides["guidance_scale"], slots, probe=load_probe())
+        self.concepts = {c: load_concept(c) for c in config.concepts}
+        for c in self.concepts.values():
+            self.ctx.references[c.name] = scorer.reference_embeddings(c.instance_dir)
+        if config.drift_prompts:  # the base's drift images, per worker (each writes only its own folder)
+            self.ctx.base_drift = _generate(self.ctx, base, list(DRIFT_PROMPTS[: config.drift_prompts]), list(range(config.drift_images)),
+                                            self.ctx.work / f"base-drift-w{k}")
+
+    def do(self, unit: tuple) -> None:
+        ctx, kind = self.ctx, unit[0]
+        g0, n0, t0 = ctx.gen_seconds, ctx.gen_images, time.time()
+        if kind == "zero-shot":
+            c = self.concepts[unit[1]]
+            record = score_pipe(ctx, ctx.base, c, ctx.work / "runs" / c.key / FLOOR, zero_shot=True)
+        elif kind == "pair-zero-shot":
+            record = zero_shot_pair(ctx, unit[1])
+        elif kind == "sweep":
+            _, method, lr, name = unit
+            c = self.concepts[name]
+            out = ctx.work / "sweep" / c.key / method / f"lr{lr:g}"
+            pipe, record = train_one(ctx, method, c, 0, lr, out)
+            record.update(score_pipe(ctx, pipe, c, out, first_seed=VAL_SEED0), method=method, concept=name, lr=lr)
+        elif kind == "run":
+            record = self.run(*unit[1:])
+        else:
+            _, pair, method, seed = unit
+            runs = {(method, c, seed): self.sched.load(("run", method, c, seed)) for c in pair.split("+")}
+            record = {"entries": run_pair(ctx, pair, method, seed, runs)}
+        record.update(unit_seconds=time.time() - t0, gen_seconds=ctx.gen_seconds - g0, gen_images=ctx.gen_images - n0)
+        self.sched.store.save(unit_key(unit), record)
+        gc.collect()
+
+    def run(self, method: str, name: str, seed: int) -> dict:
+        """A reported run at the method's best rate; seed 0 of an adapter method reuses its sweep's adapter (same training)."""
+        from sbora_diffusion.concept.adapter import load_concept_adapter
+
+        ctx, c = self.ctx, self.concepts[name]
+        _, lr = self.sched.best(method)
+        out = ctx.work / "runs" / c.key / method / f"seed{seed}"
+        swept = self.sched.load(("sweep", method, lr, name)) if seed == 0 else None
+        if swept is not None and swept.get("adapter"):
+            pipe = copy.deepcopy(ctx.base)
+            load_concept_adapter(pipe, swept["adapter"])
+            record = {k: swept[k] for k in ("trainable_params", "final_loss", "steps", "lr", "adapter", "slot", "train_seconds", "step_seconds",
+                                            "setup_seconds")} | {"reused_sweep_run": True}
+        else:
+            pipe, record = train_one(ctx, method, c, seed, lr, out)
+        return record | score_pipe(ctx, pipe, c, out) | {"method": method, "concept": name, "seed": seed}
+
+
+def collect(config: QualityConfig) -> dict:
+    """The report's results from the finished units (any worker's); what is missing is counted in `pending`."""
+    from sbora.configuration import shown_path
+    from sbora_diffusion.concept.options import train_config_path
+
+    sched = Schedule(config)
+    tcfg = sched.tcfg
+    done = {unit_key(u): r for u in sched.units if (r := sched.load(u)) is not None and sched.is_done(u)}
+    found = lambda u: done.get(unit_key(u))  # noqa: E731
+    res = {"concepts": list(config.concepts), "units_done": len(done), "units": len(sched.units), "pending": len(sched.units) - len(done),
+           "settings": {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr, "token_lr": tcfg.token_lr, "lr_schedule": tcfg.lr_schedule,
+                        "token_mode": tcfg.token_mode, "sample_steps": config.sample_steps or tcfg.sample_steps,
+                        "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale,
+                        "resolution": tcfg.resolution, "full_ft_lrs": list(config.full_ft_lrs),
+                        "train_config": shown_path(train_config_path(config.train_config, config.model))},
+           "zero_shot": {c: r for c in config.concepts if (r := found(("zero-shot", c)))},
+           "multi_zero_shot": [r for p in config.pairs if (r := found(("pair-zero-shot", p)))],
+           "runs": [r for u in sched.units if u[0] == "run" and (r := found(u))],
+           "multi": [e for u in sched.units if u[0] == "pair" and (r := found(u)) for e in r["entries"]],
+           "sweep": {m: {f"{lr:g}": {c: found(("sweep", m, lr, c)) for c in config.concepts} for lr in lr_grid(config, m, tcfg.lr)}
+                     for m in all_methods(config) if len(lr_grid(config, m, tcfg.lr)) > 1},
+           "best_lr": {m: sched.best(m)[1] for m in all_methods(config)}}
+    records = list(done.values())
+    step = {}
+    for r in res["runs"]:
+        if not r.get("reused_sweep_run"):
+            step.setdefault(r["method"], []).append(r["step_seconds"])
+    images = sum(r.get("gen_images", 0) for r in records)
+    res["timing"] = {"step_seconds": {m: statistics.median(v) for m, v in step.items()},
+                     "step_seconds_mean": _mean([statistics.median(v) for v in step.values()]) if step else math.nan,
+                     "image_seconds": sum(r.get("gen_seconds", 0.0) for r in records) / max(1, images), "images": images,
+                     "run_overhead_seconds": _mean([r["setup_seconds"] for r in res["runs"] if "setup_seconds" in r]) if res["runs"] else 0.0,
+                     "unit_seconds": sum(r.get("unit_seconds", 0.0) for r in records),
+                     "note": "step seconds: the median over trained runs of the time between optimizer steps; run overhead: a run's training "
+                             "set-up, sample grid and saving"}
+    if step:
+        full = QualityConfig(**{**{k: getattr(QualityConfig(), k) for k in QualityConfig.__dataclass_fields__}, **PRESETS["standard"],
+                                "model": config.model, "threads": config.threads})
+        res["full_estimate"] = estimate_seconds(full, res["timing"], tcfg.steps, tcfg.lr)
+    return res
+
+
+def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, scorer=None) -> None:
+    """This worker's units (``--worker K/N``), the report saved after each; ``--merge``: the report only."""
+    run_resumable(config, res, save, collect, Schedule, lambda config, sched, k: Worker(config, sched, k, pipe=pipe, scorer=scorer))
 
 
 # ---------------------------------------------------------------------------- reading the results
@@ -678,6 +820,37 @@ def table_lines(res: dict, metric: str) -> list[str]:
     lines = ["| method | " + " | ".join(concepts) + " | mean |", "|---|" + "---:|" * (len(concepts) + 1)]
     for m, row in rows.items():
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_fmt(*row.get(c, (math.nan, math.nan))) for c in [*concepts, "mean"]) + " |")
+    return lines
+
+
+def lr_lines(res: dict) -> list[str]:
+    """Each method's learning rate; with a sweep, its table: validation CLIP-I (identified) per rate, mean over the
+    concepts (seed 0, images on seeds VAL_SEED0..), the chosen rate in bold and a note where it sits at the grid's edge."""
+    best, sweep = res.get("best_lr", {}), res.get("sweep", {})
+    lines = ["Each method trains its seeds at one learning rate: " + ", ".join(f"{LABELS.get(m, m)} {lr:g}" for m, lr in best.items() if lr) + "."]
+    if not sweep:
+        return lines
+    rates = sorted({lr for grid in sweep.values() for lr in grid}, key=float)
+    lines += ["", "Sweep (seed 0; validation images on other seeds than the reported ones): mean CLIP-I over the concepts, and "
+              "the identified share in brackets; **bold**: the rate chosen (highest CLIP-I).", "",
+              "| method | " + " | ".join(f"lr {r}" for r in rates) + " |", "|---|" + "---:|" * len(rates)]
+    edge = []
+    for m, grid in sweep.items():
+        cells = []
+        for r in rates:
+            rows = [v for v in grid.get(r, {}).values() if v]
+            if not rows or len(rows) < len(grid.get(r, {})):
+                cells.append("—" if not rows else f"{len(rows)} of {len(grid[r])} concepts")
+                continue
+            ident = [v["identified"] for v in rows if v["identified"] == v["identified"]]
+            text = f"{_mean([v['clip_i'] for v in rows]):.3f}" + (f" ({_mean(ident):.0%})" if ident else "")
+            cells.append(f"**{text}**" if best.get(m) is not None and float(r) == best[m] else text)
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        keys = sorted(grid, key=float)
+        if best.get(m) is not None and len(keys) > 1 and best[m] in (float(keys[0]), float(keys[-1])):
+            edge.append(LABELS.get(m, m))
+    if edge:
+        lines += ["", f"Best rate at the edge of the grid (the optimum may lie beyond it): {', '.join(edge)}."]
     return lines
 
 
@@ -765,26 +938,28 @@ def markdown(payload: dict) -> str:
         "# Personalization quality on the pocket world: CLIP-I, CLIP-T and drift per method and concept",
         "",
         f"Command: `{payload['command']}` — {env['date']}, CPU, {env['torch_threads']} torch thread(s). Base `{cfg['model']}`, "
-        f"scorer: the {cfg['clip_model']} CLIP (`sbora_diffusion.clip_score.load_clip`). Every run: {s.get('steps', '?')} steps of batch {s.get('batch_size', '?')}, adapter lr "
-        f"{s.get('lr', '?')} ({s.get('lr_schedule', '?')}), token embedding lr {s.get('token_lr', '?')} (token mode {s.get('token_mode', '?')}), "
-        f"from `{s.get('train_config', '?')}`; full-UNet ceiling lr {cfg['full_ft_lr']:g}. {cfg['seeds']} training seed(s); "
+        f"scorer: the {cfg['clip_model']} CLIP (`sbora_diffusion.clip_score.load_clip`). Every run: {s.get('steps', '?')} steps of batch {s.get('batch_size', '?')} "
+        f"({s.get('lr_schedule', '?')} schedule), token embedding lr {s.get('token_lr', '?')} (token mode {s.get('token_mode', '?')}), "
+        f"from `{s.get('train_config', '?')}`; each method at its best learning rate (below). {cfg['seeds']} training seed(s); "
         f"{cfg['num_prompts']} eval prompts × {cfg['num_images']} images per run, {cfg['drift_prompts']} drift prompts × {cfg['drift_images']} images; "
-        f"DDIM {s.get('sample_steps', '?')} steps, guidance {s.get('guidance_scale', '?')}. Run time {payload['seconds'] / 60:.1f} min "
-        f"({payload['cpu_seconds'] / 60:.1f} min CPU), load average {env['load_average'][0]:.1f} at the start, "
-        f"{env['load_average_end'][0]:.1f} at the end" + ("." if payload.get("complete") else "; **partial: the run was still going or stopped early**."),
+        f"DDIM {s.get('sample_steps', '?')} steps, guidance {s.get('guidance_scale', '?')}. Units done: {res.get('units_done', '?')} of "
+        f"{res.get('units', '?')}, {res.get('timing', {}).get('unit_seconds', 0) / 3600:.2f} h of worker time; this report built in "
+        f"{payload['seconds'] / 60:.1f} min, load average {env['load_average'][0]:.1f} at the start, "
+        f"{env['load_average_end'][0]:.1f} at the end" + ("." if payload.get("complete") else "; **partial: units are still to run (the same command continues)**."),
         "",
         "Cells: mean ± 95% interval over training seeds (Student's t; with 2 seeds the interval is wide by construction). "
         "The mean column: each seed's mean over the concepts, then the interval over seeds. The zero-shot base has no seeds.",
         "",
     ]
+    lines += ["## Learning rates", "", *lr_lines(res), ""]
     for metric in METRICS:
         lines += [f"## {METRIC_LABELS[metric]}", "", *table_lines(res, metric), ""]
     il = identification_lines(res)
     if il:
         lines += ["## Is the concept there? Identification per run", "",
                   "The design probe (`sbora_diffusion/world/design_probe.py`, its controls in `weights/design-probe/record.json`) names each "
-                  "image as one of ten groups: the five held-out concepts and each one's colour-matched distractors (the world's own "
-                  "designs of the concept's class in its colours). *Identified*: it names the concept; *among the 5 concepts*: the "
+                  "image as one of eleven groups: the five held-out concepts, each one's colour-matched distractors (the world's own "
+                  "designs of the concept's class in its colours) and any other world object. *Identified*: it names the concept; *among the 5 concepts*: the "
                   "concept wins among the concepts only; *beats its distractors*: the concept scores above its own distractors. "
                   "Control: the zero-shot base on the same prompts (class word for the token) and seeds.", "", *il, ""]
     pl = paired_lines(res)
@@ -813,8 +988,9 @@ def markdown(payload: dict) -> str:
                   "median seconds per optimizer step: "
                   + ", ".join(f"{LABELS.get(m, m)} {v:.3f}" for m, v in t["step_seconds"].items()) + "."]
         if est and quick:
-            lines += ["", f"Full preset (`python -m benchmarks.quality --preset full`: 5 concepts, 3 seeds, the training config's "
-                      f"{res['full_estimate'].get('steps', '?')} steps, 5 prompts × 4 images, 3 pairs × 4 images): **estimated {est['total'] / 3600:.1f} h** on this machine at the quick run's unit costs "
+            lines += ["", f"Standard preset (`python -m benchmarks.quality --preset standard`: 5 concepts, 4 seeds, the training config's "
+                      f"{res['full_estimate'].get('steps', '?')} steps, a sweep of 3 learning rates per method, 4 prompts × 4 images, 4 pairs × 8 "
+                      f"images): **estimated {est['total'] / 3600:.1f} h** of one worker on this machine at the quick run's unit costs "
                       f"({est['runs']} training runs: {est['train'] / 60:.0f} min training, {est['image_count']} images: "
                       f"{est['images'] / 60:.0f} min, scoring {est['overhead'] / 60:.0f} min); not measured."]
         lines.append("")

@@ -166,15 +166,20 @@ def test_wilson_interval_covers_the_rate_and_stays_in_0_1():
 
 def test_estimate_counts_every_run_and_image():
     cfg = q.QualityConfig(concepts=["robot", "duck"], methods=["lora", "sbora-fa"], seeds=2, num_prompts=3, num_images=2,
-                          drift_prompts=2, drift_images=1, pairs=["robot+duck"], multi_methods=["lora"], multi_modes=["sum"], multi_images=3)
+                          drift_prompts=2, drift_images=1, pairs=["robot+duck"], multi_methods=["lora"], multi_modes=["sum"], multi_images=3,
+                          lrs=None, full_ft_lrs=[1e-4])
     timing = {"step_seconds": {"lora": 1.0, "sbora-fa": 0.5, "full-ft": 2.0}, "step_seconds_mean": 1.0, "image_seconds": 0.1,
               "run_overhead_seconds": 0.5}
-    est = q.estimate_seconds(cfg, timing, steps=10)
+    est = q.estimate_seconds(cfg, timing, steps=10, default_lr=3e-3)
     assert est["runs"] == 2 * 2 * 3  # concepts x seeds x (methods + ceiling)
     assert est["train"] == pytest.approx(4 * 10 * (1.0 + 0.5 + 2.0))
     per_run = 3 * 2 + 2 * 1
     assert est["image_count"] == 12 * per_run + 2 * 3 * 2 + 2 * 1 + 1 * 2 * 1 * 1 * 3 + 3
     assert est["total"] == pytest.approx(est["train"] + 0.1 * est["image_count"] + 12 * 0.5)
+    # A sweep of 2 rates trains every rate on every concept once (seed 0); an adapter's reported seed 0 reuses its sweep run.
+    swept = q.estimate_seconds(dataclasses.replace(cfg, lrs=[1e-3, 3e-3], full_ft_lrs=[1e-4, 3e-4]), timing, steps=10, default_lr=3e-3)
+    assert swept["runs"] == (4 + 4 - 2) * 2 + (4 + 4)
+    assert swept["image_count"] == est["image_count"] + 3 * 2 * 2 * 3 * 2  # methods x concepts x rates x validation images
 
 
 def test_config_refuses_unknown_methods_and_bad_pairs():
@@ -264,3 +269,36 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert readme.startswith("### Personalization quality") and "`python -m benchmarks.quality --preset quick --model tiny" in readme
     assert readme.count("| SBoRA-FA | ") == 3 and "partial" not in readme  # CLIP-I, CLIP-T and identified tables of a finished run
     assert "## Is the concept there? Identification per run" in md and "[" in md.split("Identification per run")[1]  # Wilson intervals
+
+
+def test_the_schedule_is_seed_major_and_sweeps_before_the_seeds():
+    cfg = q.QualityConfig(concepts=["robot", "duck"], methods=["lora", "sbora-fa"], seeds=2, lrs=[1e-3, 3e-3], full_ft_lrs=[1e-4],
+                          pairs=["robot+duck"], multi_methods=["lora"])
+    units = q.schedule(cfg, default_lr=3e-3)
+    kinds = [u[0] for u in units]
+    assert kinds[:3] == ["zero-shot", "zero-shot", "pair-zero-shot"]
+    assert units[3:11] == [("sweep", m, lr, c) for m in ("lora", "sbora-fa") for lr in (1e-3, 3e-3) for c in ("robot", "duck")]
+    seed0 = [u for u in units if u[0] in ("run", "pair") and u[-1] == 0]
+    seed1 = [u for u in units if u[0] in ("run", "pair") and u[-1] == 1]
+    assert units.index(seed0[-1]) < units.index(seed1[0])  # every unit of seed 0 before any of seed 1
+    assert ("run", "full-ft", "duck", 1) in units and not any(u[0] == "sweep" and u[1] == "full-ft" for u in units)  # one rate: no sweep
+    assert len({q.unit_key(u) for u in units}) == len(units)
+
+
+def test_best_rate_waits_for_the_whole_sweep_and_a_changed_best_redoes_the_runs(tmp_path):
+    cfg = q.QualityConfig(concepts=["robot", "duck"], methods=["lora"], ceiling=False, seeds=1, lrs=[1e-3, 3e-3], pairs=[],
+                          multi_methods=[], work_dir=str(tmp_path), model="tiny")
+    sched = q.Schedule(cfg)
+    run = ("run", "lora", "robot", 0)
+    assert sched.best("lora") == (False, None) and not sched.ready(run)
+    clip = {(1e-3, "robot"): 0.30, (1e-3, "duck"): 0.20, (3e-3, "robot"): 0.28, (3e-3, "duck"): 0.30}
+    for (lr, c), v in clip.items():
+        sched.store.save(q.unit_key(("sweep", "lora", lr, c)), {"clip_i": v, "identified": 0.5, "lr": lr})
+    assert sched.best("lora") == (True, 3e-3) and sched.ready(run)  # mean 0.29 beats 0.25
+    sched.store.save(q.unit_key(run), {"lr": 3e-3})
+    assert sched.is_done(run)
+    sched.store.save(q.unit_key(("sweep", "lora", 3e-3, "duck")), {"clip_i": 0.10, "identified": 0.5, "lr": 3e-3})
+    assert sched.best("lora") == (True, 1e-3) and not sched.is_done(run)  # the stored run is at a rate no longer chosen
+    other = dataclasses.replace(cfg, steps=7)
+    with pytest.raises(Exception, match="other settings"):
+        q.Schedule(other).load(run)

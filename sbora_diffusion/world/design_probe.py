@@ -6,7 +6,8 @@ colour-matched distractors of each as candidates) found the right concept for on
 fresh photos per concept, and took half of the duck's fresh distractors for the duck. A measure
 that fails on the photos themselves cannot tell whether a trained adapter drew the concept. So
 identification (``identification.py``) asks a small CNN trained on world renders to name which of
-ten groups (each held-out concept, each concept's distractors) an image shows.
+eleven groups (each held-out concept, each concept's distractors, any other world object) an
+image shows.
 
 The renders are what generated images are made of: ``concepts.view`` and ``concepts.distractor``
 (any background, position, size; a fifth are paintings), each sent once through the pocket VAE
@@ -31,12 +32,14 @@ from torch import nn
 from sbora.fileio import atomic_path
 
 from . import POCKET_SD_DIR, WEIGHTS_DIR
+from . import generator as g
 from .concepts import CONCEPTS, distractor, view
 
 PROBE_DIR = WEIGHTS_DIR / "design-probe"
 PROBE_FILE = PROBE_DIR / "model.safetensors"
 RECORD_FILE = PROBE_DIR / "record.json"
-GROUPS = (*CONCEPTS, *(f"{n}~distractor" for n in CONCEPTS))  # the classes it learns to name
+OTHER = "other"  # any other world object: the classes and shapes in any colour (what a base draws for "a photo of ball")
+GROUPS = (*CONCEPTS, *(f"{n}~distractor" for n in CONCEPTS), OTHER)  # the classes it learns to name
 TRAIN_SEED0 = 100_000  # render seeds of its training photos: far from the gallery's (0..) and the controls' (10000..)
 
 
@@ -73,9 +76,15 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 def render(group: int, seed: int) -> Image.Image:
-    """A world photo of group `group` (a concept, or a concept's distractors), a fifth of them paintings."""
+    """A world photo of group `group` (a concept, a concept's distractors, or any other object), a fifth of them paintings."""
+    rng = random.Random(seed)
+    style = "painting" if rng.random() < 0.2 else "photo"
+    if GROUPS[group] == OTHER:
+        background = rng.choice(g.BACKGROUNDS)
+        colour = rng.choice([c for c in g.COLOURS if g.visible_on(c, background)])
+        noun = rng.choice(g.CLASSES) if rng.random() < 0.7 else rng.choice(g.SHAPES)
+        return g.render(noun, colour, rng.choice(g.POSITIONS), background, rng.choice(["medium", "big", "big"]), style, seed).image
     name = GROUPS[group].split("~")[0]
-    style = "painting" if random.Random(seed).random() < 0.2 else "photo"
     return (view if group < len(CONCEPTS) else distractor)(name, seed, style=style)
 
 

@@ -1,15 +1,16 @@
 """Is the concept in the image? Identification of the held-out concepts against colour-matched distractors (issue #27).
 
 An image asked for concept c counts as **identified** when the design probe
-(``design_probe.py``: a small CNN trained on world renders) names c among ten groups: the five
-held-out concepts and, for each, its colour-matched distractors (``concepts.distractor``: the
-world's own designs of the concept's class in the concept's colours). The distractors are the
-control that isolates the design: an image that got the robot's red and a toy's shape but not its
-antenna and yellow eyes is named "robot~distractor", so colour alone does not pass.
+(``design_probe.py``: a small CNN trained on world renders) names c among eleven groups: the five
+held-out concepts; for each, its colour-matched distractors (``concepts.distractor``: the world's
+own designs of the concept's class in the concept's colours); and any other world object. The
+distractors are the control that isolates the design: an image that got the robot's red and a
+toy's shape but not its antenna and yellow eyes is named "robot~distractor", so colour alone does
+not pass; a plain ball of any colour is "other".
 
-Three verdicts per image, from the probe's ten scores:
+Three verdicts per image, from the probe's eleven scores:
 
-- ``identified``: c has the highest score of all ten (the measure the targets use);
+- ``identified``: c has the highest score of all eleven (the measure the targets use);
 - ``among_concepts``: c has the highest score of the five concepts (which concept is it?);
 - ``beats_distractors``: c scores above its own distractors (is it c's design, not just c's colours?).
 
@@ -31,6 +32,7 @@ from PIL import Image
 
 from sbora.fileio import write_json
 
+from . import generator as g
 from .concepts import CONCEPTS, distractor, view
 from .design_probe import GROUPS, RECORD_FILE, DesignProbe, save_probe, through_vae, to_tensor, train_probe
 
@@ -55,25 +57,38 @@ def rate(hits: Sequence[bool]) -> float:
 
 
 def controls(probe: DesignProbe, views: int = 32, vae: bool = True) -> dict[str, dict[str, float]]:
-    """Per concept: the share of `views` fresh photos of it that are identified, and the share of as many fresh
-    distractors of it that are taken for it; with `vae` the same again after a pocket-VAE round trip."""
+    """Per concept: the share of `views` fresh photos of it that are identified, and the shares of as many fresh
+    distractors of it, and of other world objects of its class, that are taken for it; with `vae` the same again
+    after a pocket-VAE round trip."""
     out = {}
     for n in CONCEPTS:
-        photos = [view(n, CONTROL_SEED0 + k) for k in range(views)]
-        decoys = [distractor(n, CONTROL_SEED0 + k) for k in range(views)]
-        row = {"views": views, "photos_identified": rate(identify(probe, n, photos)["identified"]),
-               "distractors_taken_for_it": rate(identify(probe, n, decoys)["identified"])}
+        sets = {"photos_identified": [view(n, CONTROL_SEED0 + k) for k in range(views)],
+                "distractors_taken_for_it": [distractor(n, CONTROL_SEED0 + k) for k in range(views)],
+                "others_taken_for_it": class_objects(CONCEPTS[n].class_word, views)}
+        row = {"views": views, **{key: rate(identify(probe, n, images)["identified"]) for key, images in sets.items()}}
         if vae:
-            row |= {"vae_photos_identified": rate(identify(probe, n, through_vae(photos))["identified"]),
-                    "vae_distractors_taken_for_it": rate(identify(probe, n, through_vae(decoys))["identified"])}
+            row |= {f"vae_{key}": rate(identify(probe, n, through_vae(images))["identified"]) for key, images in sets.items()}
         out[n] = row
+    return out
+
+
+def class_objects(class_word: str, count: int) -> list[Image.Image]:
+    """Fresh world photos of objects of `class_word` in random colours (what a base draws for "a photo of <class>")."""
+    import random
+
+    out = []
+    for k in range(count):
+        rng = random.Random(f"{class_word}/other/{k}")
+        background = rng.choice(g.BACKGROUNDS)
+        colour = rng.choice([c for c in g.COLOURS if g.visible_on(c, background)])
+        out.append(g.render(class_word, colour, rng.choice(g.POSITIONS), background, rng.choice(["medium", "big"]), seed=CONTROL_SEED0 + k).image)
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m sbora_diffusion.world.identification",
                                      description="Train the design probe on world renders, measure its controls, write weights/design-probe/")
-    parser.add_argument("--per-group", type=int, default=300, help="training renders per group (10 groups; each also through the VAE)")
+    parser.add_argument("--per-group", type=int, default=300, help="training renders per group (11 groups; each also through the VAE)")
     parser.add_argument("--epochs", type=int, default=8, help="passes over the training renders")
     parser.add_argument("--views", type=int, default=32, help="fresh photos (and distractors) per concept in the controls")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
