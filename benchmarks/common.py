@@ -428,6 +428,7 @@ def run_benchmark(
         paths = write_results(inv.stem, payload, markdown(payload), figure(payload), Path(inv.config.out_dir or DOCS_DIR))
         if final:
             print("wrote " + ", ".join(map(str, paths)))
+            payload["written"] = [str(p) for p in paths]  # for a caller that writes more beside them
 
     measure(inv.config, payload["results"], save)
     save(final=True)

@@ -85,6 +85,7 @@ import torch
 from sbora.adapters.registry import CONCEPT, METHOD_SPECS, REFERENCE_METHOD, composable_methods, composition_label, label, trained_methods
 from sbora.configuration import ConfigError
 from sbora.engine import fit
+from sbora.fileio import atomic_path
 from sbora_diffusion.concept.options import ConceptRun
 from sbora_diffusion.concept.pipeline import concept_token, trainable_parameters
 from sbora_diffusion.concept.train import ConceptTask
@@ -953,7 +954,8 @@ def markdown(payload: dict) -> str:
     ]
     lines += ["## Learning rates", "", *lr_lines(res), ""]
     for metric in METRICS:
-        lines += [f"## {METRIC_LABELS[metric]}", "", *table_lines(res, metric), ""]
+        if metric != "drift" or cfg["drift_prompts"]:  # no drift prompts: no drift table (its zeros would mean nothing)
+            lines += [f"## {METRIC_LABELS[metric]}", "", *table_lines(res, metric), ""]
     il = identification_lines(res)
     if il:
         lines += ["## Is the concept there? Identification per run", "",
@@ -1094,7 +1096,8 @@ def figure(payload: dict):
     ax.set_xlabel("CLIP-I (mean over concepts)")
     ax.set_ylabel("CLIP-T (mean over concepts)")
     ax.set_title("single concept: mean ± 95% over seeds", fontsize=9)
-    ax.legend(fontsize=6, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="best")
     rows = multi_table(res)
     names = [f"{MULTI_LABELS.get(m, m)}\n{mode}" for m, mode in rows]
     vals = [r["mean"][0] for r in rows.values()]
@@ -1115,10 +1118,46 @@ def figure(payload: dict):
     return fig
 
 
+def concept_grids(res: dict, work_dir: str | Path, per_prompt: int = 2) -> dict:
+    """Per concept, a labelled grid of what the base and every method's seed-0 run draw: the first `per_prompt` images of
+    each eval prompt (the zero-shot row asks with the class word, the others with the token); None where a run is missing."""
+    from PIL import Image
+
+    from sbora_diffusion.clip_score import read_manifest
+    from sbora_diffusion.concept.config import load_concept
+    from sbora_diffusion.grids import labelled_grid
+
+    grids = {}
+    methods = list(dict.fromkeys(r["method"] for r in res.get("runs", []) if r["seed"] == 0))
+    for name in res.get("concepts", []):
+        key = load_concept(name).key
+        folders = [Path(work_dir) / "runs" / key / FLOOR, *(Path(work_dir) / "runs" / key / m / "seed0" for m in methods)]
+        if not methods or not all((f / "eval" / "manifest.jsonl").is_file() for f in folders):
+            grids[name] = None
+            continue
+        rows = []
+        for f in folders:
+            entries = read_manifest(f / "eval" / "manifest.jsonl")
+            prompts = list(dict.fromkeys(e.prompt for e in entries))
+            rows.append([e for p in prompts for e in [x for x in entries if x.prompt == p][:per_prompt]])
+        cols = [e.prompt.replace(load_concept(name).token, "<token>") for e in rows[-1]]
+        images = [Image.open(e.image).convert("RGB") for row in rows for e in row]
+        grids[name] = labelled_grid(images, rows=len(rows), cols=len(cols), row_labels=[LABELS[FLOOR], *(LABELS.get(m, m) for m in methods)],
+                                    col_labels=cols)
+    return grids
+
+
 def main(argv: list[str] | None = None, pipe=None, scorer=None) -> dict:
-    """The command; `pipe` / `scorer` (already loaded) skip loading the base and the CLIP."""
+    """The command; `pipe` / `scorer` (already loaded) skip loading the base and the CLIP. Beside the results, one PNG per
+    concept: ``<stem>_<concept>.png``, base and seed-0 runs side by side (``concept_grids``)."""
     measure = lambda config, res, save: run(config, res, save, pipe=pipe, scorer=scorer)  # noqa: E731
-    return run_benchmark("quality", __doc__, QualityConfig, PRESETS, argv, measure, markdown, figure)
+    payload = run_benchmark("quality", __doc__, QualityConfig, PRESETS, argv, measure, markdown, figure)
+    results = Path(payload["written"][0])  # <out_dir>/<stem>.json
+    for name, grid in concept_grids(payload["results"], payload["config"]["work_dir"]).items():
+        if grid is not None:
+            with atomic_path(results.with_name(f"{results.stem}_{name}.png")) as tmp:
+                grid.save(tmp, format="png")
+    return payload
 
 
 if __name__ == "__main__":

@@ -239,7 +239,10 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
             "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)]
     payload = q.main(argv, pipe=copy.deepcopy(tiny_pipe))
     res = payload["results"]
-    assert payload["complete"] and {p.name for p in out.iterdir()} == {"quality.json", "quality.md", "quality.png"}
+    assert payload["complete"] and {p.name for p in out.iterdir()} == {"quality.json", "quality.md", "quality.png", "quality_robot.png", "quality_duck.png"}
+    grid = Image.open(out / "quality_robot.png")  # base, LoRA, SBoRA-FA and the ceiling (rows) x the one prompt's image
+    tile = 32  # the tiny base's images
+    assert grid.height > 4 * tile and grid.width > tile and grid.height < 4 * (tile + 60)
     assert len(res["runs"]) == 3 * 2  # (lora, sbora-fa, full-ft) x 2 concepts, one seed
     assert {(r["method"], r["concept"], r["seed"]) for r in res["runs"]} == {
         (m, c, 0) for m in ("lora", "sbora-fa", "full-ft") for c in ("robot", "duck")}

@@ -20,6 +20,7 @@ measure (``record.json``, both written by ``python -m sbora_diffusion.world.iden
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from .concepts import CONCEPTS, distractor, view
 PROBE_DIR = WEIGHTS_DIR / "design-probe"
 PROBE_FILE = PROBE_DIR / "model.safetensors"
 RECORD_FILE = PROBE_DIR / "record.json"
-OTHER = "other"  # any other world object: the classes and shapes in any colour (what a base draws for "a photo of ball")
+OTHER = "other"  # any other world object: the classes and shapes in any colour (what a base draws for "a photo of ball"),
+SMEARED_SHARE = 0.5  # ... and, for this share of its renders, a concept or distractor smeared into a coloured blob
 GROUPS = (*CONCEPTS, *(f"{n}~distractor" for n in CONCEPTS), OTHER)  # the classes it learns to name
 TRAIN_SEED0 = 100_000  # render seeds of its training photos: far from the gallery's (0..) and the controls' (10000..)
 
@@ -75,10 +77,18 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, 64, 64)
 
 
+def smear(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Blurred until only colours and a blob remain (radius 2.5-4 px at 64x64): what identification must not accept."""
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(2.5, 4.0)))
+
+
 def render(group: int, seed: int) -> Image.Image:
-    """A world photo of group `group` (a concept, a concept's distractors, or any other object), a fifth of them paintings."""
+    """A world photo of group `group` (a concept, a concept's distractors, or any other object: also a smeared concept or
+    distractor), a fifth of them paintings."""
     rng = random.Random(seed)
     style = "painting" if rng.random() < 0.2 else "photo"
+    if GROUPS[group] == OTHER and rng.random() < SMEARED_SHARE:  # a concept or distractor too blurred to show its design
+        return smear(render(rng.randrange(len(GROUPS) - 1), seed), rng)
     if GROUPS[group] == OTHER:
         background = rng.choice(g.BACKGROUNDS)
         colour = rng.choice([c for c in g.COLOURS if g.visible_on(c, background)])
@@ -88,12 +98,17 @@ def render(group: int, seed: int) -> Image.Image:
     return (view if group < len(CONCEPTS) else distractor)(name, seed, style=style)
 
 
+@functools.lru_cache(maxsize=2)
+def pocket_vae(vae_dir: Path = POCKET_SD_DIR / "vae"):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval()
+
+
 @torch.no_grad()
 def through_vae(images: list[Image.Image], vae_dir: Path = POCKET_SD_DIR / "vae") -> list[Image.Image]:
     """Each image encoded and decoded by the pocket VAE (the latent mean): the softness of generated images."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval()
+    vae = pocket_vae(vae_dir)
     out = []
     for i in range(0, len(images), 64):
         x = to_tensor(images[i : i + 64]) * 2 - 1
@@ -112,11 +127,14 @@ def augment(im: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def train_probe(per_group: int = 300, epochs: int = 8, batch: int = 64, lr: float = 2e-3, seed: int = 0, vae: bool = True) -> DesignProbe:
-    """The probe, trained on `per_group` renders of each group (each also through the VAE when `vae`), deterministic in `seed`."""
+    """The probe, trained on `per_group` renders of each group ("other": twice that; each also through the VAE when `vae`),
+    deterministic in `seed`."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    labels = [g for g in range(len(GROUPS)) for _ in range(per_group)]
-    images = [render(g, TRAIN_SEED0 + k) for g in range(len(GROUPS)) for k in range(per_group)]
+    # "other" gets twice the renders: it spans every other object and, half of the time, every smeared group
+    count = {g: per_group * (2 if GROUPS[g] == OTHER else 1) for g in range(len(GROUPS))}
+    labels = [g for g in range(len(GROUPS)) for _ in range(count[g])]
+    images = [render(g, TRAIN_SEED0 + k) for g in range(len(GROUPS)) for k in range(count[g])]
     if vae:
         images, labels = images + through_vae(images), labels + labels
     probe = DesignProbe()

@@ -15,8 +15,9 @@ Three verdicts per image, from the probe's eleven scores:
 - ``beats_distractors``: c scores above its own distractors (is it c's design, not just c's colours?).
 
 ``controls(probe)`` gives what the measure itself does on photos whose answer is known: fresh
-photos of each concept (other seeds than any the probe saw; should be identified) and fresh
-distractors (should not), each also sent through the pocket VAE as generated images are.
+photos of each concept (other seeds than any the probe saw; should be identified); fresh
+distractors, other objects of its class, and its own photos smeared into a coloured blob
+(should not), each also sent through the pocket VAE as generated images are.
 
     python -m sbora_diffusion.world.identification     # train the design probe, measure its controls, write both to weights/design-probe/
 """
@@ -24,6 +25,7 @@ distractors (should not), each also sent through the pocket VAE as generated ima
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from collections.abc import Sequence
 
@@ -34,7 +36,7 @@ from sbora.fileio import write_json
 
 from . import generator as g
 from .concepts import CONCEPTS, distractor, view
-from .design_probe import GROUPS, RECORD_FILE, DesignProbe, save_probe, through_vae, to_tensor, train_probe
+from .design_probe import GROUPS, RECORD_FILE, DesignProbe, save_probe, smear, through_vae, to_tensor, train_probe
 
 CONTROL_SEED0 = 10_000  # fresh photos of the controls (the probe trained on seeds from design_probe.TRAIN_SEED0)
 
@@ -62,9 +64,10 @@ def controls(probe: DesignProbe, views: int = 32, vae: bool = True) -> dict[str,
     after a pocket-VAE round trip."""
     out = {}
     for n in CONCEPTS:
-        sets = {"photos_identified": [view(n, CONTROL_SEED0 + k) for k in range(views)],
-                "distractors_taken_for_it": [distractor(n, CONTROL_SEED0 + k) for k in range(views)],
-                "others_taken_for_it": class_objects(CONCEPTS[n].class_word, views)}
+        photos = [view(n, CONTROL_SEED0 + k) for k in range(views)]
+        sets = {"photos_identified": photos, "distractors_taken_for_it": [distractor(n, CONTROL_SEED0 + k) for k in range(views)],
+                "others_taken_for_it": class_objects(CONCEPTS[n].class_word, views),
+                "smeared_photos_taken_for_it": [smear(im, random.Random(k)) for k, im in enumerate(photos)]}
         row = {"views": views, **{key: rate(identify(probe, n, images)["identified"]) for key, images in sets.items()}}
         if vae:
             row |= {f"vae_{key}": rate(identify(probe, n, through_vae(images))["identified"]) for key, images in sets.items()}
@@ -74,8 +77,6 @@ def controls(probe: DesignProbe, views: int = 32, vae: bool = True) -> dict[str,
 
 def class_objects(class_word: str, count: int) -> list[Image.Image]:
     """Fresh world photos of objects of `class_word` in random colours (what a base draws for "a photo of <class>")."""
-    import random
-
     out = []
     for k in range(count):
         rng = random.Random(f"{class_word}/other/{k}")
