@@ -400,7 +400,6 @@ class Context:
     scorer: object
     work: Path
     train_kwargs: dict
-    steps: int
     sample_steps: int
     guidance: float
     slots: dict[str, int]
@@ -708,7 +707,7 @@ class Worker:
         if clash and any(m in SLOT_METHODS for m in config.multi_methods):
             raise ConfigError(f"pair(s) {', '.join(clash)} would share a slot (the narrowest layer holds {capacity} slots of this rank): "
                               "pick pairs of concepts fewer than that apart in --concepts")
-        self.ctx = Context(config, base, scorer, Path(config.work_dir), overrides, tcfg.steps, config.sample_steps or tcfg.sample_steps,
+        self.ctx = Context(config, base, scorer, Path(config.work_dir), overrides, config.sample_steps or tcfg.sample_steps,
                            overrides["guidance_scale"], slots, probe=load_probe())
         self.concepts = {c: load_concept(c) for c in config.concepts}
         for c in self.concepts.values():
