@@ -1111,7 +1111,10 @@ def figure(payload: dict):
             ax2.legend(fontsize=7)
             lo = min(lo, _mean(floors))
         ax2.set_ylim(max(0.0, lo - 0.05), None)
-    ax2.set_ylabel("CLIP-I in own half (mean of both concepts)")
+        ax2.set_ylabel("CLIP-I in own half (mean of both concepts)")
+    else:
+        ax2.set_axis_off()
+        ax2.text(0.5, 0.5, "no pairs in this run", ha="center", va="center", fontsize=9)
     ax2.set_title("multi-concept pairs", fontsize=9)
     fig.tight_layout()
     return fig

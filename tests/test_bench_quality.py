@@ -305,3 +305,11 @@ def test_best_rate_waits_for_the_whole_sweep_and_a_changed_best_redoes_the_runs(
     other = dataclasses.replace(cfg, steps=7)
     with pytest.raises(Exception, match="other settings"):
         q.Schedule(other).load(run)
+
+
+def test_the_old_single_rate_flags_still_work():
+    from benchmarks.common import parse_invocation
+
+    inv = parse_invocation("quality", q.__doc__, q.QualityConfig, q.PRESETS, ["--preset", "standard", "--lr", "0.002", "--full-ft-lr", "1e-4"])
+    assert inv.config.lrs == [0.002] and inv.config.full_ft_lrs == [1e-4] and inv.stem == "quality_standard"
+    assert q.schedule(inv.config, default_lr=3e-3)[len(inv.config.concepts) + len(inv.config.pairs)][0] == "run"  # one rate: no sweep
