@@ -313,3 +313,25 @@ def test_the_old_single_rate_flags_still_work():
     inv = parse_invocation("quality", q.__doc__, q.QualityConfig, q.PRESETS, ["--preset", "standard", "--lr", "0.002", "--full-ft-lr", "1e-4"])
     assert inv.config.lrs == [0.002] and inv.config.full_ft_lrs == [1e-4] and inv.stem == "quality_standard"
     assert q.schedule(inv.config, default_lr=3e-3)[len(inv.config.concepts) + len(inv.config.pairs)][0] == "run"  # one rate: no sweep
+
+
+def test_a_sweep_picks_each_methods_rate_and_seed_0_reuses_its_run(tiny_pipe, tiny_clip_files, tmp_path):
+    arch, weights = tiny_clip_files
+    argv = ["--preset", "quick", "--model", "tiny", "--clip-model", str(arch), "--clip-weights", str(weights), "--methods", "sbora-fa",
+            "--no-ceiling", "--concepts", "robot", "--pairs", "", "--multi-methods", "", "--lrs", "1e-3,3e-3", "--steps", "2",
+            "--num-prompts", "1", "--num-images", "1", "--drift-prompts", "0", "--sample-steps", "2", "--threads", "1", "--rank", "4",
+            "--seeds", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "docs")]
+    payload = q.main(argv, pipe=copy.deepcopy(tiny_pipe))
+    res = payload["results"]
+    assert payload["complete"] and res["units"] == res["units_done"] == 1 + 2 + 1  # zero-shot, two sweep rates, one run
+    sweep = res["sweep"]["sbora-fa"]
+    assert set(sweep) == {"0.001", "0.003"} and all(sweep[r]["robot"]["lr"] == float(r) for r in sweep)
+    best = max((1e-3, 3e-3), key=lambda lr: sweep[f"{lr:g}"]["robot"]["clip_i"])
+    (run,) = res["runs"]
+    assert res["best_lr"]["sbora-fa"] == best == run["lr"] and run["reused_sweep_run"]
+    assert run["adapter"] == sweep[f"{best:g}"]["robot"]["adapter"]
+    md = (tmp_path / "docs" / "quality.md").read_text()
+    assert "| SBoRA-FA | " in md.split("## Learning rates")[1] and "**" in md.split("## Learning rates")[1]
+    # A second invocation finds every unit done and only rebuilds the report.
+    again = q.main([*argv, "--merge"], pipe=copy.deepcopy(tiny_pipe))
+    assert again["results"]["runs"] == res["runs"]
