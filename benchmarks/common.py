@@ -400,6 +400,9 @@ def write_results(name: str, payload: dict, markdown: str, figure, out_dir: Path
     write_text(paths[1], markdown)
     with atomic_path(paths[2]) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)  # a run in units saves after every unit: hundreds of figures otherwise stay open
     return paths
 
 

@@ -236,9 +236,19 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     argv = ["--preset", "quick", "--model", "tiny", "--clip-model", str(arch), "--clip-weights", str(weights), "--methods", "lora,sbora-fa",
             "--multi-methods", "lora,sbora-fa", "--steps", "2", "--num-prompts", "1", "--num-images", "1", "--drift-prompts", "1",
             "--drift-images", "1", "--multi-images", "1", "--sample-steps", "2", "--threads", "1", "--rank", "4", "--seeds", "1",
-            "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)]
+            "--lrs", "1e-3,3e-3", "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)]
     payload = q.main(argv, pipe=copy.deepcopy(tiny_pipe))
     res = payload["results"]
+    # The sweep: each adapter method's rate from its validation CLIP-I; seed 0 reuses the sweep's run at that rate.
+    assert res["units"] == res["units_done"] == 2 + 1 + 2 * 2 * 2 + 3 * 2 + 2  # zero-shot (2 concepts, 1 pair), sweeps, runs, pairs
+    for method in ("lora", "sbora-fa"):
+        sweep = res["sweep"][method]
+        best = max((1e-3, 3e-3), key=lambda lr: (sum(sweep[f"{lr:g}"][c]["clip_i"] for c in ("robot", "duck")),
+                                                  sum(sweep[f"{lr:g}"][c]["identified"] for c in ("robot", "duck"))))
+        assert res["best_lr"][method] == best
+        for r in (r for r in res["runs"] if r["method"] == method):
+            assert r["lr"] == best and r["reused_sweep_run"] and r["adapter"] == sweep[f"{best:g}"][r["concept"]]["adapter"]
+    assert "full-ft" not in res["sweep"] and res["best_lr"]["full-ft"] == 1e-4  # one rate: no sweep
     assert payload["complete"] and {p.name for p in out.iterdir()} == {"quality.json", "quality.md", "quality.png", "quality_robot.png", "quality_duck.png"}
     grid = Image.open(out / "quality_robot.png")  # base, LoRA, SBoRA-FA and the ceiling (rows) x the one prompt's image
     tile = 32  # the tiny base's images
@@ -268,6 +278,9 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert "| zero-shot base (floor) |" in md and "| SBoRA-FA, slots | regional |" in md and "estimated" in md
     assert json.loads((out / "quality.json").read_text())["results"]["concepts"] == ["robot", "duck"]
     assert len(list((tmp_path / "work" / "multi" / "robot_duck" / "sbora-fa" / "sum" / "seed0").glob("*.png"))) == 1
+    assert "**" in md.split("## Learning rates")[1].split("##")[0]  # the sweep table, the chosen rates in bold
+    again = q.main([*argv, "--merge"], pipe=copy.deepcopy(tiny_pipe))  # every unit done: the report is rebuilt from them
+    assert again["results"]["runs"] == res["runs"] and again["complete"]
     readme = q.write_readme(out / "quality.json", tmp_path / "readme" / "quality.md").read_text()
     assert readme.startswith("### Personalization quality") and "`python -m benchmarks.quality --preset quick --model tiny" in readme
     assert readme.count("| SBoRA-FA | ") == 3 and "partial" not in readme  # CLIP-I, CLIP-T and identified tables of a finished run
@@ -314,24 +327,3 @@ def test_the_old_single_rate_flags_still_work():
     assert inv.config.lrs == [0.002] and inv.config.full_ft_lrs == [1e-4] and inv.stem == "quality_standard"
     assert q.schedule(inv.config, default_lr=3e-3)[len(inv.config.concepts) + len(inv.config.pairs)][0] == "run"  # one rate: no sweep
 
-
-def test_a_sweep_picks_each_methods_rate_and_seed_0_reuses_its_run(tiny_pipe, tiny_clip_files, tmp_path):
-    arch, weights = tiny_clip_files
-    argv = ["--preset", "quick", "--model", "tiny", "--clip-model", str(arch), "--clip-weights", str(weights), "--methods", "sbora-fa",
-            "--no-ceiling", "--concepts", "robot", "--pairs", "", "--multi-methods", "", "--lrs", "1e-3,3e-3", "--steps", "2",
-            "--num-prompts", "1", "--num-images", "1", "--drift-prompts", "0", "--sample-steps", "2", "--threads", "1", "--rank", "4",
-            "--seeds", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "docs")]
-    payload = q.main(argv, pipe=copy.deepcopy(tiny_pipe))
-    res = payload["results"]
-    assert payload["complete"] and res["units"] == res["units_done"] == 1 + 2 + 1  # zero-shot, two sweep rates, one run
-    sweep = res["sweep"]["sbora-fa"]
-    assert set(sweep) == {"0.001", "0.003"} and all(sweep[r]["robot"]["lr"] == float(r) for r in sweep)
-    best = max((1e-3, 3e-3), key=lambda lr: sweep[f"{lr:g}"]["robot"]["clip_i"])
-    (run,) = res["runs"]
-    assert res["best_lr"]["sbora-fa"] == best == run["lr"] and run["reused_sweep_run"]
-    assert run["adapter"] == sweep[f"{best:g}"]["robot"]["adapter"]
-    md = (tmp_path / "docs" / "quality.md").read_text()
-    assert "| SBoRA-FA | " in md.split("## Learning rates")[1] and "**" in md.split("## Learning rates")[1]
-    # A second invocation finds every unit done and only rebuilds the report.
-    again = q.main([*argv, "--merge"], pipe=copy.deepcopy(tiny_pipe))
-    assert again["results"]["runs"] == res["runs"]
