@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from concept_helpers import train_tiny_concept
+from concept_helpers import regional_attention_maps_are_confined, train_tiny_concept
 from numeric import assert_close_to_signal, differ, same_image
 from PIL import Image
 from safetensors import safe_open
@@ -28,7 +28,7 @@ from sbora_diffusion.compose import (
     main,
 )
 from sbora.configuration import CONFIG_DIR, ConfigError
-from sbora_diffusion.regional import RegionalPrompt, RegionError, box_mask, image_mask, parse_box, regional_sampling
+from sbora_diffusion.regional import RegionError, box_mask, image_mask, parse_box
 
 pytestmark = pytest.mark.numeric  # also run under other CPU kernels and 2 threads (make test-cpus, .ci/run)
 
@@ -244,53 +244,8 @@ def test_one_full_image_region_equals_plain_composition(composer):
 def test_with_two_regions_a_concepts_adapters_change_only_its_regions_attention_output(mode, composer):
     """The attention-level modes blend each cross-attention layer's output by the masks (the latent mode
     confines whole UNet calls instead: tested where the pixels land, test_placement.py)."""
-    unet = composer.pipe.unet
-    selection = {"alpha": 1.0, "beta": 1.0}
-    g = torch.Generator().manual_seed(0)
-    # The inputs every cross-attention layer sees in one UNet call (8x8 latents: a 32 px image).
-    inputs = {}
-
-    def keep(path):
-        def hook(module, args, kwargs):
-            inputs[path] = (args[0], kwargs["encoder_hidden_states"])
-        return hook
-
-    hooks = [m.register_forward_pre_hook(keep(p), with_kwargs=True) for p, m in unet.named_modules() if p.endswith("attn2")]
-    with torch.no_grad(), active_adapters(composer.parts, selection):
-        unet(torch.randn(1, 4, 8, 8, generator=g), 10, torch.randn(1, 77, 32, generator=g))
-    for h in hooks:
-        h.remove()
-    regions = [RegionalPrompt({"alpha": 1.0}, torch.randn(1, 77, 32, generator=g), None, box_mask([0, 0, 0.5, 1], 32, 32)),
-               RegionalPrompt({"beta": 1.0}, torch.randn(1, 77, 32, generator=g), None, box_mask([0.5, 0, 1, 1], 32, 32))]
-
-    def maps() -> dict[str, torch.Tensor]:
-        out = {}
-        with torch.no_grad(), active_adapters(composer.parts, selection), regional_sampling(unet, regions, (8, 8), cfg=False, mode=mode):
-            for path, (hidden, context) in inputs.items():
-                y = unet.get_submodule(path)(hidden, encoder_hidden_states=context)  # (1, h*w, C)
-                side = int(y.shape[1] ** 0.5)
-                out[path] = y[0].view(side, side, -1)
-        return out
-
-    reference = maps()
+    reference = regional_attention_maps_are_confined(composer, mode, context_dim=32)
     assert {m.shape[0] for m in reference.values()} == {8, 4}  # both attention resolutions of the UNet
-    for name in ("beta", "alpha"):
-        params = adapter_parameters(unet, name)
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p in params:
-                p.mul_(3.0).add_(0.5)
-        changed = maps()
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-        for path, ref in reference.items():
-            half = ref.shape[1] // 2
-            diff = (changed[path] - ref).abs().sum(-1)  # (h, w): how much each position's output moved
-            mine, theirs = (diff[:, half:], diff[:, :half]) if name == "beta" else (diff[:, :half], diff[:, half:])
-            assert torch.all(theirs == 0), (name, path)  # the other region's attention output is untouched
-            assert torch.all(mine > 0), (name, path)
-    assert all(torch.equal(maps()[p], reference[p]) for p in reference)
 
 
 def test_region_masks_and_boxes():
