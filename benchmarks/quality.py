@@ -183,6 +183,9 @@ class QualityConfig:
             raise ConfigError(f"drift_prompts must be at most {len(DRIFT_PROMPTS)}, got {self.drift_prompts}")
         if not self.full_ft_lrs or min(self.full_ft_lrs) <= 0 or (self.lrs is not None and (not self.lrs or min(self.lrs) <= 0)):
             raise ConfigError("learning rates must be positive (one or more per list)")
+        for flag, rates in (("--lrs", self.lrs or []), ("--full-ft-lrs", self.full_ft_lrs)):
+            if len({f"{r:g}" for r in rates}) != len(rates):
+                raise ConfigError(f"{flag} lists a learning rate twice: {', '.join(f'{r:g}' for r in rates)}")
         parse_worker(self.worker)
         bad = [m for m in self.multi_methods if m not in MULTI_METHODS]
         if bad:

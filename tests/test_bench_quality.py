@@ -192,6 +192,12 @@ def test_config_refuses_unknown_methods_and_bad_pairs():
     with pytest.raises(ConfigError, match="pair 'robot\\+dog2'"):
         override(q.QualityConfig(), {"pairs": ["robot+dog2"]})
     assert override(q.QualityConfig(), q.PRESETS["quick"]).concepts == ["robot", "duck"]
+    with pytest.raises(ConfigError, match="--lrs lists a learning rate twice"):
+        override(q.QualityConfig(), {"lrs": [1e-3, 0.001]})
+    with pytest.raises(ConfigError, match="positive"):
+        override(q.QualityConfig(), {"full_ft_lrs": [-1e-4]})
+    with pytest.raises(ConfigError, match="--worker"):
+        override(q.QualityConfig(), {"worker": "2/2"})
 
 
 def test_full_unet_ceiling_trains_only_unet_weights_and_the_token(tiny_pipe, tmp_path):

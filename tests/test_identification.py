@@ -101,3 +101,9 @@ def test_the_shipped_probe_matches_its_record_on_fresh_photos():
 def test_a_missing_probe_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m sbora_diffusion.world.identification"):
         dp.load_probe(tmp_path / "none.safetensors")
+
+
+def test_the_command_refuses_counts_below_one(capsys):
+    with pytest.raises(SystemExit):
+        ident.main(["--per-group", "0"])
+    assert "--per-group must be at least 1, got 0" in capsys.readouterr().err

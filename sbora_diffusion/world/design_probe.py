@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,15 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, 64, 64)
 
 
+def world_object(pick_noun: Callable[[random.Random], str], rng: random.Random, seed: int, style: str = "photo",
+                 sizes: Sequence[str] = ("medium", "big", "big")) -> Image.Image:
+    """A world photo of one object (the noun `pick_noun` draws) in a random colour visible on a random background."""
+    background = rng.choice(g.BACKGROUNDS)
+    colour = rng.choice([c for c in g.COLOURS if g.visible_on(c, background)])
+    noun = pick_noun(rng)
+    return g.render(noun, colour, rng.choice(g.POSITIONS), background, rng.choice(list(sizes)), style, seed).image
+
+
 def smear(image: Image.Image, rng: random.Random) -> Image.Image:
     """Blurred until only colours and a blob remain (radius 2.5-4 px at 64x64): what identification must not accept."""
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(2.5, 4.0)))
@@ -90,10 +100,7 @@ def render(group: int, seed: int) -> Image.Image:
     if GROUPS[group] == OTHER and rng.random() < SMEARED_SHARE:  # a concept or distractor too blurred to show its design
         return smear(render(rng.randrange(len(GROUPS) - 1), seed), rng)
     if GROUPS[group] == OTHER:
-        background = rng.choice(g.BACKGROUNDS)
-        colour = rng.choice([c for c in g.COLOURS if g.visible_on(c, background)])
-        noun = rng.choice(g.CLASSES) if rng.random() < 0.7 else rng.choice(g.SHAPES)
-        return g.render(noun, colour, rng.choice(g.POSITIONS), background, rng.choice(["medium", "big", "big"]), style, seed).image
+        return world_object(lambda r: r.choice(g.CLASSES) if r.random() < 0.7 else r.choice(g.SHAPES), rng, seed, style)
     name = GROUPS[group].split("~")[0]
     return (view if group < len(CONCEPTS) else distractor)(name, seed, style=style)
 
@@ -137,6 +144,7 @@ def train_probe(per_group: int = 300, epochs: int = 8, batch: int = 64, lr: floa
     images = [render(g, TRAIN_SEED0 + k) for g in range(len(GROUPS)) for k in range(count[g])]
     if vae:
         images, labels = images + through_vae(images), labels + labels
+    batch = min(batch, len(images))  # a tiny run still takes steps
     probe = DesignProbe()
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (len(images) // batch)

@@ -34,9 +34,8 @@ from PIL import Image
 
 from sbora.fileio import write_json
 
-from . import generator as g
 from .concepts import CONCEPTS, distractor, view
-from .design_probe import GROUPS, RECORD_FILE, DesignProbe, save_probe, smear, through_vae, to_tensor, train_probe
+from .design_probe import GROUPS, RECORD_FILE, DesignProbe, save_probe, smear, through_vae, to_tensor, train_probe, world_object
 
 CONTROL_SEED0 = 10_000  # fresh photos of the controls (the probe trained on seeds from design_probe.TRAIN_SEED0)
 
@@ -77,13 +76,8 @@ def controls(probe: DesignProbe, views: int = 32, vae: bool = True) -> dict[str,
 
 def class_objects(class_word: str, count: int) -> list[Image.Image]:
     """Fresh world photos of objects of `class_word` in random colours (what a base draws for "a photo of <class>")."""
-    out = []
-    for k in range(count):
-        rng = random.Random(f"{class_word}/other/{k}")
-        background = rng.choice(g.BACKGROUNDS)
-        colour = rng.choice([c for c in g.COLOURS if g.visible_on(c, background)])
-        out.append(g.render(class_word, colour, rng.choice(g.POSITIONS), background, rng.choice(["medium", "big"]), seed=CONTROL_SEED0 + k).image)
-    return out
+    return [world_object(lambda _: class_word, random.Random(f"{class_word}/other/{k}"), CONTROL_SEED0 + k, sizes=("medium", "big"))
+            for k in range(count)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--views", type=int, default=32, help="fresh photos (and distractors) per concept in the controls")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
+    for flag, value in (("--per-group", args.per_group), ("--epochs", args.epochs), ("--views", args.views), ("--threads", args.threads)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     probe = train_probe(args.per_group, args.epochs)
