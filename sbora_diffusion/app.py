@@ -63,8 +63,10 @@ from sbora.adapters import AdapterConfig, AdapterFileError, load_adapter_config,
 from sbora.adapters.config import DEFAULT_METHOD
 from sbora.adapters.io import slot_layouts
 from sbora.adapters.overlap import CROSSTALK_MEANING, WEIGHT_OVERLAP_MEANING
+from sbora.adapters.inject import build_cores
 from sbora.adapters.registry import CONCEPT, METHOD_SPECS, trained_methods
 from sbora.adapters.slots import SlotLayout, free_slot, slot_clash
+from sbora.checkpoint import load_checkpoint
 from sbora.cli import EXPECTED, Command, Invocation, Section
 from sbora.configuration import CONFIG_DIR, ConfigError, check_fields
 from sbora.engine import TrainingInterrupted
@@ -149,6 +151,7 @@ class TrainJob:
 
     concept: str  # the card id it will produce
     total: int
+    first: int = 0  # the step it starts from: a continued run's checkpoint step, else 0
     stop: threading.Event = field(default_factory=threading.Event)
     step: int = 0
     losses: list[float] = field(default_factory=list)
@@ -159,6 +162,9 @@ class TrainJob:
     ended: float | None = None  # when the run ended: the elapsed time stops there
     finished: threading.Event = field(default_factory=threading.Event)
 
+    def __post_init__(self):
+        self.step = self.first
+
     def on_step(self, step: int, loss: float) -> None:
         self.step = step
         self.losses.append(float(loss))
@@ -168,7 +174,7 @@ class TrainJob:
         """What a running job is doing: preparing (before its first step), training, or making samples (after its last)."""
         if self.status != "running":
             return self.status
-        return "preparing" if self.step == 0 else "making samples" if self.step >= self.total else "training"
+        return "preparing" if self.step == self.first else "making samples" if self.step >= self.total else "training"
 
     def end(self, status: str, error: str | None = None) -> None:
         self.ended = time.monotonic()
@@ -420,11 +426,13 @@ class Studio:
 
     def start_training(self, name: str = "", class_word: str = "", photos: list | None = None, example: str = "",
                        method: str = DEFAULT_METHOD, rank: int | None = None, slot: int | None = None, steps: int | None = None,
-                       overwrite: bool = False) -> TrainJob:
+                       overwrite: bool = False, resume: bool = False) -> TrainJob:
         """Check the request, save the photos, and start training in a background thread; returns the job.
 
         rank: none takes the method's own (configs/methods/<method>.yaml, as the command line does); slot: none
         takes the next free one; a slot whose indices a trained concept of the same method and seed uses is refused.
+        resume: go on from the run's newest checkpoint (an interrupted run, or a finished one to more steps), with the
+        rank, slot and index layout it was trained with and the photos it started from (the command line's --resume).
         """
         cfg = self.config
         if not isinstance(method, str) or method not in TRAINED_METHODS:  # exactly the registry's methods the concept trainer trains
@@ -441,11 +449,22 @@ class Studio:
                 raise AppInputError(f"the example '{example}' trains as concept '{concept.key}' with class word '{concept.class_word}' "
                                     f"(token {concept.token}); to train under another name, upload photos instead of picking the example")
         else:
-            concept = self._new_concept(name, class_word, len(photos))
+            concept = self._new_concept(name, class_word, None if resume else len(photos))
+            if resume:
+                if photos:
+                    raise AppInputError("a continued run trains on the photos it started from: leave the upload empty")
+                concept = self._saved_photos(concept)
         for card in self.cards().values():
             if card.token.lower() == concept.token.lower() and card.id.split("/")[0] != concept.key:
                 raise AppInputError(f"concept '{card.id}' already uses token {card.token}: pick another name")
         cid = f"{concept.key}/{method}"
+        out_dir = self.outputs / concept.key / method
+        first, layout = 0, None
+        if resume:
+            if overwrite:
+                raise AppInputError("tick either “Continue” (resume=True) or “Replace” (overwrite=True), not both")
+            first, trained = self._checkpoint(out_dir, cid)
+            rank, slot, layout = trained["rank"], trained["slot"], trained["layout"]  # the run's own: a resume must match them
         replacing = cid if overwrite else None  # a run being replaced does not hold its slot against itself
         if slot in (None, ""):
             slot = self.next_slot(method, rank, skip=replacing)
@@ -455,7 +474,10 @@ class Studio:
             clash = self.slot_clash(method, rank, slot, skip=cid)
             if clash is not None:
                 raise AppInputError(clash)
-        out_dir = self.outputs / concept.key / method
+        overrides = {"rank": rank, "slot": slot}
+        if has_slots(method):  # the index layout of the concepts it is to compose with (``partition``), or a continued run's own
+            overrides["layout"] = layout or self.partition(method, skip=cid)[0]
+        self._check_fits(method, overrides)
         with self.job_lock:
             if self.job is not None and self.job.status == "running":
                 raise AppInputError(f"a training run is going on ({self.job.concept}, step {self.job.step} of {self.job.total}): "
@@ -465,33 +487,34 @@ class Studio:
                                                 if steps not in (None, "") else {}))
             if train_config.steps > cfg.max_train_steps:
                 raise AppInputError(f"the training config asks for {train_config.steps} steps; this app allows at most {cfg.max_train_steps}")
+            if train_config.steps <= first:
+                raise AppInputError(f"{cid}'s run is at step {first} already: ask for more steps (the “Steps” field) to train on")
             try:
-                RunDir(out_dir, overwrite=train_config.overwrite).check()  # refuse an existing run unless overwrite, before any file is written
+                RunDir(out_dir, resume=resume, overwrite=train_config.overwrite).check()  # refuse an existing run unless told, before any file is written
             except ConfigError as e:
                 raise AppInputError(for_page(str(e))) from None
-            if not example:
+            if not example and not resume:
                 concept = self._save_photos(concept, photos)
-            job = TrainJob(concept=cid, total=train_config.steps)
+            job = TrainJob(concept=cid, total=train_config.steps, first=first)
             self.job = job
-        overrides = {"rank": rank, "slot": slot}
-        if has_slots(method):  # the index layout of the concepts it is to compose with (``partition``)
-            overrides["layout"] = self.partition(method, skip=cid)[0]
+        if has_slots(method):
             apart = self.other_layouts(method, skip=cid)
             if apart:  # concepts of both layouts already listed: the new one can join only one group
                 job.warning = (f"{', '.join(apart)} use another index layout than {overrides['layout']}: {cid} cannot be used "
                                f"together with them (their indices meet at random); retrain them to use them together")
-        worker = threading.Thread(target=self._train, args=(job, concept, method, train_config, overrides), daemon=True,
+        worker = threading.Thread(target=self._train, args=(job, concept, method, train_config, overrides, resume), daemon=True,
                                   name=f"train {cid}")
         worker.start()
         return job
 
-    def _new_concept(self, name: str, class_word: str, count: int) -> ConceptConfig:
+    def _new_concept(self, name: str, class_word: str, count: int | None) -> ConceptConfig:
+        """A concept from the page's fields; `count` uploaded photos (None: a continued run's, checked by ``_saved_photos``)."""
         if not isinstance(name, str) or not NEW_NAME.fullmatch(name) or safe_name(name) != name:
             raise AppInputError(f"concept name {name!r} is not allowed: use 1-40 letters, digits, '_' or '-', starting with a letter or digit "
                                 "(and not a word like 'train' that names a model method)")
         if not isinstance(class_word, str) or not CLASS_WORD.fullmatch(class_word.strip()):
             raise AppInputError(f"class word {class_word!r} is not allowed: one or a few words (letters), e.g. 'dog' or 'toy'")
-        if not MIN_PHOTOS <= count <= self.config.max_photos:
+        if count is not None and not MIN_PHOTOS <= count <= self.config.max_photos:
             raise AppInputError(f"upload {MIN_PHOTOS} to {self.config.max_photos} photos of the concept, got {count}")
         return ConceptConfig(name=name, token=f"<{name.lower()}1>", class_word=class_word.strip(), instance_dir="(uploaded)")
 
@@ -523,16 +546,45 @@ class Studio:
                 image.save(tmp / f"photo_{i:02d}.png", format="PNG")
         return ConceptConfig(name=concept.name, token=concept.token, class_word=concept.class_word, instance_dir=str(folder))
 
-    def _train(self, job: TrainJob, concept: ConceptConfig, method: str, train_config, overrides: dict) -> None:
+    def _check_fits(self, method: str, overrides: dict) -> None:
+        """Refuse a rank or slot that the UNet's adapted layers cannot hold before the run starts (injection's own check)."""
         try:
-            result = train(concept, method, self.config.model, train_config=train_config, adapter_overrides=overrides,
+            build_cores(self.pipe.unet, load_adapter_config(method, **overrides))
+        except ConfigError as e:
+            raise AppInputError(for_page(str(e))) from None
+
+    def proposed_slot(self, method: str = DEFAULT_METHOD, rank: int | None = None, name: str = "", overwrite: bool = False) -> int:
+        """The page's slot proposal: the next free one, where a run being replaced (“Replace” ticked) holds none."""
+        return self.next_slot(method, rank, skip=f"{(name or '').strip()}/{method}" if overwrite else None)
+
+    def _saved_photos(self, concept: ConceptConfig) -> ConceptConfig:
+        """The photos an uploaded concept's first run saved (<outputs>/<name>/photos), for a continued run."""
+        folder = self.outputs / concept.key / "photos"
+        if len([p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES]) < MIN_PHOTOS:
+            raise AppInputError(f"no saved photos of '{concept.key}' to continue its run with: train it from photos first")
+        return ConceptConfig(name=concept.name, token=concept.token, class_word=concept.class_word, instance_dir=str(folder))
+
+    def _checkpoint(self, out_dir: Path, cid: str) -> tuple[int, dict]:
+        """A run's newest checkpoint, for a continued run: its step and the adapter settings it was trained with."""
+        try:
+            state, _ = load_checkpoint(RunDir(out_dir, resume=True).checkpoint_source())
+        except ConfigError:
+            raise AppInputError(f"{cid} has no run to continue (no checkpoint): untick “Continue” to train it from the start") from None
+        trained = (state.get("fingerprint") or {}).get("adapter")
+        if not trained:
+            raise AppInputError(f"{cid}'s checkpoint does not say how it was trained: tick “Replace” to train it again from the start")
+        return int(state["step"]), trained
+
+    def _train(self, job: TrainJob, concept: ConceptConfig, method: str, train_config, overrides: dict, resume: bool = False) -> None:
+        try:
+            result = train(concept, method, self.config.model, train_config=train_config, adapter_overrides=overrides, resume=resume,
                            stop_event=job.stop, on_step=job.on_step)
             job.step = result.step
             self.trained += 1  # before the status says done: a page that sees "done" lists the new concept
             job.end("done")
         except TrainingInterrupted as e:
-            job.end("stopped", f"stopped at step {e.step}; its checkpoint is kept, but the app does not resume runs: "
-                               "tick “Replace” (overwrite=True) and train again to start over")
+            job.end("stopped", f"stopped at step {e.step}; its checkpoint is kept: tick “Continue” (resume=True) and train again "
+                               "to go on from it, or “Replace” (overwrite=True) to start over")
         except Exception as e:  # shown in the page; the app keeps running
             if not isinstance(e, EXPECTED):
                 traceback.print_exc()
@@ -569,9 +621,9 @@ def has_slots(method: str) -> bool:
 _PAGE_WORDS = [
     (re.compile(r"add --resume to continue it(?: \(e\.g\. with more steps\))?, --overwrite to (?:replace it|start over)"
                 r"(?: \(the old files stay until the new run has finished\))?, or pass another --output-dir"),
-     "tick “Replace an earlier run of this concept and method” (the API's overwrite=True) to train it again from the start, "
-     "or pick another concept name"),
-    (re.compile(r"continue with the same command plus --resume"), "train it again with “Replace” ticked to start over"),
+     "tick “Continue the run from its last checkpoint” (the API's resume=True) to go on, “Replace an earlier run of this concept "
+     "and method” (overwrite=True) to train it again from the start, or pick another concept name"),
+    (re.compile(r"continue with the same command plus --resume"), "train it again with “Continue” ticked to go on from its checkpoint"),
     (re.compile(r"train them with the same --seed in different --slot values of"),
      "train them in different slots (the “Slot” field) of"),
     (re.compile(r" \(or compose them anyway, overlapping, with allow_overlap\)"), ""),  # not offered by the page
@@ -585,7 +637,7 @@ _PAGE_WORDS = [
     (re.compile(r"--rank\b"), "the “Rank”"),
     (re.compile(r"--steps\b"), "the “Steps” field"),
     (re.compile(r"--output-dir\b"), "another concept name"),
-    (re.compile(r"--resume\b"), "resuming (not offered by the app: replace the run instead)"),
+    (re.compile(r"--resume\b"), "“Continue” (resume=True)"),
     (re.compile(r"--token-mode\b"), "token mode"),
     (re.compile(r"--token\b"), "token (another concept name)"),
     (re.compile(r"--seed\b"), "seed"),
@@ -733,11 +785,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
     @shown_in_page
     def api_train(name: str = "", class_word: str = "", photos: list[FileData] | None = None, example: str = "",
                   method: str = DEFAULT_METHOD, rank: int | None = None, slot: int | None = None, steps: int | None = None,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, resume: bool = False) -> dict:
         """Train a concept from 3-20 photos (or a shipped example concept) and wait for it: returns its id
         ("<name>/<method>"), status, steps, final loss and seconds. rank: none takes the method's own (as the command
-        line); slot: none takes the next free slot (a slot a trained concept of the same method already uses is refused)."""
-        job = studio.start_training(name, class_word, photos, example, method, rank, slot, steps, overwrite)
+        line); slot: none takes the next free slot (a slot a trained concept of the same method already uses is refused);
+        overwrite: replace an earlier run; resume: go on from its newest checkpoint (to `steps`, with its own rank and slot)."""
+        job = studio.start_training(name, class_word, photos, example, method, rank, slot, steps, overwrite, resume)
         job.finished.wait()
         if job.status != "done":
             raise AppInputError(f"training {job.concept} {job.status}: {job.error}")
@@ -871,6 +924,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                 maximum=cfg.max_train_steps, elem_id="train-steps", interactive=True)
                         overwrite = gr.Checkbox(label="Replace an earlier run of this concept and method", value=False, elem_id="replace",
                                                 interactive=True)
+                        resume = gr.Checkbox(label="Continue the run from its last checkpoint", value=False, elem_id="continue",
+                                             info="an interrupted run, or a finished one to more steps; with its own rank, slot "
+                                                  "and photos", interactive=True)
                     with gr.Row():
                         start = gr.Button("Train", variant="primary", elem_id="train")
                         stop = gr.Button("Stop", elem_id="stop")
@@ -889,35 +945,40 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         example.change(pick_example, example, [name, class_word, token], api_visibility="private", queue=False)
         name.input(_token_text, name, token, api_visibility="private", queue=False, show_progress="hidden")
-        # The method's own rank (as the command line), and the next free slot for that method and rank.
-        method.change(lambda m: (method_defaults(m).rank, studio.next_slot(m)), method, [rank, slot], api_visibility="private",
-                      queue=False)
-        rank.change(studio.next_slot, [method, rank], slot, api_visibility="private", queue=False, show_progress="hidden")
+        # The method's own rank (as the command line), and the next free slot for that method and rank, where the run
+        # “Replace” would replace holds none.
+        method.change(lambda m, n, o: (method_defaults(m).rank, studio.proposed_slot(m, None, n, o)), [method, name, overwrite],
+                      [rank, slot], api_visibility="private", queue=False)
+        for control in (rank, name, overwrite):
+            control.change(studio.proposed_slot, [method, rank, name, overwrite], slot, api_visibility="private", queue=False,
+                           show_progress="hidden")
 
         @shown_in_page
-        def ui_train(files, example_, name_, class_word_, method_, rank_, slot_, steps_, overwrite_):
-            job = studio.start_training(name_, class_word_, files, example_, method_, rank_, slot_, steps_, overwrite_)
+        def ui_train(files, example_, name_, class_word_, method_, rank_, slot_, steps_, overwrite_, resume_):
+            job = studio.start_training(name_, class_word_, files, example_, method_, rank_, slot_, steps_, overwrite_, resume_)
+            if job.first:
+                return f"Continuing **{job.concept}** from step {job.first} to {job.total}…"
             return f"Started **{job.concept}** ({job.total} steps)…"
 
-        start.click(ui_train, [photos, example, name, class_word, method, rank, slot, train_steps, overwrite], status,
+        start.click(ui_train, [photos, example, name, class_word, method, rank, slot, train_steps, overwrite, resume], status,
                     api_visibility="private", concurrency_id="train-start", concurrency_limit=1)
         stop.click(studio.stop_training, None, status, api_visibility="private", queue=False)
 
-        def poll(seen_, known_, listing_, method_, rank_):
+        def poll(seen_, known_, listing_, method_, rank_, name_, overwrite_):
             """Every second: the training run's progress, and the concept list when a run has finished."""
             job = studio.job
             text = None if job is None else train_status(job)
             key = None if job is None else (id(job), job.step, job.status, text)
             outputs = [gr.skip()] * 4 + [key, gr.skip(), gr.skip()]
             if key != seen_ and job is not None:
-                curve = pd.DataFrame({"step": range(1, len(job.losses) + 1), "loss": job.losses})
+                curve = pd.DataFrame({"step": range(job.first + 1, job.first + len(job.losses) + 1), "loss": job.losses})
                 outputs[:3] = [gr.update(maximum=max(job.total, 1), value=job.step), text, curve]
             trained = studio.trained
             if known_ != trained:
-                outputs[3], outputs[5], outputs[6] = studio.next_slot(method_, rank_), trained, listing_ + 1
+                outputs[3], outputs[5], outputs[6] = studio.proposed_slot(method_, rank_, name_, overwrite_), trained, listing_ + 1
             return outputs
 
-        gr.Timer(1.0).tick(poll, [seen, known, listing, method, rank], [progress, status, loss_plot, slot, seen, known, listing],
+        gr.Timer(1.0).tick(poll, [seen, known, listing, method, rank, name, overwrite], [progress, status, loss_plot, slot, seen, known, listing],
                            api_visibility="private", queue=False, show_progress="hidden")
         refresh.click(lambda n: n + 1, listing, listing, api_visibility="private", queue=False)
         demo.load(lambda m, r: (studio.trained, studio.next_slot(m, r)), [method, rank], [known, slot], api_visibility="private", queue=False)

@@ -9,6 +9,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import copy
 import io
+import json
 import re
 import shutil
 import socket
@@ -403,6 +404,8 @@ def test_training_in_the_background_and_the_new_concept_without_a_restart(served
     # at rank 4, and 1 at sbora-fa's own rank 16 (indices 16-31).
     assert studio.next_slot("sbora-fa", 4) == 2 and studio.next_slot("sbora-fa") == studio.next_slot("sbora-fa", 16) == 1
     assert studio.next_slot("lora", 4) == 0  # LoRA has no slots
+    # Replacing beta: its own slot is free for it (the page proposes it when "Replace" is ticked).
+    assert studio.proposed_slot("sbora-fa", 4, "beta", overwrite=True) == 1 and studio.proposed_slot("sbora-fa", 4, "beta") == 2
     # A long run keeps training while the app generates; Stop ends it at a step boundary, publishing nothing.
     job = studio.start_training(example="robot", method="sbora-fa", rank=4, steps=1000)
     answers(client)
@@ -411,7 +414,7 @@ def test_training_in_the_background_and_the_new_concept_without_a_restart(served
         studio.start_training(example="robot", steps=2)
     studio.stop_training()
     assert job.finished.wait(120) and job.status == "stopped" and job.step < 1000
-    assert "--" not in job.error and "tick “Replace”" in job.error
+    assert "--" not in job.error and "tick “Continue” (resume=True)" in job.error and "“Replace” (overwrite=True)" in job.error
     seconds = job.summary()["seconds"]
     time.sleep(1.1)
     assert job.summary()["seconds"] == seconds  # the run's time stops when it ends
@@ -424,9 +427,47 @@ def test_training_in_the_background_and_the_new_concept_without_a_restart(served
     assert sorted(p.name for p in (root / "outputs" / "gamma" / "photos").iterdir()) == ["photo_00.png", "photo_01.png", "photo_02.png"]
     out, info = generate(client, prompt="a photo of <gamma1> toy", concepts={"gamma/sbora-fa": 1.0, "alpha/sbora-fa": 1.0})
     assert len(out) == 1 and info["overlap"][0]["max_interference"] == 0
-    with pytest.raises(AppError, match="already holds a run.*tick “Replace an earlier run"):
+    with pytest.raises(AppError, match="already holds a run.*“Replace an earlier run"):
         client.predict(name="gamma", class_word="toy", photos=files, api_name="/train")
     answers(client)
+
+
+def test_a_stopped_run_continues_from_its_checkpoint(tiny_pipe, tmp_path):
+    """Stop, then Continue (resume=True): the run goes on from its checkpoint with its own rank and slot (not the
+    page's proposals), each step logged once; a finished run goes on to more steps; what cannot continue is refused."""
+    (tmp_path / "quick.yaml").write_text(QUICK_YAML)
+    studio = Studio(AppConfig(outputs=str(tmp_path / "outputs"), model="tiny", train_config=str(tmp_path / "quick.yaml")),
+                    pipe=copy.deepcopy(tiny_pipe))
+    out = tmp_path / "outputs" / "robot" / "sbora-fa"
+    try:
+        with pytest.raises(AppInputError, match="robot/sbora-fa has no run to continue"):
+            studio.start_training(example="robot", steps=3, resume=True)
+        job = studio.start_training(example="robot", method="sbora-fa", rank=4, slot=1, steps=1000)
+        while job.step < 2 and job.status == "running":
+            time.sleep(0.05)
+        studio.stop_training()
+        assert job.finished.wait(120) and job.status == "stopped"
+        stopped = int(re.search(r"stopped at step (\d+)", job.error).group(1))
+        assert "tick “Continue” (resume=True)" in job.error and not (out / "adapter.safetensors").exists()
+        with pytest.raises(AppInputError, match="holds an interrupted run .*tick “Continue the run from its last checkpoint” "
+                                                "\\(the API's resume=True\\)"):
+            studio.start_training(example="robot", steps=stopped + 2)
+        with pytest.raises(AppInputError, match="not both"):
+            studio.start_training(example="robot", steps=stopped + 2, overwrite=True, resume=True)
+        with pytest.raises(AppInputError, match=f"at step {stopped} already: ask for more steps"):
+            studio.start_training(example="robot", steps=stopped, resume=True)
+        again = studio.start_training(example="robot", steps=stopped + 2, resume=True)  # rank, slot: sbora-fa's 16 and 0 proposed
+        assert again.first == again.step == stopped and again.phase == "preparing"
+        assert again.finished.wait(120) and again.status == "done", again.error
+        assert again.step == stopped + 2 and (out / "adapter.safetensors").is_file()
+        card = studio.cards()["robot/sbora-fa"]
+        assert (card.rank, card.slot) == (4, 1)  # the run's own
+        logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+        assert logged == list(range(1, stopped + 3))  # each step once, across the stop
+        more = studio.start_training(example="robot", steps=stopped + 3, resume=True)  # a finished run, to one more step
+        assert more.finished.wait(120) and more.status == "done" and more.step == stopped + 3
+    finally:
+        studio.close()
 
 
 def test_studio_refuses_bad_requests_before_doing_anything(served):
@@ -440,9 +481,12 @@ def test_studio_refuses_bad_requests_before_doing_anything(served):
         (dict(name="ok", class_word="toy", photos=three, method="nope"), "unknown method"),
         (dict(name="ok", class_word="toy", photos=three, rank=0), "rank must be"),
         (dict(name="ok", class_word="toy", photos=three, slot=-1), "slot must be"),
+        (dict(name="ok", class_word="toy", photos=three, rank=4, slot=200), "slot 200 with rank 4 needs .* but the layer has"),
         (dict(name="ok", class_word="toy", photos=three, steps=10**7), "steps must be"),
         (dict(example="../robot"), "no example concept"),
         (dict(example="robot", photos=three), "not both"),
+        (dict(name="ok", class_word="toy", photos=three, resume=True), "a continued run trains on the photos it started from"),
+        (dict(name="ok", class_word="toy", resume=True), "no saved photos of 'ok' to continue its run with"),
         (dict(name="alpha2", class_word="toy", photos=three, steps=float("nan")), "steps must be"),
     ]
     for kwargs, message in cases:
@@ -487,8 +531,10 @@ def test_page_words_for_command_line_messages():
     for message in (held, interrupted, "slot 3 with rank 16 needs 64 indices but the layer has 32; slots 0..1 fit at rank 16: lower --rank or --slot"):
         worded = for_page(message)
         assert "--" not in worded, worded
-    assert for_page(held).endswith("tick “Replace an earlier run of this concept and method” (the API's overwrite=True) to train it again "
-                                   "from the start, or pick another concept name")
+    assert for_page(held).endswith("tick “Continue the run from its last checkpoint” (the API's resume=True) to go on, “Replace an earlier "
+                                   "run of this concept and method” (overwrite=True) to train it again from the start, or pick another "
+                                   "concept name")
+    assert for_page("--resume: no checkpoint") == "“Continue” (resume=True): no checkpoint"
     assert for_page("lower --rank or --slot").startswith("lower the “Rank” or the “Slot” field")
 
 
@@ -617,8 +663,20 @@ def test_training_from_the_page_in_chromium(served, browser):
         typed(page, "Slot (the next free one is proposed)", 3)
         page.locator("#train").click()
         toast = page.locator(".toast-body").filter(has_text="already holds a run")
-        expect(toast).to_contain_text("tick “Replace an earlier run of this concept and method”", timeout=30_000)
+        expect(toast).to_contain_text("“Replace an earlier run of this concept and method”", timeout=30_000)
         assert "--" not in toast.inner_text()
+        # Ticking "Replace" proposes duck's own slot again (the run it replaces holds none); unticking, the next free one.
+        replace = page.get_by_label("Replace an earlier run of this concept and method")
+        replace.check()
+        expect(slot).to_have_value("3")
+        replace.uncheck()
+        expect(slot).to_have_value(str(studio.next_slot("sbora-fa", 4)))  # 4
+        # "Continue": the finished run goes on from its checkpoint to one more step, in its own slot.
+        page.get_by_label("Continue the run from its last checkpoint").check()
+        page.locator("#train-steps input").fill("3")
+        page.locator("#train").click()
+        expect(status).to_contain_text("Done: duck/sbora-fa (3 steps) is in the Generate tab", timeout=120_000)
+        assert studio.cards()["duck/sbora-fa"].slot == 3
         page.get_by_role("tab", name="Generate").click()
         expect(page.get_by_label("use duck/sbora-fa")).to_be_visible()  # listed without a restart
     finally:
