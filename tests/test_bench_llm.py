@@ -251,6 +251,17 @@ def test_multitask_merges_wait_for_their_task_adapters_and_the_report_is_partial
     rows = mt.retention_rows(mt.collect(config))
     assert rows["sbora-fa"]["pooled"] == (1.0, 0.0) and rows["lora"]["pooled"][0] == pytest.approx(0.25)
     assert rows["sbora-fa"]["vs_naive"][0] == pytest.approx(0.75)
+    beats = "SBoRA-FA merged keeps more than the naive LoRA sum (paired 95% interval above 0)"
+    assert dict((what, ok) for what, ok, _ in mt.targets_check(mt.collect(config)))[beats] is True
+    # A LoRA sum that keeps 3 of the 4: SBoRA-FA's mean is higher, but the paired interval includes 0: not met.
+    close = [True, True, True, False, False, False]
+    sched.store.save("merged-lora", {**stamp, "sheets": {t: mt_sheet(close) for t in config.tasks}, "interference": {"addsub+reverse": 0.3},
+                                     "warnings": ["interfere"]})
+    d, half = mt.retention_rows(mt.collect(config))["sbora-fa"]["vs_naive"]
+    assert d == pytest.approx(0.25) and half > d
+    assert dict((what, ok) for what, ok, _ in mt.targets_check(mt.collect(config)))[beats] is False
+    sched.store.save("merged-lora", {**stamp, "sheets": {t: mt_sheet([True, False, False, False, False, False]) for t in config.tasks},
+                                     "interference": {"addsub+reverse": 0.3}, "warnings": ["interfere"]})
     payload = mt.main(["--preset", "cpu", "--merge", "--work-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--tasks", "addsub,reverse",
                        "--methods", "sbora-fa,lora", "--steps", "10", "--test-size", "6", "--train-size", "2000", "--batch-size", "16",
                        "--lr", "0.001", "--max-new-tokens", "48", "--eval-batch-size", "128"])
