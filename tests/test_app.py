@@ -466,6 +466,13 @@ def test_a_stopped_run_continues_from_its_checkpoint(tiny_pipe, tmp_path):
         assert logged == list(range(1, stopped + 3))  # each step once, across the stop
         more = studio.start_training(example="robot", steps=stopped + 3, resume=True)  # a finished run, to one more step
         assert more.finished.wait(120) and more.status == "done" and more.step == stopped + 3
+        # An uploaded concept continues on the photos its first run saved (the upload left empty).
+        three = [str(p) for p in sorted(photos(tmp_path / "photos", "gamma", 3).iterdir())]
+        first = studio.start_training(name="gamma", class_word="toy", photos=three, rank=4, slot=2, steps=2)
+        assert first.finished.wait(120) and first.status == "done", first.error
+        again = studio.start_training(name="gamma", class_word="toy", steps=3, resume=True)
+        assert again.finished.wait(120) and again.status == "done" and (again.first, again.step) == (2, 3), again.error
+        assert (studio.cards()["gamma/sbora-fa"].rank, studio.cards()["gamma/sbora-fa"].slot) == (4, 2)
     finally:
         studio.close()
 
