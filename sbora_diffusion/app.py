@@ -544,7 +544,7 @@ class Studio:
         with atomic_folder(folder) as tmp:
             for i, image in enumerate(decoded):
                 image.save(tmp / f"photo_{i:02d}.png", format="PNG")
-        return ConceptConfig(name=concept.name, token=concept.token, class_word=concept.class_word, instance_dir=str(folder))
+        return self._saved_photos(concept)
 
     def _check_fits(self, method: str, overrides: dict) -> None:
         """Refuse a rank or slot that the UNet's adapted layers cannot hold before the run starts (injection's own check)."""
@@ -558,11 +558,16 @@ class Studio:
         return self.next_slot(method, rank, skip=f"{(name or '').strip()}/{method}" if overwrite else None)
 
     def _saved_photos(self, concept: ConceptConfig) -> ConceptConfig:
-        """The photos an uploaded concept's first run saved (<outputs>/<name>/photos), for a continued run."""
-        folder = self.outputs / concept.key / "photos"
-        if len([p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES]) < MIN_PHOTOS:
+        """`concept` on the photos saved for it (<outputs>/<name>/photos): a new run's, or a continued run's from its first."""
+        saved = ConceptConfig(name=concept.name, token=concept.token, class_word=concept.class_word,
+                              instance_dir=str(self.outputs / concept.key / "photos"))
+        try:
+            enough = len(saved.instance_images()) >= MIN_PHOTOS  # the trainer's own listing of a photo folder
+        except ConfigError:
+            enough = False
+        if not enough:
             raise AppInputError(f"no saved photos of '{concept.key}' to continue its run with: train it from photos first")
-        return ConceptConfig(name=concept.name, token=concept.token, class_word=concept.class_word, instance_dir=str(folder))
+        return saved
 
     def _checkpoint(self, out_dir: Path, cid: str) -> tuple[int, dict]:
         """A run's newest checkpoint, for a continued run: its step and the adapter settings it was trained with."""
