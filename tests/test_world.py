@@ -258,6 +258,14 @@ def test_ema_procedure_averages_and_resumes_exactly(tmp_path):
         EMA.read({"procedures": {}})
 
 
+def _miniature(work, out) -> list[str]:
+    """The options of a miniature v2 run: 40 images, 8- and 16-wide models, 2-4 steps, checkpoints every 2."""
+    return ["--work", str(work), "--out", str(out), "--threads", str(torch.get_num_threads()), "--num-images", "40",
+            "--vae-channels", "8,16,16", "--vae-steps", "2", "--vae-batch", "4", "--unet-channels", "16,32,32", "--text-width", "16",
+            "--text-layers", "1", "--unet-steps", "4", "--unet-batch", "4", "--unet-warmup", "1", "--checkpoint-every", "2",
+            "--probe-images", "2", "--measure-images", "2", "--measure-steps", "2", "--log-every", "1"]
+
+
 def test_pretraining_runs_every_stage_resumes_and_stops_at_its_targets(tmp_path, monkeypatch):
     """A miniature v2 run (40 images, 8-wide models, 2-4 steps): every stage on the engine, the UNet probed at its
     checkpoint and stopped there once the targets hold, --resume skipping what is done and training on when asked,
@@ -265,10 +273,7 @@ def test_pretraining_runs_every_stage_resumes_and_stops_at_its_targets(tmp_path,
     from sbora_diffusion.world import probes
 
     work, out = tmp_path / "work", tmp_path / "out"
-    tiny = ["--work", str(work), "--out", str(out), "--threads", str(torch.get_num_threads()), "--num-images", "40",
-            "--vae-channels", "8,16,16", "--vae-steps", "2", "--vae-batch", "4", "--unet-channels", "16,32,32", "--text-width", "16",
-            "--text-layers", "1", "--unet-steps", "4", "--unet-batch", "4", "--unet-warmup", "1", "--checkpoint-every", "2",
-            "--probe-images", "2", "--measure-images", "2", "--measure-steps", "2", "--log-every", "1"]
+    tiny = _miniature(work, out)
     monkeypatch.setattr(probes, "unmet_targets", lambda found: [])  # every target "holds": the UNet stops at its first probe
     assert wp.main(["all", *tiny]) == 0
     results = json.loads((work / "results.json").read_text())
@@ -290,3 +295,41 @@ def test_pretraining_runs_every_stage_resumes_and_stops_at_its_targets(tmp_path,
     assert results["unet"]["steps"] == 4 and len(results["unet"]["commands"]) == 2
     assert sorted(p.name for p in (work / "checkpoints" / "unet").iterdir()) == ["step-00000002.pt", "step-00000004.pt"]
     assert wp.main(["vae", *tiny]) == 2  # a stage folder that holds a run is refused without --resume or --overwrite
+
+
+def test_pretraining_trains_on_from_an_exported_base(tmp_path, monkeypatch):
+    """--init-from: a new work folder trains the UNet and text encoder on from a base that `export` wrote, with that
+    base's VAE (and latent scale) as they are; the record carries the base's making and adds its CPU time."""
+    from safetensors.torch import load_file
+
+    from sbora_diffusion.world import probes
+
+    monkeypatch.setattr(probes, "unmet_targets", lambda found: ["colour"])  # no target holds: the runs go to their step count
+    first = tmp_path / "first"
+    assert wp.main(["data", "vae", "latents", "unet", "export", *_miniature(first / "work", first / "out"), "--unet-steps", "2"]) == 0
+    base = first / "out" / "pocket-sd"
+    base_record = _record(base)
+    assert base_record["cpu_seconds_in_all"] == pytest.approx(sum(v for v in base_record["stage_cpu_seconds"].values() if v), abs=0.2)
+    assert json.loads((first / "work" / "unet" / "time.json").read_text())["cpu_seconds"] > 0  # kept at each checkpoint
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    on = [*_miniature(work, out), "--init-from", str(base), "--unet-steps", "2", "--unet-lr", "1e-12", "--text-lr", "1e-12"]
+    assert wp.main(["all", *on]) == 0
+    assert not (work / "vae").exists()  # the base's VAE, not a new one
+    assert json.loads((work / "latents.json").read_text())["scaling_factor"] == json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
+    trained, started = load_file(out / "pocket-sd" / "unet" / "diffusion_pytorch_model.safetensors"), load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(trained[k], started[k], atol=1e-6) for k in started)  # a negligible learning rate: still the base
+    fresh = wp.build_unet(wp.preset_config("v2", unet_channels="16,32,32", text_width=16)).state_dict()
+    assert not torch.allclose(fresh["conv_in.weight"], started["conv_in.weight"])  # ... not a new UNet
+    record = _record(out / "pocket-sd")
+    assert record["initialised_from"]["commands"] == base_record["commands"]
+    assert record["initialised_from"]["files"] == base_record["files"]
+    assert record["cpu_seconds_in_all"] > base_record["cpu_seconds_in_all"]
+    assert str(tmp_path) not in (out / "pocket-sd" / wp.RECORD_NAME).read_text()
+
+    assert wp.main(["vae", *on]) == 2  # trained on from a base: no VAE of its own
+    assert wp.main(["unet", *on, "--out", str(first / "out")]) == 2  # would overwrite its own base
+    with pytest.raises(ValueError, match="its UNet has cross_attention_dim=16, this run's architecture cross_attention_dim=32"):
+        wp.initial_models(wp.preset_config("v2", init_from=str(base), unet_channels="16,32,32", text_width=32))
+    with pytest.raises(FileNotFoundError, match="not a pocket-sd folder"):
+        wp.init_base(wp.preset_config("v2", init_from=str(tmp_path)))

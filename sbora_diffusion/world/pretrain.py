@@ -5,6 +5,8 @@
     python -m sbora_diffusion.world.pretrain export measure --work DIR --out DIR/export # write and measure a candidate
     python -m sbora_diffusion.world.pretrain measure --preset v1 --work DIR --out sbora_diffusion/world/weights
                                                                                        # the probes on the shipped base, into its record
+    python -m sbora_diffusion.world.pretrain all --work DIR --out DIR/export --init-from sbora_diffusion/world/weights/pocket-sd
+                                                                                       # train the shipped base on, in a new work folder
 
 Presets (``--preset``; every field below can then be overridden, ``--unet-steps 100``):
 
@@ -39,6 +41,11 @@ Stages (each reads the previous stages' outputs from ``--work``, so any can be r
 ``measure``  the probes (``probes.py``: colour, side, shape, two objects, each with its
              control; room for concepts) on held-out seeds, and retrieval / concept
              identification of a CLIP this work folder trained, written into the records in ``--out``.
+
+``--init-from FOLDER`` (a pocket-sd folder that ``export`` wrote) trains a base on where it left
+off, in a new work folder: its VAE and latent scale as they are (no ``vae`` stage), the UNet
+stage starting from its UNet and text encoder (a fresh optimizer); the new record holds the
+base's under ``initialised_from`` and adds its CPU time into ``cpu_seconds_in_all``.
 
 Each training stage (clip, vae, unet) is one run of the toolkit's engine (``sbora/engine.py``)
 in its own folder of ``--work`` (``clip/``, ``vae/``, ``unet/``): checkpoints every
@@ -93,6 +100,7 @@ class Config:
     work: str = "/tmp/pocket-work"
     out: str = str(WEIGHTS_DIR)
     preset: str = "v2"
+    init_from: str = ""  # a pocket-sd folder to train on from (the shipped base, say): its VAE as is, its UNet and text encoder as the start
     seed: int = 0
     threads: int = 1
     num_images: int = 50_000
@@ -308,6 +316,64 @@ def text_config(cfg: Config):
     )
 
 
+def init_base(cfg: Config) -> Path | None:
+    """The pocket-sd folder of --init-from (None without it), checked to be one that ``export`` wrote."""
+    if not cfg.init_from:
+        return None
+    base = Path(cfg.init_from)
+    if not (base / "model_index.json").is_file() or not (base / RECORD_NAME).is_file():
+        raise FileNotFoundError(f"--init-from {base}: not a pocket-sd folder (it needs model_index.json and {RECORD_NAME}); "
+                                f"pass a folder that `export` wrote, e.g. {POCKET_SD_DIR.relative_to(REPO_ROOT)}")
+    return base
+
+
+def same_architecture(part: str, config, want: dict, base: Path) -> None:
+    """Refuse a model of --init-from whose architecture is not this run's (the preset's, with its overrides)."""
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    differ = {k: (norm(config[k]), norm(v)) for k, v in want.items() if norm(config[k]) != norm(v)}
+    if differ:
+        k, (have, asked) = next(iter(differ.items()))
+        raise ValueError(f"--init-from {base}: its {part} has {k}={have}, this run's architecture {k}={asked}; "
+                         "pass the preset (and width options) that base was trained with")
+
+
+def trained_vae(cfg: Config):
+    """The VAE of the stages after ``vae``: the vae stage's newest checkpoint, or --init-from's VAE as it is."""
+    base = init_base(cfg)
+    if base is None:
+        return load_named(build_vae(cfg), read_stage(cfg, "vae")["trainable"], "vae").eval()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(base / "vae"), local_files_only=True)
+    same_architecture("VAE", vae.config, vae_cfg(cfg), base)
+    return vae.eval()
+
+
+def vae_source(cfg: Config) -> str:
+    """Which VAE encoded the cached latents: a vae stage checkpoint, or --init-from's VAE (by its weights' hash)."""
+    base = init_base(cfg)
+    if base is None:
+        return stage_checkpoint(cfg, "vae").name
+    return "init-from:" + sha256(base / "vae" / "diffusion_pytorch_model.safetensors")[:16]
+
+
+def initial_models(cfg: Config):
+    """The text encoder and UNet the unet stage starts from: new ones (``build_*``), or --init-from's trained ones."""
+    base = init_base(cfg)
+    if base is None:
+        return build_text_encoder(cfg), build_unet(cfg)
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(base / "unet"), local_files_only=True)
+    same_architecture("UNet", unet.config, unet_cfg(cfg), base)
+    text_encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder"), local_files_only=True)
+    want = text_config(cfg).to_dict()
+    same_architecture("text encoder", text_encoder.config.to_dict(),
+                      {k: want[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}, base)
+    return text_encoder, unet
+
+
 def build_text_encoder(cfg: Config):
     """The base's text encoder at its starting point: the trained pocket CLIP's text tower (text_init clip) or random weights."""
     from transformers import CLIPTextModel
@@ -425,6 +491,8 @@ def stage_fingerprint(cfg: Config, stage: str) -> dict:
     own = {k: v for k, v in asdict(cfg).items() if k.startswith(TRAINED[stage] + "_") and k != f"{TRAINED[stage]}_steps"}
     if stage == "unet":
         own |= {k: getattr(cfg, k) for k in ("text_lr", "caption_dropout", "long_caption_fraction", "min_snr_gamma")}
+        if init_base(cfg) is not None:  # trained on from a base: resumable only from that same base
+            own["init_from"] = "unet:" + sha256(init_base(cfg) / "unet" / "diffusion_pytorch_model.safetensors")[:16]
     return {"pocket_stage": stage, **{k: getattr(cfg, k) for k in shared}, **own}
 
 
@@ -453,6 +521,23 @@ class History:
         return {n: float(v) for n, v in zip(self.names, rows.mean(0))}
 
 
+def spent_before(cfg: Config, stage: str, resumed: bool) -> dict:
+    """Wall and CPU seconds a training stage spent in its earlier runs, up to its newest checkpoint.
+
+    Kept in the stage folder's ``time.json`` at every checkpoint, so a run that was killed (not
+    stopped) still counts up to where a resume picks it up."""
+    path = stage_dir(cfg, stage) / "time.json"
+    if resumed and path.is_file():
+        return json.loads(path.read_text())
+    return {"seconds": 0.0, "cpu_seconds": 0.0}
+
+
+def note_spent(cfg: Config, stage: str, before: dict, t0: float, c0: float) -> dict:
+    spent = {"seconds": round(before["seconds"] + time.time() - t0, 1), "cpu_seconds": round(before["cpu_seconds"] + time.process_time() - c0, 1)}
+    (stage_dir(cfg, stage) / "time.json").write_text(json.dumps(spent) + "\n")
+    return spent
+
+
 def run_stage(engine, loss_fn, history: History, cfg: Config, stage: str, on_step=None) -> bool:
     """Train to the engine's step count (logging every --log-every steps); True when `on_step` stopped it early at its goal.
 
@@ -461,11 +546,13 @@ def run_stage(engine, loss_fn, history: History, cfg: Config, stage: str, on_ste
     """
     from sbora.checkpoint import TrainingInterrupted
 
-    t0, goal = time.time(), {"reached": False}
+    t0, c0, goal = time.time(), time.process_time(), {"reached": False}
+    before = spent_before(cfg, stage, engine.step > 0)
 
     def step_hook(step: int, loss: float) -> None:
         if step % cfg.checkpoint_every == 0:
             keep_checkpoints(cfg, stage)
+            note_spent(cfg, stage, before, t0, c0)
         if step % cfg.log_every == 0 or step == engine.cfg.steps:
             means = " ".join(f"{k} {v:.4f}" for k, v in history.mean(cfg.log_every).items())
             log(f"{stage} step {step}/{engine.cfg.steps} {means} ({time.time() - t0:.0f}s)")
@@ -478,6 +565,7 @@ def run_stage(engine, loss_fn, history: History, cfg: Config, stage: str, on_ste
     except TrainingInterrupted:
         engine.abort()
         keep_checkpoints(cfg, stage)
+        note_spent(cfg, stage, before, t0, c0)
         if goal["reached"]:
             return True
         raise
@@ -579,7 +667,7 @@ def vae_shape_ceiling(vae, count: int = 120) -> dict:
 
 
 def stage_latents(cfg: Config, resume: bool, overwrite: bool) -> dict:
-    vae = load_named(build_vae(cfg), read_stage(cfg, "vae")["trainable"], "vae").eval()
+    vae = trained_vae(cfg)
     images, metas = load_data(cfg)
     out = np.empty((len(metas), 4, 16, 16), dtype=np.float32)
     with torch.no_grad():
@@ -587,10 +675,10 @@ def stage_latents(cfg: Config, resume: bool, overwrite: bool) -> dict:
             out[i : i + 256] = vae.encode(to_tensor(images[i : i + 256])).latent_dist.mode().numpy()
     np.save(cfg.work_dir / "latents.npy", out)
     std = float(out.std())
-    scaling = 1.0 / std
+    scaling = vae.config.scaling_factor if init_base(cfg) else 1.0 / std  # a base trained on keeps the latent scale its UNet knows
     (cfg.work_dir / "latents.json").write_text(json.dumps({"scaling_factor": scaling, "mean": float(out.mean()), "std": std}))
     return {"count": len(metas), "scaling_factor": scaling, "latent_mean": float(out.mean()), "latent_std": std,
-            "vae_checkpoint": stage_checkpoint(cfg, "vae").name}
+            "vae_checkpoint": vae_source(cfg)}
 
 
 def stage_unet(cfg: Config, resume: bool, overwrite: bool) -> dict:
@@ -604,8 +692,8 @@ def stage_unet(cfg: Config, resume: bool, overwrite: bool) -> dict:
     scaling = json.loads((cfg.work_dir / "latents.json").read_text())["scaling_factor"]
     metas = json.loads((cfg.work_dir / "meta.json").read_text())
     tokenizer = clip_tokenizer()
-    text_encoder, unet = build_text_encoder(cfg).train(), build_unet(cfg).train()
-    vae = load_named(build_vae(cfg), read_stage(cfg, "vae")["trainable"], "vae").eval()
+    text_encoder, unet = (m.train() for m in initial_models(cfg))
+    vae = trained_vae(cfg)
     vae.register_to_config(scaling_factor=scaling)
     sched = DDPMScheduler.from_config(sd_noise_scheduler_config())
     snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
@@ -685,12 +773,12 @@ def build_pipeline(cfg: Config, use_ema: bool = True):
     """The pocket StableDiffusionPipeline from the work folder's newest checkpoints (the UNet stage's averaged weights)."""
     from sbora.procedures import EMA
 
-    vae = load_named(build_vae(cfg), read_stage(cfg, "vae")["trainable"], "vae")
+    vae = trained_vae(cfg)
     vae.register_to_config(scaling_factor=json.loads((cfg.work_dir / "latents.json").read_text())["scaling_factor"])
     ck = read_stage(cfg, "unet")
     weights = EMA.read(ck) if use_ema else ck["trainable"]
-    unet = load_named(build_unet(cfg), weights, "unet")
-    text_encoder = load_named(build_text_encoder(cfg), weights, "text_encoder")
+    text_encoder, unet = initial_models(cfg)
+    unet, text_encoder = load_named(unet, weights, "unet"), load_named(text_encoder, weights, "text_encoder")
     return assemble(vae.eval(), text_encoder.eval(), unet.eval())
 
 
@@ -845,13 +933,14 @@ def portable(value, places: dict[Path, str]):
 
 
 def record_places(cfg: Config, record_work: str | None = None) -> dict[Path, str]:
-    """The run's folders as records name them: the work folder(s) as $WORK, --out relative to the repository, else as $OUT."""
+    """The run's folders as records name them: the work folder(s) as $WORK, --out and --init-from relative to the
+    repository, else as $OUT and $BASE."""
     places = {}
     for work in {cfg.work, record_work} - {None}:
         places |= {Path(work): "$WORK", Path(work).resolve(): "$WORK"}
-    out = Path(cfg.out).resolve()
-    if not out.is_relative_to(REPO_ROOT):
-        places |= {Path(cfg.out): "$OUT", out: "$OUT"}
+    for folder, name in ((cfg.out, "$OUT"), (cfg.init_from, "$BASE")):
+        if folder and not Path(folder).resolve().is_relative_to(REPO_ROOT):
+            places |= {Path(folder): name, Path(folder).resolve(): name}
     return places
 
 
@@ -876,7 +965,12 @@ def write_export_records(cfg: Config, results: dict) -> None:
         "note": "CPU float32 training; seeded, repeats closely but not bit for bit on other machines or torch builds",
     }
     stages = {k: results[k] for k in ("data", "clip", "vae", "latents", "unet") if k in results}
+    cpu = {k: v.get("cpu_seconds") for k, v in stages.items()}
     sd_dir = out / POCKET_SD_DIR.name
+    base = results.get("init_from", {})  # trained on from a base: its making is part of this one's, its CPU time too
+    lineage = {"cpu_seconds_in_all": round(sum(v or 0 for v in cpu.values()) + base.get("cpu_seconds_in_all", 0), 1)}
+    if base:
+        lineage["initialised_from"] = base
     text = ("CLIPTextModel initialised from the pocket CLIP's text tower, trained jointly with the UNet" if cfg.text_init == "clip"
             else "CLIPTextModel trained from random weights jointly with the UNet (the pocket CLIP is not part of this base)")
     records = {sd_dir: common | {
@@ -884,7 +978,7 @@ def write_export_records(cfg: Config, results: dict) -> None:
         "architecture": {"vae": vae_cfg(cfg), "unet": unet_cfg(cfg), "text_encoder": {
             "what": text, "width": cfg.text_width, "layers": cfg.text_layers, "heads": cfg.text_heads, "vocabulary": "CLIP's BPE (49408)"}},
         "stages": stages, "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
-        "stage_cpu_seconds": {k: v.get("cpu_seconds") for k, v in stages.items()}, "measurements": {}, "files": checksums(sd_dir),
+        "stage_cpu_seconds": cpu, **lineage, "measurements": {}, "files": checksums(sd_dir),
     }}
     clip_dir = out / POCKET_CLIP_DIR.name
     if "clip" in stages:
@@ -924,8 +1018,9 @@ def stage_done(cfg: Config, stage: str, results: dict) -> bool:
     if stage == "data":
         return results.get("data", {}).get("num_images") == cfg.num_images and (cfg.work_dir / "meta.json").is_file()
     if stage == "latents":
-        vae = stage_checkpoint(cfg, "vae")
-        return vae is not None and results.get("latents", {}).get("vae_checkpoint") == vae.name and (cfg.work_dir / "latents.npy").is_file()
+        if init_base(cfg) is None and stage_checkpoint(cfg, "vae") is None:
+            return False
+        return results.get("latents", {}).get("vae_checkpoint") == vae_source(cfg) and (cfg.work_dir / "latents.npy").is_file()
     if stage not in TRAINED or (path := stage_checkpoint(cfg, stage)) is None:
         return False
     step = int(path.stem.split("-")[1])
@@ -950,10 +1045,13 @@ def parse_args(argv: list[str]) -> tuple[Config, list[str], bool, bool]:
     cfg = replace(defaults, **{f.name: getattr(args, f.name) for f in fields(Config)})
     for name in ("unet", "vae"):
         cfg.channels(name)  # refused early: a bad width list
+    trained_here = {"clip", "vae"} if cfg.init_from else set()  # trained on from a base: its VAE (and no CLIP) as they are
     if "all" in args.stage:
-        stages = [s for s in STAGES if s != "clip" or cfg.text_init == "clip"]
+        stages = [s for s in STAGES if (s != "clip" or cfg.text_init == "clip") and s not in trained_here]
     else:
         stages = [s for s in STAGES if s in args.stage]
+        if trained_here & set(stages):
+            raise ValueError(f"--init-from uses that base's VAE as it is and trains no CLIP: leave out {' and '.join(sorted(trained_here & set(stages)))}")
     return cfg, stages, args.resume, args.overwrite
 
 
@@ -969,6 +1067,16 @@ def _main(argv: list[str]) -> None:
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     results_path = cfg.work_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if (base := init_base(cfg)) is not None:
+        if (Path(cfg.out) / POCKET_SD_DIR.name).resolve() == base.resolve():
+            raise ValueError(f"--out would overwrite the base this run trains on from ({base}): export to another folder, "
+                             "measure it there and copy it over once it measures better")
+        record = json.loads((base / RECORD_NAME).read_text())  # how the base was made: part of this run's record
+        results["init_from"] = {k: record[k] for k in ("commands", "preset", "stages", "stage_cpu_seconds", "cpu_seconds_in_all", "measurements", "files")
+                                if k in record}
+        results["init_from"].setdefault("cpu_seconds_in_all", round(sum(v or 0 for v in record.get("stage_cpu_seconds", {}).values()), 1))
+    else:
+        results.pop("init_from", None)
     results["commands"] = results.get("commands", []) + [command_line(argv)]
     results_path.write_text(json.dumps(results, indent=2))
     for stage in stages:
@@ -977,11 +1085,12 @@ def _main(argv: list[str]) -> None:
             continue
         log(f"stage {stage}")
         t0, c0 = time.time(), time.process_time()
+        resumed = resume and stage in TRAINED and stage_checkpoint(cfg, stage) is not None
+        before = spent_before(cfg, stage, resumed)  # a resumed stage's time adds up, a killed run's to its last checkpoint
         res = globals()[f"stage_{stage}"](cfg, resume, overwrite)
-        earlier = results.get(stage, {}) if resume and stage in TRAINED else {}  # a resumed stage's time adds up
-        res["seconds"] = round(time.time() - t0 + earlier.get("seconds", 0), 1)
-        res["cpu_seconds"] = round(time.process_time() - c0 + earlier.get("cpu_seconds", 0), 1)
-        res["commands"] = earlier.get("commands", []) + [command_line(argv)]
+        spent = note_spent(cfg, stage, before, t0, c0) if stage in TRAINED else {
+            "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
+        res |= spent | {"commands": (results.get(stage, {}).get("commands", []) if resumed else []) + [command_line(argv)]}
         results[stage] = res
         results_path.write_text(json.dumps(results, indent=2))
         log(f"stage {stage} done in {res['seconds']:.0f}s: {json.dumps({k: v for k, v in res.items() if k not in ('commands', 'base', 'clip')})[:400]}")
