@@ -296,6 +296,17 @@ def test_pretraining_runs_every_stage_resumes_and_stops_at_its_targets(tmp_path,
     assert sorted(p.name for p in (work / "checkpoints" / "unet").iterdir()) == ["step-00000002.pt", "step-00000004.pt"]
     assert wp.main(["vae", *tiny]) == 2  # a stage folder that holds a run is refused without --resume or --overwrite
 
+    from sbora.checkpoint import TrainingInterrupted
+
+    def ctrl_c_at_5(cfg, resume, overwrite):  # the stage was stopped (Ctrl-C) at step 5, its time kept up to there
+        (work / "unet" / "time.json").write_text(json.dumps({"seconds": 9.0, "cpu_seconds": 7.5}))
+        raise TrainingInterrupted(5, None)
+
+    monkeypatch.setattr(wp, "stage_unet", ctrl_c_at_5)
+    assert wp.main(["unet", *tiny, "--resume", "--stop-at-targets", "false", "--unet-steps", "6"]) == 130
+    stopped = json.loads((work / "results.json").read_text())["unet"]
+    assert stopped["interrupted_at"] == 5 and stopped["cpu_seconds"] == 7.5 and len(stopped["commands"]) == 3  # an export's record has them
+
 
 def test_pretraining_trains_on_from_an_exported_base(tmp_path, monkeypatch):
     """--init-from: a new work folder trains the UNet and text encoder on from a base that `export` wrote, with that

@@ -1062,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> None:
+    from sbora.checkpoint import TrainingInterrupted
+
     cfg, stages, resume, overwrite = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
@@ -1087,10 +1089,16 @@ def _main(argv: list[str]) -> None:
         t0, c0 = time.time(), time.process_time()
         resumed = resume and stage in TRAINED and stage_checkpoint(cfg, stage) is not None
         before = spent_before(cfg, stage, resumed)  # a resumed stage's time adds up, a killed run's to its last checkpoint
-        res = globals()[f"stage_{stage}"](cfg, resume, overwrite)
+        commands = (results.get(stage, {}).get("commands", []) if resumed else []) + [command_line(argv)]
+        try:
+            res = globals()[f"stage_{stage}"](cfg, resume, overwrite)
+        except TrainingInterrupted as e:  # stopped mid-stage: its time and command so far go into the results (and a later export's record)
+            results[stage] = {"steps": e.step, "interrupted_at": e.step, **spent_before(cfg, stage, True), "commands": commands}
+            results_path.write_text(json.dumps(results, indent=2))
+            raise
         spent = note_spent(cfg, stage, before, t0, c0) if stage in TRAINED else {
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
-        res |= spent | {"commands": (results.get(stage, {}).get("commands", []) if resumed else []) + [command_line(argv)]}
+        res |= spent | {"commands": commands}
         results[stage] = res
         results_path.write_text(json.dumps(results, indent=2))
         log(f"stage {stage} done in {res['seconds']:.0f}s: {json.dumps({k: v for k, v in res.items() if k not in ('commands', 'base', 'clip')})[:400]}")
