@@ -77,6 +77,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sbora.fileio import write_json
+
 from . import POCKET_CLIP_DIR, POCKET_SD_DIR, WEIGHTS_DIR
 from . import generator as g
 from . import probes
@@ -534,7 +536,7 @@ def spent_before(cfg: Config, stage: str, resumed: bool) -> dict:
 
 def note_spent(cfg: Config, stage: str, before: dict, t0: float, c0: float) -> dict:
     spent = {"seconds": round(before["seconds"] + time.time() - t0, 1), "cpu_seconds": round(before["cpu_seconds"] + time.process_time() - c0, 1)}
-    (stage_dir(cfg, stage) / "time.json").write_text(json.dumps(spent) + "\n")
+    write_json(stage_dir(cfg, stage) / "time.json", spent)  # atomic: a kill mid-write leaves the previous one
     return spent
 
 
@@ -1080,7 +1082,7 @@ def _main(argv: list[str]) -> None:
     else:
         results.pop("init_from", None)
     results["commands"] = results.get("commands", []) + [command_line(argv)]
-    results_path.write_text(json.dumps(results, indent=2))
+    write_json(results_path, results)
     for stage in stages:
         if resume and stage_done(cfg, stage, results):
             log(f"stage {stage}: already done; skipped (--resume)")
@@ -1094,13 +1096,13 @@ def _main(argv: list[str]) -> None:
             res = globals()[f"stage_{stage}"](cfg, resume, overwrite)
         except TrainingInterrupted as e:  # stopped mid-stage: its time and command so far go into the results (and a later export's record)
             results[stage] = {"steps": e.step, "interrupted_at": e.step, **spent_before(cfg, stage, True), "commands": commands}
-            results_path.write_text(json.dumps(results, indent=2))
+            write_json(results_path, results)
             raise
         spent = note_spent(cfg, stage, before, t0, c0) if stage in TRAINED else {
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
         res |= spent | {"commands": commands}
         results[stage] = res
-        results_path.write_text(json.dumps(results, indent=2))
+        write_json(results_path, results)
         log(f"stage {stage} done in {res['seconds']:.0f}s: {json.dumps({k: v for k, v in res.items() if k not in ('commands', 'base', 'clip')})[:400]}")
         if stage == "export":
             write_export_records(cfg, results)
