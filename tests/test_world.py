@@ -258,6 +258,75 @@ def test_ema_procedure_averages_and_resumes_exactly(tmp_path):
         EMA.read({"procedures": {}})
 
 
+def test_unet_loss_weight_is_min_snr_with_an_x0_floor():
+    """The epsilon loss's weight: plain (1) without min-SNR or floor; min(snr, gamma)/snr with min-SNR; and
+    with a floor the implied x0 error is weighed at least `floor` at large t, so layout is learnt."""
+    from diffusers import DDPMScheduler
+
+    from sbora_diffusion.models import sd_noise_scheduler_config
+
+    ac = DDPMScheduler.from_config(sd_noise_scheduler_config()).alphas_cumprod
+    snr = (ac / (1 - ac))[torch.tensor([0, 300, 600, 900, 999])]
+    assert torch.equal(wp.unet_loss_weight(snr, 0.0, 0.0), torch.ones(5))
+    min_snr = wp.unet_loss_weight(snr, 5.0, 0.0)
+    assert torch.allclose(min_snr, torch.clamp(snr, max=5.0) / snr)
+    assert min_snr[0] < 0.01 and min_snr[-1] == 1.0  # small t capped, large t untouched
+    floored = wp.unet_loss_weight(snr, 5.0, 0.1)
+    x0_weight = floored * snr  # the weight the implied x0 error gets
+    assert torch.all(x0_weight >= 0.1 - 1e-6) and torch.allclose(x0_weight, torch.clamp(snr, max=5.0) + 0.1)
+    assert floored[-1] > 20 * min_snr[-1]  # t = 999 (snr ~ 0.005): the layout's error now counts
+
+
+def test_caption_twins_change_one_attribute_and_the_hinge_pushes_them_apart():
+    """text_contrast's pairs: the twin is the same caption (same draws, same form) with the sides swapped or the
+    first noun changed, and drawing twins leaves the batch's own captions as they were; the hinge is 0 below its
+    margin and its gradient lowers the pair's similarity above it."""
+    import random
+
+    swap = {"left": "right", "right": "left"}
+    sides = 0
+    for seed in range(60):
+        meta = g.sample(seed).__dict__ | {"objects": [o.__dict__ for o in g.sample(seed).objects]}
+        meta = {k: meta[k] for k in ("background", "style", "objects")}
+        plain = wp.train_caption(meta, random.Random(seed), 0.25)
+        for what in ("side", "noun"):
+            rng = random.Random(seed)
+            caption, twin = wp.caption_and_twin(meta, rng, 0.25, what, random.Random(-seed))
+            assert caption == plain and rng.getstate() == _after(plain, meta, seed)  # the batch's caption and draws are unchanged
+            words, twin_words = re.findall(r"\w+|,", caption), re.findall(r"\w+|,", twin)
+            if what == "noun":
+                changed = [(a, b) for a, b in zip(words, twin_words) if a != b]
+                assert len(words) == len(twin_words) and len(changed) == 1 and changed[0][0] == meta["objects"][0]["noun"]
+                assert changed[0][1] in (g.SHAPES if changed[0][0] in g.SHAPES else g.CLASSES)
+            elif "in the center" in caption:
+                assert twin in (caption.replace("in the center", "on the left"), caption.replace("in the center", "on the right"))
+            else:
+                assert twin_words == [swap.get(w, w) for w in words]
+                sides += twin != caption
+    assert sides > 10
+    with pytest.raises(ValueError, match="'side' or 'noun'"):
+        wp.twin_meta(meta, "colour", random.Random(0))
+
+    gen = torch.Generator().manual_seed(0)
+    a, far = torch.randn(3, 77, 8, generator=gen), torch.randn(3, 77, 8, generator=gen)
+    assert wp.text_contrast(a, -a, 0.9)[0] == 0 and wp.text_contrast(a, far, 0.9)[0] == 0  # below the margin: let be
+    near = (a + 0.01 * far).requires_grad_()
+    loss, cos = wp.text_contrast(a, near, 0.9)
+    assert cos > 0.99 and float(loss.detach()) == pytest.approx(float(cos) - 0.9, abs=1e-5)
+    loss.backward()
+    step = near.grad / near.grad.norm() * 0.1 * near.detach().norm()
+    assert wp.text_contrast(a, near.detach() - step, 0.9)[1] < cos - 0.001  # a step down the gradient: further apart
+
+
+def _after(caption: str, meta: dict, seed: int):
+    """The rng state after drawing `meta`'s training caption from Random(seed)."""
+    import random
+
+    rng = random.Random(seed)
+    assert wp.train_caption(meta, rng, 0.25) == caption
+    return rng.getstate()
+
+
 def _miniature(work, out) -> list[str]:
     """The options of a miniature v2 run: 40 images, 8- and 16-wide models, 2-4 steps, checkpoints every 2."""
     return ["--work", str(work), "--out", str(out), "--threads", str(torch.get_num_threads()), "--num-images", "40",
@@ -324,8 +393,10 @@ def test_pretraining_trains_on_from_an_exported_base(tmp_path, monkeypatch):
     assert json.loads((first / "work" / "unet" / "time.json").read_text())["cpu_seconds"] > 0  # kept at each checkpoint
 
     work, out = tmp_path / "work", tmp_path / "out"
-    on = [*_miniature(work, out), "--init-from", str(base), "--unet-steps", "2", "--unet-lr", "1e-12", "--text-lr", "1e-12"]
+    on = [*_miniature(work, out), "--init-from", str(base), "--unet-steps", "2", "--unet-lr", "1e-12", "--text-lr", "1e-12",
+          "--x0-weight-floor", "0.5", "--text-contrast-weight", "1"]
     assert wp.main(["all", *on]) == 0
+    assert -1 <= json.loads((work / "results.json").read_text())["unet"]["final_text_twin_cos_last100"] <= 1
     assert not (work / "vae").exists()  # the base's VAE, not a new one
     assert json.loads((work / "latents.json").read_text())["scaling_factor"] == json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
     trained, started = load_file(out / "pocket-sd" / "unet" / "diffusion_pytorch_model.safetensors"), load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
@@ -338,6 +409,10 @@ def test_pretraining_trains_on_from_an_exported_base(tmp_path, monkeypatch):
     assert record["cpu_seconds_in_all"] > base_record["cpu_seconds_in_all"]
     assert str(tmp_path) not in (out / "pocket-sd" / wp.RECORD_NAME).read_text()
 
+    assert wp.main(["export", *on, "--export-step", "2"]) == 0  # a chosen checkpoint (here the only one): the record says which
+    assert _record(out / "pocket-sd")["stages"]["unet"]["exported_step"] == 2
+    with pytest.raises(FileNotFoundError, match=r"no UNet checkpoint at step 3 .*kept steps: \[2\]"):
+        wp.unet_checkpoint(wp.preset_config("v2", work=str(work), export_step=3))
     assert wp.main(["vae", *on]) == 2  # trained on from a base: no VAE of its own
     assert wp.main(["unet", *on, "--out", str(first / "out")]) == 2  # would overwrite its own base
     with pytest.raises(ValueError, match="its UNet has cross_attention_dim=16, this run's architecture cross_attention_dim=32"):

@@ -34,7 +34,11 @@ Stages (each reads the previous stages' outputs from ``--work``, so any can be r
 ``latents``  encode every training image once (posterior mean), fit the latent scaling factor;
 ``unet``     the UNet2DConditionModel on cached latents, jointly with the text encoder;
              epsilon prediction on SD's noise schedule, min-SNR weighting, 10% empty captions
-             (classifier-free guidance), EMA weights (``sbora.procedures.EMA``);
+             (classifier-free guidance), EMA weights (``sbora.procedures.EMA``); optionally a
+             floor on the weight of the x0 error at large t (``--x0-weight-floor``: layout is
+             decided there) and a hinge that keeps a caption's text states apart from its twin's
+             with the sides swapped or another noun (``--text-contrast-weight``: without it the
+             text encoder let "on the left" and "on the right" collapse);
 ``export``   write ``pocket-sd/`` (a StableDiffusionPipeline folder) and, when this work folder
              trained one, ``pocket-clip/`` (an open_clip ``local-dir:`` folder) into ``--out``,
              each with a record (commands, settings, stages, sha256 of every file);
@@ -135,9 +139,13 @@ class Config:
     caption_dropout: float = 0.1
     long_caption_fraction: float = 0.25  # captions in the long form: every attribute named, position included
     min_snr_gamma: float = 5.0
+    x0_weight_floor: float = 0.0  # > 0: the loss weighs the x0 error at least this much at every t (see unet_loss_weight)
+    text_contrast_weight: float = 0.0  # > 0: push a caption's text states apart from its side-swapped or noun-changed twin (see text_contrast)
+    text_contrast_margin: float = 0.9  # ... while their cosine similarity is above this ("red" vs "blue": ~0.8)
     ema_decay: float = 0.999
     # checkpoints and measurements
     checkpoint_every: int = 500
+    export_step: int = 0  # export: 0 = the UNet stage's newest checkpoint; N = its kept checkpoint at step N (the one the probes liked best)
     probe_images: int = 28  # per probe at each UNet checkpoint (selection seeds); 0: no probes while training
     stop_at_targets: bool = True  # the UNet stops at the first checkpoint where every probe meets its target
     measure_images: int = 112  # per probe in the measure stage (held-out seeds)
@@ -242,6 +250,30 @@ def train_caption(meta: dict, rng: random.Random, long_fraction: float = 0.0) ->
     if rng.random() < long_fraction:
         return g.caption(meta, "long")
     return g.caption(meta, "random", rng)
+
+
+def twin_meta(meta: dict, what: str, rng: random.Random) -> dict:
+    """`meta` with one attribute changed: ``side`` swaps left and right (the center goes to a side), ``noun``
+    gives the first object another noun of its kind (shape or object class)."""
+    objects = [dict(o) for o in meta["objects"]]
+    if what == "side":
+        for o in objects:
+            o["position"] = {"left": "right", "right": "left"}.get(o["position"]) or rng.choice(("left", "right"))
+    elif what == "noun":
+        kind = g.SHAPES if objects[0]["noun"] in g.SHAPES else g.CLASSES
+        objects[0]["noun"] = rng.choice([n for n in kind if n != objects[0]["noun"]])
+    else:
+        raise ValueError(f"what must be 'side' or 'noun', got {what!r}")
+    return {**meta, "objects": objects}
+
+
+def caption_and_twin(meta: dict, rng: random.Random, long_fraction: float, what: str, twin_rng: random.Random) -> tuple[str, str]:
+    """A training caption and its twin: the same draws (so the same words and form) for `meta` with `what` changed."""
+    state = rng.getstate()
+    caption = train_caption(meta, rng, long_fraction)
+    again = random.Random()
+    again.setstate(state)
+    return caption, train_caption(twin_meta(meta, what, twin_rng), again, long_fraction)
 
 
 def micro_rng(stage: str, cfg: Config, index: int) -> random.Random:
@@ -478,13 +510,17 @@ def keep_checkpoints(cfg: Config, stage: str) -> None:
             (kept / path.name).hardlink_to(path)
 
 
-def read_stage(cfg: Config, stage: str) -> dict:
-    from sbora.checkpoint import read_checkpoint
-
+def read_stage_path(cfg: Config, stage: str) -> Path:
     path = stage_checkpoint(cfg, stage)
     if path is None:
         raise FileNotFoundError(f"{stage_dir(cfg, stage)} holds no checkpoint: run the {stage} stage first")
-    return read_checkpoint(path)
+    return path
+
+
+def read_stage(cfg: Config, stage: str) -> dict:
+    from sbora.checkpoint import read_checkpoint
+
+    return read_checkpoint(read_stage_path(cfg, stage))
 
 
 def stage_fingerprint(cfg: Config, stage: str) -> dict:
@@ -493,6 +529,8 @@ def stage_fingerprint(cfg: Config, stage: str) -> dict:
     own = {k: v for k, v in asdict(cfg).items() if k.startswith(TRAINED[stage] + "_") and k != f"{TRAINED[stage]}_steps"}
     if stage == "unet":
         own |= {k: getattr(cfg, k) for k in ("text_lr", "caption_dropout", "long_caption_fraction", "min_snr_gamma")}
+        if cfg.x0_weight_floor or cfg.text_contrast_weight:  # added later: left out when off, so older checkpoints still resume
+            own |= {k: getattr(cfg, k) for k in ("x0_weight_floor", "text_contrast_weight", "text_contrast_margin")}
         if init_base(cfg) is not None:  # trained on from a base: resumable only from that same base
             own["init_from"] = "unet:" + sha256(init_base(cfg) / "unet" / "diffusion_pytorch_model.safetensors")[:16]
     return {"pocket_stage": stage, **{k: getattr(cfg, k) for k in shared}, **own}
@@ -520,7 +558,7 @@ class History:
 
     def mean(self, last: int) -> dict[str, float]:
         rows = np.array(self.rows[-last:]) if self.rows else np.full((1, len(self.names)), np.nan)
-        return {n: float(v) for n, v in zip(self.names, rows.mean(0))}
+        return {n: float(v) for n, v in zip(self.names, np.nanmean(rows, 0))}
 
 
 def spent_before(cfg: Config, stage: str, resumed: bool) -> dict:
@@ -683,6 +721,35 @@ def stage_latents(cfg: Config, resume: bool, overwrite: bool) -> dict:
             "vae_checkpoint": vae_source(cfg)}
 
 
+def unet_loss_weight(snr: torch.Tensor, gamma: float, floor: float) -> torch.Tensor:
+    """The weight of each sample's epsilon loss, given its timestep's SNR.
+
+    An epsilon error is sqrt(snr) times the error of the implied x0 estimate, so the plain
+    epsilon loss weighs the x0 error by snr: at t ~ 900 (snr ~ 0.01) the image's layout (where
+    the object is, its silhouette, the background) counts ~100x less than detail at t ~ 300.
+    Min-SNR (Hang et al., 2023, arXiv:2303.09556) caps that weight at `gamma` for the small t;
+    `floor` > 0 also lifts it to at least `floor` for the large t, so that what the caption says
+    about layout ("on the left") is learnt (the v2 base, trained without it, drew one layout for
+    both sides). Returns (min(snr, gamma) + floor) / snr, i.e. 1 for plain epsilon loss when
+    gamma is 0 and floor is 0.
+    """
+    x0_weight = (torch.clamp(snr, max=gamma) if gamma > 0 else snr) + floor
+    return x0_weight / snr
+
+
+def text_contrast(ctx: torch.Tensor, twin_ctx: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hinge on the cosine similarity of captions' text states and their twins' (all tokens, as the UNet reads them).
+
+    Trained from scratch through the UNet's loss alone, v2's text encoder kept "on the left" and
+    "on the right" 3% apart (cos 0.999; "red" vs "blue": 65%, cos 0.79), so nothing reached the
+    UNet that could place an object, although the UNet learns sides within 300 steps when the
+    conditioning states them loudly. The hinge pushes a caption and its twin (side swapped, or
+    another noun) apart until their similarity is below `margin`, then lets them be.
+    Returns (loss, the pairs' mean cosine similarity)."""
+    cos = torch.nn.functional.cosine_similarity(ctx.flatten(1), twin_ctx.flatten(1), dim=1)  # (pairs,)
+    return torch.relu(cos - margin).mean(), cos.detach().mean()
+
+
 def stage_unet(cfg: Config, resume: bool, overwrite: bool) -> dict:
     from diffusers import DDPMScheduler
 
@@ -706,7 +773,7 @@ def stage_unet(cfg: Config, resume: bool, overwrite: bool) -> dict:
               {"params": list(text_encoder.parameters()), "lr": cfg.text_lr, "weight_decay": 0.0}]
     ema = EMA(cfg.ema_decay)
     engine.setup(named, groups, fingerprint=stage_fingerprint(cfg, "unet"), procedures=[ema])
-    n, b, history = len(metas), cfg.unet_batch, History(("mse", "weighted"))
+    n, b, history = len(metas), cfg.unet_batch, History(("mse", "weighted") + (("text_twin_cos",) if cfg.text_contrast_weight else ()))
     token_cache: dict[str, list[int]] = {}
 
     def tokens(caps: list[str]) -> torch.Tensor:
@@ -720,16 +787,34 @@ def stage_unet(cfg: Config, resume: bool, overwrite: bool) -> dict:
         rng = micro_rng("unet", cfg, micro.index)
         idx = sorted(rng.sample(range(n), b))
         z = latents[idx] * scaling
-        caps = ["" if rng.random() < cfg.caption_dropout else train_caption(metas[i], rng, cfg.long_caption_fraction) for i in idx]
+        caps, twins = [], []  # twins: (position in the batch, twin caption) for text_contrast
+        twin_rng = random.Random(f"twin:{cfg.seed}:{micro.index}")  # its own draws: the batch's captions are the same with or without twins
+        for k, i in enumerate(idx):
+            if rng.random() < cfg.caption_dropout:
+                caps.append("")
+            elif cfg.text_contrast_weight:
+                cap, twin = caption_and_twin(metas[i], rng, cfg.long_caption_fraction, twin_rng.choice(("side", "noun")), twin_rng)
+                caps.append(cap)
+                if twin != cap:  # a caption that does not name the sides has no side twin
+                    twins.append((k, twin))
+            else:
+                caps.append(train_caption(metas[i], rng, cfg.long_caption_fraction))
         ctx = text_encoder(tokens(caps))[0]  # (b, 77, width)
         noise = torch.randn(z.shape, generator=micro.generator)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=micro.generator)
         pred = unet(sched.add_noise(z, noise, t), t, ctx).sample
-        w = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t] if cfg.min_snr_gamma > 0 else torch.ones(b)
+        w = unet_loss_weight(snr[t], cfg.min_snr_gamma, cfg.x0_weight_floor)
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (w * per).mean()
-        history.add(per.mean(), loss)
-        return loss
+        if not cfg.text_contrast_weight:
+            history.add(per.mean(), loss)
+            return loss
+        hinge, twin_cos = torch.zeros(()), torch.tensor(float("nan"))  # (no twin in a batch of dropped captions)
+        if twins:
+            twin_ctx = text_encoder(tokens([c for _, c in twins]))[0]  # (pairs, 77, width)
+            hinge, twin_cos = text_contrast(ctx[[k for k, _ in twins]], twin_ctx, cfg.text_contrast_margin)
+        history.add(per.mean(), loss, twin_cos)
+        return loss + cfg.text_contrast_weight * hinge
 
     probe_log = cfg.work_dir / "unet_probes.jsonl"
     state = {"last": None}
@@ -771,13 +856,26 @@ def assemble(vae, text_encoder, unet):
     return pipe
 
 
+def unet_checkpoint(cfg: Config) -> Path:
+    """The UNet checkpoint to export: the newest, or with ``--export-step N`` the one kept at step N."""
+    if not cfg.export_step:
+        return read_stage_path(cfg, "unet")
+    kept = cfg.work_dir / "checkpoints" / "unet"
+    path = kept / f"step-{cfg.export_step:08d}.pt"
+    if not path.is_file():
+        steps = sorted(int(p.stem.split("-")[1]) for p in kept.glob("step-*.pt")) if kept.is_dir() else []
+        raise FileNotFoundError(f"no UNet checkpoint at step {cfg.export_step} in {kept}; kept steps: {steps or 'none'}")
+    return path
+
+
 def build_pipeline(cfg: Config, use_ema: bool = True):
-    """The pocket StableDiffusionPipeline from the work folder's newest checkpoints (the UNet stage's averaged weights)."""
+    """The pocket StableDiffusionPipeline from the work folder's checkpoints (the UNet stage's averaged weights)."""
+    from sbora.checkpoint import read_checkpoint
     from sbora.procedures import EMA
 
     vae = trained_vae(cfg)
     vae.register_to_config(scaling_factor=json.loads((cfg.work_dir / "latents.json").read_text())["scaling_factor"])
-    ck = read_stage(cfg, "unet")
+    ck = read_checkpoint(unet_checkpoint(cfg))
     weights = EMA.read(ck) if use_ema else ck["trainable"]
     text_encoder, unet = initial_models(cfg)
     unet, text_encoder = load_named(unet, weights, "unet"), load_named(text_encoder, weights, "text_encoder")
@@ -967,6 +1065,8 @@ def write_export_records(cfg: Config, results: dict) -> None:
         "note": "CPU float32 training; seeded, repeats closely but not bit for bit on other machines or torch builds",
     }
     stages = {k: results[k] for k in ("data", "clip", "vae", "latents", "unet") if k in results}
+    if cfg.export_step and "unet" in stages:  # an earlier checkpoint than the stage's last: the record says which
+        stages["unet"] = stages["unet"] | {"exported_step": cfg.export_step}
     cpu = {k: v.get("cpu_seconds") for k, v in stages.items()}
     sd_dir = out / POCKET_SD_DIR.name
     base = results.get("init_from", {})  # trained on from a base: its making is part of this one's, its CPU time too
