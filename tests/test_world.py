@@ -413,6 +413,9 @@ def test_pretraining_trains_on_from_an_exported_base(tmp_path, monkeypatch):
     assert _record(out / "pocket-sd")["stages"]["unet"]["exported_step"] == 2
     with pytest.raises(FileNotFoundError, match=r"no UNet checkpoint at step 3 .*kept steps: \[2\]"):
         wp.unet_checkpoint(wp.preset_config("v2", work=str(work), export_step=3))
+    for bad in (["--x0-weight-floor", "-1"], ["--text-contrast-weight", "-0.5"], ["--text-contrast-margin", "1"], ["--export-step", "-2"]):
+        assert wp.main(["export", *on, *bad]) == 2  # refused before anything runs
+    assert _record(out / "pocket-sd")["stages"]["unet"]["exported_step"] == 2  # ... the export there kept
     assert wp.main(["vae", *on]) == 2  # trained on from a base: no VAE of its own
     assert wp.main(["unet", *on, "--out", str(first / "out")]) == 2  # would overwrite its own base
     with pytest.raises(ValueError, match="its UNet has cross_attention_dim=16, this run's architecture cross_attention_dim=32"):

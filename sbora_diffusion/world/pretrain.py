@@ -1147,6 +1147,11 @@ def parse_args(argv: list[str]) -> tuple[Config, list[str], bool, bool]:
     cfg = replace(defaults, **{f.name: getattr(args, f.name) for f in fields(Config)})
     for name in ("unet", "vae"):
         cfg.channels(name)  # refused early: a bad width list
+    for name, ok, want in (("x0_weight_floor", cfg.x0_weight_floor >= 0, ">= 0"), ("text_contrast_weight", cfg.text_contrast_weight >= 0, ">= 0"),
+                           ("text_contrast_margin", -1 <= cfg.text_contrast_margin < 1, "in [-1, 1) (a cosine)"),
+                           ("export_step", cfg.export_step >= 0, ">= 0 (0: the newest checkpoint)")):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)}")
     trained_here = {"clip", "vae"} if cfg.init_from else set()  # trained on from a base: its VAE (and no CLIP) as they are
     if "all" in args.stage:
         stages = [s for s in STAGES if (s != "clip" or cfg.text_init == "clip") and s not in trained_here]
