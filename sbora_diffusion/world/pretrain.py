@@ -487,11 +487,11 @@ def stage_dir(cfg: Config, stage: str) -> Path:
 
 def stage_checkpoint(cfg: Config, stage: str) -> Path | None:
     """The newest checkpoint of a training stage (its run in progress or its finished run); None before it ran."""
-    from sbora.checkpoint import list_checkpoints
+    from sbora.checkpoint import checkpoint_step, list_checkpoints
     from sbora.rundir import PARTIAL
 
     found = list_checkpoints(stage_dir(cfg, stage) / PARTIAL / "checkpoints") + list_checkpoints(stage_dir(cfg, stage) / "checkpoints")
-    return max(found, key=lambda p: int(p.stem.split("-")[1])) if found else None
+    return max(found, key=checkpoint_step) if found else None
 
 
 def keep_checkpoints(cfg: Config, stage: str) -> None:
@@ -858,14 +858,15 @@ def assemble(vae, text_encoder, unet):
 
 def unet_checkpoint(cfg: Config) -> Path:
     """The UNet checkpoint to export: the newest, or with ``--export-step N`` the one kept at step N."""
+    from sbora.checkpoint import checkpoint_step, list_checkpoints
+
     if not cfg.export_step:
         return read_stage_path(cfg, "unet")
-    kept = cfg.work_dir / "checkpoints" / "unet"
-    path = kept / f"step-{cfg.export_step:08d}.pt"
-    if not path.is_file():
-        steps = sorted(int(p.stem.split("-")[1]) for p in kept.glob("step-*.pt")) if kept.is_dir() else []
-        raise FileNotFoundError(f"no UNet checkpoint at step {cfg.export_step} in {kept}; kept steps: {steps or 'none'}")
-    return path
+    folder = cfg.work_dir / "checkpoints" / "unet"
+    kept = {checkpoint_step(p): p for p in list_checkpoints(folder)}
+    if cfg.export_step not in kept:
+        raise FileNotFoundError(f"no UNet checkpoint at step {cfg.export_step} in {folder}; kept steps: {sorted(kept) or 'none'}")
+    return kept[cfg.export_step]
 
 
 def build_pipeline(cfg: Config, use_ema: bool = True):
