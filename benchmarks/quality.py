@@ -54,8 +54,10 @@ colour-matched distractors and any other world object; for a pair, in each half 
 
 **Resumable runs in units**, seed-major, as the LLM benchmarks: the zero-shot base per concept
 and pair, each method's sweep, then seed 0 of every method, concept and pair, then seed 1...
-Each finished unit is one JSON file in ``--work-dir/units``; the same command continues a
-stopped run; ``--worker K/N`` splits the units between processes (one thread each);
+Each finished unit is one JSON file in ``--work-dir/units`` (or ``--units-dir``: the standard run
+keeps its units in the checkout, so that they are committed as they finish and the run continues on
+another machine; an adapter a later unit needs and that stayed on the old machine is trained again,
+same seed and rate); the same command continues a stopped run; ``--worker K/N`` splits the units between processes (one thread each);
 ``--merge`` builds the report from whatever is done, and the JSON says whether it is complete.
 
 Results: ``docs/benchmarks/quality.{json,md,png}`` (``quality_<preset>.*`` for other presets);
@@ -63,9 +65,10 @@ runs, adapters and generated images under ``--work-dir``.
 
     python -m benchmarks.quality --preset quick                        # every method end to end, ≤ 15 min on 2 CPU cores
     python -m benchmarks.quality --preset demo                         # is each concept there after the demo's budget?
-    python -m benchmarks.quality --preset standard --worker 0/2 &      # the comparison (issue #27): ~8 h of one core,
-    python -m benchmarks.quality --preset standard --worker 1/2 &      # two workers side by side, resumable
-    python -m benchmarks.quality --preset standard --merge             # -> docs/benchmarks/quality_standard.*, any time
+    U=--units-dir=docs/benchmarks/quality_standard_units
+    python -m benchmarks.quality --preset standard $U --worker 0/2 &   # the comparison (issue #27): ~8 h of one core,
+    python -m benchmarks.quality --preset standard $U --worker 1/2 &   # two workers side by side, resumable
+    python -m benchmarks.quality --preset standard $U --merge          # -> docs/benchmarks/quality_standard.*, any time
 """
 
 from __future__ import annotations
@@ -160,9 +163,11 @@ class QualityConfig:
     text_prefix: str = field(default="A photo depicts ", metadata={"help": "CLIP-T text prefix (Mix-of-Show's)"})
     threads: int = field(default=1, metadata={"help": "torch threads (0: leave as is; on shared cores 2 threads ran 3x slower than 1 here)"})
     work_dir: str = field(default="outputs/bench_quality", metadata={"help": "runs, adapters, generated images and the finished units (units/)"})
+    units_dir: str | None = field(default=None, metadata={"help": "where the finished units are kept (none: --work-dir/units); a folder of the "
+                                                                  "checkout lets a long run be committed as it goes and continued on another machine"})
     out_dir: str | None = field(default=None, metadata={"help": "results folder (default docs/benchmarks)"})
     worker: str = field(default="0/1", metadata={"help": "K/N: run every N-th unit from the K-th (N workers side by side, one thread each)"})
-    merge: bool = field(default=False, metadata={"help": "only build the report from the finished units in --work-dir"})
+    merge: bool = field(default=False, metadata={"help": "only build the report from the finished units (--units-dir)"})
 
     def validate(self) -> None:
         from sbora_diffusion.concept.config import load_concept
@@ -530,8 +535,9 @@ def train_one(ctx: Context, method: str, concept, seed: int, lr: float, out: Pat
     return pipe, record
 
 
-def run_pair(ctx: Context, pair: str, method: str, seed: int, runs: dict) -> list[dict]:
-    """Compose the pair's two single-concept adapters of `method` and `seed`; CLIP-I of each concept in its half, per mode."""
+def run_pair(ctx: Context, pair: str, method: str, seed: int, adapters: dict[str, str]) -> list[dict]:
+    """Compose the pair's two single-concept adapters of `method` and `seed` (concept -> adapter file); CLIP-I of each
+    concept in its half, per mode."""
     from sbora_diffusion.compose import Composer, Region
     from sbora_diffusion.concept.config import load_concept
 
@@ -540,7 +546,7 @@ def run_pair(ctx: Context, pair: str, method: str, seed: int, runs: dict) -> lis
     pipe = copy.deepcopy(ctx.base)
     composer = Composer(pipe)
     for c in (a, b):
-        composer.load(runs[(method, c.name, seed)]["adapter"], name=c.key)
+        composer.load(adapters[c.name], name=c.key)
     overlap = max((p["max_interference"] for p in composer.overlap().pairs()), default=0.0)
     prompt = PAIR_PROMPT.format(a=a.fill("{token} {class_word}"), b=b.fill("{token} {class_word}"))
     seeds = list(range(cfg.multi_images))
@@ -643,7 +649,7 @@ class Schedule:
     def __init__(self, config: QualityConfig):
         self.config = config
         self.tcfg = base_train_config(config)
-        self.store = UnitStore(Path(config.work_dir) / "units", protocol(config))
+        self.store = UnitStore(units_folder(config), protocol(config))
         self.units = schedule(config, self.tcfg.lr)
 
     def load(self, unit: tuple) -> dict | None:
@@ -674,6 +680,10 @@ class Schedule:
         if record is None or unit[0] != "run":
             return record is not None
         return record["lr"] == self.best(unit[1])[1]  # a run at a rate an extended sweep no longer picks is redone
+
+
+def units_folder(config: QualityConfig) -> Path:
+    return Path(config.units_dir) if config.units_dir else Path(config.work_dir) / "units"
 
 
 def base_train_config(config: QualityConfig):
@@ -737,8 +747,7 @@ class Worker:
             record = self.run(*unit[1:])
         else:
             _, pair, method, seed = unit
-            runs = {(method, c, seed): self.sched.load(("run", method, c, seed)) for c in pair.split("+")}
-            record = {"entries": run_pair(ctx, pair, method, seed, runs)}
+            record = {"entries": run_pair(ctx, pair, method, seed, {c: self.adapter(method, c, seed) for c in pair.split("+")})}
         record.update(unit_seconds=time.time() - t0, gen_seconds=ctx.gen_seconds - g0, gen_images=ctx.gen_images - n0)
         self.sched.store.save(unit_key(unit), record)
         gc.collect()
@@ -751,7 +760,7 @@ class Worker:
         _, lr = self.sched.best(method)
         out = ctx.work / "runs" / c.key / method / f"seed{seed}"
         swept = self.sched.load(("sweep", method, lr, name)) if seed == 0 else None
-        if swept is not None and swept.get("adapter"):
+        if swept is not None and swept.get("adapter") and Path(swept["adapter"]).exists():
             pipe = copy.deepcopy(ctx.base)
             load_concept_adapter(pipe, swept["adapter"])
             record = {k: swept[k] for k in ("trainable_params", "final_loss", "steps", "lr", "adapter", "slot", "train_seconds", "step_seconds",
@@ -759,6 +768,15 @@ class Worker:
         else:
             pipe, record = train_one(ctx, method, c, seed, lr, out)
         return record | score_pipe(ctx, pipe, c, out) | {"method": method, "concept": name, "seed": seed}
+
+    def adapter(self, method: str, name: str, seed: int) -> str:
+        """The adapter file of a finished run. The units can travel with the checkout (``--units-dir``) while the work folder
+        stays on the machine that trained it: an adapter lost that way is trained again (same seed, rate, data and slot)."""
+        record = self.sched.load(("run", method, name, seed))
+        if Path(record["adapter"]).exists():
+            return record["adapter"]
+        c = self.concepts[name]
+        return train_one(self.ctx, method, c, seed, record["lr"], self.ctx.work / "runs" / c.key / method / f"seed{seed}")[1]["adapter"]
 
 
 def collect(config: QualityConfig) -> dict:

@@ -242,7 +242,7 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     argv = ["--preset", "quick", "--model", "tiny", "--clip-model", str(arch), "--clip-weights", str(weights), "--methods", "lora,sbora-fa",
             "--multi-methods", "lora,sbora-fa", "--steps", "2", "--num-prompts", "1", "--num-images", "1", "--drift-prompts", "1",
             "--drift-images", "1", "--multi-images", "1", "--sample-steps", "2", "--threads", "1", "--rank", "4", "--seeds", "1",
-            "--lrs", "1e-3,3e-3", "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)]
+            "--lrs", "1e-3,3e-3", "--work-dir", str(tmp_path / "work"), "--units-dir", str(tmp_path / "units"), "--out-dir", str(out)]
     payload = q.main(argv, pipe=copy.deepcopy(tiny_pipe))
     res = payload["results"]
     # The sweep: each adapter method's rate from its validation CLIP-I; seed 0 reuses the sweep's run at that rate.
@@ -291,6 +291,20 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert readme.startswith("### Personalization quality") and "`python -m benchmarks.quality --preset quick --model tiny" in readme
     assert readme.count("| SBoRA-FA | ") == 3 and "partial" not in readme  # CLIP-I, CLIP-T and identified tables of a finished run
     assert "## Is the concept there? Identification per run" in md and "[" in md.split("Identification per run")[1]  # Wilson intervals
+    # The units travel with the checkout, the work folder stays behind: on a "new machine" the pair units still to do
+    # train their lost adapters again (same seed and rate) and compose the same images.
+    units = sorted(p.name for p in (tmp_path / "units").iterdir())
+    assert len(units) == res["units"] and not (tmp_path / "work" / "units").exists()
+    shutil.rmtree(tmp_path / "work")
+    for p in (tmp_path / "units").glob("pair-robot_duck-sbora-fa-seed0.json"):
+        p.unlink()
+    redone = q.main(argv, pipe=copy.deepcopy(tiny_pipe))["results"]
+    assert redone["units_done"] == res["units"] and redone["runs"] == res["runs"]
+    assert sorted(p.name for p in (tmp_path / "work" / "runs" / "robot").iterdir()) == ["sbora-fa"]  # only the lost adapters trained
+    assert (tmp_path / "work" / "runs" / "duck" / "sbora-fa" / "seed0").is_dir()
+    before = {m["mode"]: m["clip_i"] for m in fa_pairs}
+    after = {m["mode"]: m["clip_i"] for m in redone["multi"] if m["method"] == "sbora-fa"}
+    assert after.keys() == before.keys() and all(after[k] == pytest.approx(before[k], abs=1e-4) for k in before)
 
 
 def test_the_schedule_is_seed_major_and_sweeps_before_the_seeds():
