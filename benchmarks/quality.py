@@ -65,10 +65,11 @@ runs, adapters and generated images under ``--work-dir``.
 
     python -m benchmarks.quality --preset quick                        # every method end to end, ≤ 15 min on 2 CPU cores
     python -m benchmarks.quality --preset demo                         # is each concept there after the demo's budget?
-    U=--units-dir=docs/benchmarks/quality_standard_units
-    python -m benchmarks.quality --preset standard $U --worker 0/2 &   # the comparison (issue #27): ~8 h of one core,
-    python -m benchmarks.quality --preset standard $U --worker 1/2 &   # two workers side by side, resumable
-    python -m benchmarks.quality --preset standard $U --merge          # -> docs/benchmarks/quality_standard.*, any time
+    python -m benchmarks.quality --preset standard --units-dir docs/benchmarks/quality_standard_units --worker 0/2 &
+    python -m benchmarks.quality --preset standard --units-dir docs/benchmarks/quality_standard_units --worker 1/2 &
+    python -m benchmarks.quality --preset standard --units-dir docs/benchmarks/quality_standard_units --merge
+    # the comparison (issue #27): ~8 h of one core, two workers side by side, resumable; --merge any time
+    # -> docs/benchmarks/quality_standard.*
 """
 
 from __future__ import annotations
