@@ -340,6 +340,25 @@ def test_best_rate_waits_for_the_whole_sweep_and_a_changed_best_redoes_the_runs(
         q.Schedule(other).load(run)
 
 
+def test_extra_rates_extend_only_their_methods_sweep():
+    from sbora.configuration import ConfigError
+
+    cfg = q.QualityConfig(methods=["lora", "sbora-fb"], multi_methods=["lora"], lrs=[1e-3, 3e-3], full_ft_lrs=[1e-4, 3e-4],
+                          extra_lrs=["sbora-fb=0.01", "full-ft=3e-5"])
+    cfg.validate()
+    assert q.lr_grid(cfg, "lora", 3e-3) == [1e-3, 3e-3]
+    assert q.lr_grid(cfg, "sbora-fb", 3e-3) == [1e-3, 3e-3, 1e-2]
+    assert q.lr_grid(cfg, "full-ft", 3e-3) == [3e-5, 1e-4, 3e-4]  # sorted: the table's columns run low to high
+    sweeps = [u for u in q.schedule(cfg, 3e-3) if u[0] == "sweep"]
+    assert sum(u[1] == "sbora-fb" for u in sweeps) == 3 * len(cfg.concepts) and sum(u[1] == "lora" for u in sweeps) == 2 * len(cfg.concepts)
+    single = dataclasses.replace(cfg, lrs=None)  # one rate: no sweep to extend
+    assert q.lr_grid(single, "sbora-fb", 3e-3) == [3e-3]
+    assert q.lr_grid(dataclasses.replace(cfg, extra_lrs=["sbora-fb=0.003"]), "sbora-fb", 3e-3) == [1e-3, 3e-3]  # no rate twice
+    for bad in ("sbora-fb", "sbora-fb=x", "sbora-fb=-1", "ortho=0.01", "nope=0.01"):  # ortho is not among --methods
+        with pytest.raises(ConfigError, match="--extra-lrs entry"):
+            dataclasses.replace(cfg, extra_lrs=[bad]).validate()
+
+
 def test_the_old_single_rate_flags_still_work():
     from benchmarks.common import parse_invocation
 
