@@ -57,7 +57,8 @@ and pair, each method's sweep, then seed 0 of every method, concept and pair, th
 Each finished unit is one JSON file in ``--work-dir/units`` (or ``--units-dir``: the standard run
 keeps its units in the checkout, so that they are committed as they finish and the run continues on
 another machine; an adapter a later unit needs and that stayed on the old machine is trained again,
-same seed and rate); the same command continues a stopped run; ``--worker K/N`` splits the units between processes (one thread each);
+same seed and rate); the same command continues a stopped run; ``--worker K/N`` splits the units
+between processes (one thread each);
 ``--merge`` builds the report from whatever is done, and the JSON says whether it is complete.
 
 Results: ``docs/benchmarks/quality.{json,md,png}`` (``quality_<preset>.*`` for other presets);
@@ -629,8 +630,8 @@ def lr_grid(config: QualityConfig, method: str, default_lr: float) -> list[float
     """The learning rates `method` is swept over (one: no sweep), its --extra-lrs added to a sweep."""
     grid = list(config.full_ft_lrs) if method == CEILING else list(config.lrs or [default_lr])
     if len(grid) > 1:
-        grid += [r for r in extra_rates(config).get(method, []) if f"{r:g}" not in {f"{g:g}" for g in grid}]
-    return sorted(grid)
+        grid += extra_rates(config).get(method, [])
+    return sorted({f"{r:g}": r for r in grid}.values())  # a rate given twice (also as an extra) is swept once
 
 
 def all_methods(config: QualityConfig) -> list[str]:

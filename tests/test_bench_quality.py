@@ -354,6 +354,7 @@ def test_extra_rates_extend_only_their_methods_sweep():
     single = dataclasses.replace(cfg, lrs=None)  # one rate: no sweep to extend
     assert q.lr_grid(single, "sbora-fb", 3e-3) == [3e-3]
     assert q.lr_grid(dataclasses.replace(cfg, extra_lrs=["sbora-fb=0.003"]), "sbora-fb", 3e-3) == [1e-3, 3e-3]  # no rate twice
+    assert q.lr_grid(dataclasses.replace(cfg, extra_lrs=["sbora-fb=0.01", "sbora-fb=1e-2"]), "sbora-fb", 3e-3) == [1e-3, 3e-3, 1e-2]
     for bad in ("sbora-fb", "sbora-fb=x", "sbora-fb=-1", "ortho=0.01", "nope=0.01"):  # ortho is not among --methods
         with pytest.raises(ConfigError, match="--extra-lrs entry"):
             dataclasses.replace(cfg, extra_lrs=[bad]).validate()
