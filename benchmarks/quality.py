@@ -362,6 +362,28 @@ def multi_paired(res: dict, method: str, mode: str) -> tuple[float, float, int]:
     return (*seed_interval(diffs), len(diffs)) if diffs else (math.nan, math.nan, 0)
 
 
+def regions_vs_sum(res: dict) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Per composition: `regional` minus `sum`, paired on the same pair, concept and seed (95% over those units), for the
+    concept's CLIP-I in its own half and the share of its images identified in its own half and in the other half."""
+    by_key = {(m["method"], m["mode"], m["pair"], m["seed"]): m for m in res.get("multi", [])}
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for method in dict.fromkeys(m["method"] for m in res.get("multi", [])):
+        diffs: dict[str, list[float]] = {"clip_i": [], "own_half": [], "other_half": []}
+        for (m, mode, pair, seed), reg in by_key.items():
+            summed = by_key.get((m, "sum", pair, seed))
+            if m != method or mode != "regional" or summed is None:
+                continue
+            for concept in reg["clip_i"]:
+                diffs["clip_i"].append(reg["clip_i"][concept] - summed["clip_i"][concept])
+                r, s_ = reg.get("placement", {}).get(concept), summed.get("placement", {}).get(concept)
+                if r and s_ and r["images"] and s_["images"]:
+                    for k in ("own_half", "other_half"):
+                        diffs[k].append(r[k] / r["images"] - s_[k] / s_["images"])
+        if diffs["clip_i"]:
+            out[method] = {k: (*seed_interval(v), len(v)) if v else (math.nan, math.nan, 0) for k, v in diffs.items()}
+    return out
+
+
 def estimate_seconds(config: QualityConfig, timing: dict, steps: int, default_lr: float) -> dict[str, float]:
     """Run time of `config` from measured unit costs: seconds per training step (per method), per image, per run's overhead.
     A sweep trains every rate on every concept (seed 0); the reported seed 0 of an adapter method reuses its sweep run."""
@@ -927,10 +949,10 @@ def multi_lines(res: dict) -> list[str]:
     cols = [k for k in next(iter(rows.values())) if k != "mean"]
     lines = ["| composition | mode | " + " | ".join(c.replace(":", ": ") for c in cols) + " | mean | Δ vs LoRA sum (paired, 95%) |",
              "|---|---|" + "---:|" * (len(cols) + 2)]
-    for zs in res.get("multi_zero_shot", []):
-        vals = {f"{zs['pair']}:{c}": v for c, v in zs["clip_i"].items()}
-        lines.append(f"| {LABELS[FLOOR]} | class words | " + " | ".join(_fmt(vals[c], math.nan) if c in vals else "—" for c in cols)
-                     + f" | {_fmt(_mean(list(zs['clip_i'].values())), math.nan)} | — |")
+    floor = {f"{zs['pair']}:{c}": v for zs in res.get("multi_zero_shot", []) for c, v in zs["clip_i"].items()}
+    if floor:  # one row: the base has no seeds, and each pair is one unit of it
+        lines.append(f"| {LABELS[FLOOR]} | class words | " + " | ".join(_fmt(floor[c], math.nan) if c in floor else "—" for c in cols)
+                     + f" | {_fmt(_mean(list(floor.values())), math.nan)} | — |")
     for (method, mode), row in rows.items():
         d = multi_paired(res, method, mode)
         delta = "—" if method == REFERENCE else _fmt(d[0], d[1])
@@ -956,6 +978,19 @@ def placement_lines(res: dict) -> list[str]:
         lo, hi = wilson_interval(own, n)
         lines.append(f"| {MULTI_LABELS.get(method, LABELS.get(method, method))} | {mode} | {own}/{n} = {own / n:.0%} [{lo:.0%}, {hi:.0%}] | "
                      f"{other}/{n} = {other / n:.0%} |")
+    return lines
+
+
+def regions_lines(res: dict) -> list[str]:
+    rows = regions_vs_sum(res)
+    if not rows:
+        return []
+    lines = ["| composition | Δ CLIP-I in its own half | Δ identified in its own half | Δ identified in the other half | units |",
+             "|---|---:|---:|---:|---:|"]
+    for method, d in rows.items():
+        lines.append(f"| {MULTI_LABELS.get(method, method)} | {_fmt(*d['clip_i'][:2])} | " + " | ".join(
+            "—" if d[k][2] == 0 else (f"{d[k][0]:+.0%} ± {d[k][1]:.0%}" if d[k][1] == d[k][1] else f"{d[k][0]:+.0%}") for k in ("own_half", "other_half"))
+                     + f" | {d['clip_i'][2]} |")
     return lines
 
 
@@ -1027,11 +1062,17 @@ def markdown(payload: dict) -> str:
                   "composition); `regional`: each adapter with its own prompt in its half only. SBoRA-FA/FB and Ortho: the two concepts' "
                   "single-concept adapters of the same seed in disjoint slots; LoRA: the naive sum of the two independently trained "
                   "adapters. Δ: mean of both concepts minus LoRA's naive sum, same pair, seed and mode.", "", *ml, ""]
+    rl = regions_lines(res)
+    if rl:
+        lines += ["## Multi-concept: regions against the weights alone (paired)", "",
+                  "Each composition with regions (`regional`) minus the same composition with the weights alone (`sum`): same pair, "
+                  "concept and seed (the units), 95% interval over them (Student's t). Identified: the share of the concept's images in "
+                  "which the design probe names it in that half.", "", *rl, ""]
     t = res.get("timing")
     if t:
         est = res.get("full_estimate", {})
         lines += ["## Run time", "",
-                  f"Measured: {payload['seconds'] / 60:.1f} min in all; {t['images']} images at {t['image_seconds']:.2f} s each; "
+                  f"Measured: {t.get('unit_seconds', payload['seconds']) / 3600:.2f} h of worker time in all; {t['images']} images at {t['image_seconds']:.2f} s each; "
                   f"run overhead (training set-up, sample grid, saving, CLIP scoring) {t['run_overhead_seconds']:.1f} s per run; "
                   "median seconds per optimizer step: "
                   + ", ".join(f"{LABELS.get(m, m)} {v:.3f}" for m, v in t["step_seconds"].items()) + "."]
@@ -1043,50 +1084,6 @@ def markdown(payload: dict) -> str:
                       f"{est['images'] / 60:.0f} min, scoring {est['overhead'] / 60:.0f} min); not measured."]
         lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def readme_tables(payload: dict) -> str:
-    """The README's view of a run: its command, the CLIP-I and CLIP-T tables and the multi-concept table."""
-    res = payload["results"]
-    out = [f"`{payload['command']}` ({payload['environment']['date'][:10]}, {payload['seconds'] / 60:.1f} min on 2 shared CPU cores):", ""]
-    for metric in ("clip_i", "clip_t", "identified"):
-        out += [f"**{METRIC_LABELS[metric]}**", "", *table_lines(res, metric), ""]
-    ml = multi_lines(res)
-    if ml:
-        out += ["**Two concepts in one image** (CLIP-I of each in its own half; `sum`: weights only, `regional`: each adapter in its half)", "", *ml, ""]
-    return "\n".join(out)
-
-
-README_INTRO = """\
-### Personalization quality on the pocket world
-
-`benchmarks/quality.py` measures what the SBoRA paper's tables measure, offline, on the pocket
-base and scored with the pocket CLIP: every method (LoRA, SBoRA-FA, SBoRA-FB, Ortho, DiffLoRA,
-Delta-LoRA, DiffoRA selection over SBoRA-FA, Custom Diffusion) learns each held-out concept
-through the trainer with one budget (`configs/train/pocket.yaml`), and is scored on the
-concept's eval prompts: CLIP-I (image alignment with the concept's photos), CLIP-T (text
-alignment, token replaced by the class word) and drift (how far unrelated prompts move). The
-zero-shot base (the prompt with the class word) is the floor; a fully fine-tuned UNet (every
-UNet weight, same loss, data and steps) is the ceiling. Each cell is the mean ± 95% interval
-over training seeds; differences to LoRA are paired per concept and seed (`quality.md`). Pairs
-of concepts are composed from the single-concept adapters (SBoRA and Ortho in disjoint slots,
-LoRA as the naive sum) and each concept's CLIP-I is read in its own half of the image. The
-quick preset trains 50 steps (a sixth of the demo's budget) with 2 seeds, so its intervals are
-wide: it shows the pipeline end to end and a first comparison; `--preset full` (5 concepts,
-3 seeds, 300 steps) is the comparison. Details and every number: `docs/benchmarks/quality.md`.
-"""
-
-
-def write_readme(results: str | Path = "docs/benchmarks/quality.json", out: str | Path = "docs/readme/quality.md") -> Path:
-    """docs/readme/quality.md from a results file: the intro above and the run's tables (with its command)."""
-    import json
-
-    from sbora.fileio import write_text
-
-    payload = json.loads(Path(results).read_text())
-    note = "" if payload.get("complete") else "\n*(partial: the run had not finished when these tables were written)*\n"
-    write_text(Path(out), README_INTRO + "\n" + readme_tables(payload) + note)
-    return Path(out)
 
 
 def sample_grid(res: dict):

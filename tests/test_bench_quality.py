@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -124,6 +125,34 @@ def test_multi_table_and_its_paired_difference():
     lines = q.multi_lines(res)
     assert lines[2].startswith("| zero-shot base (floor) | class words | 0.300 | 0.200 | 0.250 |")
     assert lines[-1].startswith("| SBoRA-FA, slots | sum | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.125 ± ")
+
+
+def test_the_floor_is_one_row_over_all_pairs():
+    multi = [{"pair": pair, "method": "lora", "mode": "sum", "seed": 0, "clip_i": dict.fromkeys(pair.split("+"), 0.5)}
+             for pair in ("robot+duck", "beachball+checkerflag")]
+    res = {"multi": multi, "multi_zero_shot": [{"pair": "robot+duck", "clip_i": {"robot": 0.3, "duck": 0.2}},
+                                               {"pair": "beachball+checkerflag", "clip_i": {"beachball": 0.1, "checkerflag": 0.0}}]}
+    lines = q.multi_lines(res)
+    floor = [line for line in lines if line.startswith("| zero-shot base")]
+    assert floor == ["| zero-shot base (floor) | class words | 0.300 | 0.200 | 0.100 | 0.000 | 0.150 | — |"]
+
+
+def test_regions_against_the_weights_alone_are_paired_per_pair_concept_and_seed():
+    def entry(mode, seed, robot, duck, own):
+        return {"pair": "robot+duck", "method": "ortho", "mode": mode, "seed": seed, "clip_i": {"robot": robot, "duck": duck},
+                "placement": {"robot": {"own_half": own, "other_half": 0, "images": 8}, "duck": {"own_half": 0, "other_half": 2, "images": 8}}}
+    res = {"multi": [entry("sum", 0, 0.1, 0.2, 1), entry("regional", 0, 0.4, 0.2, 5),
+                     entry("sum", 1, 0.2, 0.2, 2), entry("regional", 1, 0.3, 0.4, 4),
+                     entry("regional", 2, 0.9, 0.9, 8)]}  # seed 2 has no `sum` to pair with: left out
+    d = q.regions_vs_sum(res)["ortho"]
+    diffs = [0.3, 0.0, 0.1, 0.2]
+    assert d["clip_i"] == pytest.approx((0.15, T95[2] * statistics.stdev(diffs) / 2, 4))
+    own = [4 / 8, 0.0, 2 / 8, 0.0]
+    assert d["own_half"][:2] == pytest.approx((0.1875, T95[2] * statistics.stdev(own) / 2))
+    assert d["other_half"][:3] == pytest.approx((0.0, 0.0, 4))
+    lines = q.regions_lines(res)
+    assert lines[2].startswith("| Ortho, slots | 0.150 ± ") and "| +19% ± " in lines[2] and lines[2].endswith("| 4 |")
+    assert q.regions_lines({"multi": []}) == []
 
 
 def test_slots_fit_the_narrowest_layer(tiny_pipe):
@@ -287,9 +316,7 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert "**" in md.split("## Learning rates")[1].split("##")[0]  # the sweep table, the chosen rates in bold
     again = q.main([*argv, "--merge"], pipe=copy.deepcopy(tiny_pipe))  # every unit done: the report is rebuilt from them
     assert again["results"]["runs"] == res["runs"] and again["complete"]
-    readme = q.write_readme(out / "quality.json", tmp_path / "readme" / "quality.md").read_text()
-    assert readme.startswith("### Personalization quality") and "`python -m benchmarks.quality --preset quick --model tiny" in readme
-    assert readme.count("| SBoRA-FA | ") == 3 and "partial" not in readme  # CLIP-I, CLIP-T and identified tables of a finished run
+    assert "partial" not in md and "h of worker time in all" in md  # a finished run; its time is the workers', not the report's
     assert "## Is the concept there? Identification per run" in md and "[" in md.split("Identification per run")[1]  # Wilson intervals
     # The units travel with the checkout, the work folder stays behind: on a "new machine" the pair units still to do
     # train their lost adapters again (same seed and rate) and compose the same images.
