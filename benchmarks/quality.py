@@ -877,10 +877,14 @@ def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, s
 # ---------------------------------------------------------------------------- reading the results
 
 
-def _fmt(mean: float, half: float, digits: int = 3) -> str:
+def _fmt(mean: float, half: float, digits: int = 3, spec: str = "") -> str:
+    """`mean ± half` (no interval where it is NaN, a dash where the mean is); spec "+" signs a difference, "%" a share."""
     if mean != mean:
         return "—"
-    return f"{mean:.{digits}f}" + ("" if half != half else f" ± {half:.{digits}f}")
+    kind = "%" if "%" in spec else "f"
+    digits = 0 if kind == "%" else digits
+    sign = "+" if "+" in spec else ""
+    return f"{mean:{sign}.{digits}{kind}}" + ("" if half != half else f" ± {half:.{digits}{kind}}")
 
 
 def table_lines(res: dict, metric: str) -> list[str]:
@@ -955,7 +959,7 @@ def multi_lines(res: dict) -> list[str]:
                      + f" | {_fmt(_mean(list(floor.values())), math.nan)} | — |")
     for (method, mode), row in rows.items():
         d = multi_paired(res, method, mode)
-        delta = "—" if method == REFERENCE else _fmt(d[0], d[1])
+        delta = "—" if method == REFERENCE else _fmt(d[0], d[1], spec="+")
         lines.append(f"| {MULTI_LABELS.get(method, method)} | {mode} | " + " | ".join(_fmt(*row.get(c, (math.nan, math.nan))) for c in cols)
                      + f" | {_fmt(*row['mean'])} | {delta} |")
     return lines
@@ -988,9 +992,8 @@ def regions_lines(res: dict) -> list[str]:
     lines = ["| composition | Δ CLIP-I in its own half | Δ identified in its own half | Δ identified in the other half | units |",
              "|---|---:|---:|---:|---:|"]
     for method, d in rows.items():
-        lines.append(f"| {MULTI_LABELS.get(method, method)} | {_fmt(*d['clip_i'][:2])} | " + " | ".join(
-            "—" if d[k][2] == 0 else (f"{d[k][0]:+.0%} ± {d[k][1]:.0%}" if d[k][1] == d[k][1] else f"{d[k][0]:+.0%}") for k in ("own_half", "other_half"))
-                     + f" | {d['clip_i'][2]} |")
+        lines.append(f"| {MULTI_LABELS.get(method, method)} | {_fmt(*d['clip_i'][:2], spec='+')} | "
+                     + " | ".join(_fmt(*d[k][:2], spec="+%") for k in ("own_half", "other_half")) + f" | {d['clip_i'][2]} |")
     return lines
 
 
@@ -1007,7 +1010,7 @@ def paired_lines(res: dict) -> list[str]:
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
         ds = [paired_vs(runs, m, REFERENCE, k) for k in METRICS]
-        lines.append(f"| {LABELS.get(m, m)} | {mine[0]['trainable_params']:,} | " + " | ".join(f"{d[0]:+.3f} ± {d[1]:.3f}" if d[1] == d[1] else f"{d[0]:+.3f}" for d in ds)
+        lines.append(f"| {LABELS.get(m, m)} | {mine[0]['trainable_params']:,} | " + " | ".join(_fmt(*d[:2], spec="+") for d in ds)
                      + f" | {ds[0][2]} | {_mean([r['final_loss'] for r in mine]):.4f} | {_mean([r['train_seconds'] for r in mine]):.1f} |")
     return lines
 

@@ -124,7 +124,7 @@ def test_multi_table_and_its_paired_difference():
     assert q.multi_paired(res, "sbora-fa", "sum")[:3] == pytest.approx((0.125, T95[0] * math.sqrt(0.00125) / math.sqrt(2), 2))
     lines = q.multi_lines(res)
     assert lines[2].startswith("| zero-shot base (floor) | class words | 0.300 | 0.200 | 0.250 |")
-    assert lines[-1].startswith("| SBoRA-FA, slots | sum | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.125 ± ")
+    assert lines[-1].startswith("| SBoRA-FA, slots | sum | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.125 ± ")
 
 
 def test_the_floor_is_one_row_over_all_pairs():
@@ -151,7 +151,7 @@ def test_regions_against_the_weights_alone_are_paired_per_pair_concept_and_seed(
     assert d["own_half"][:2] == pytest.approx((0.1875, T95[2] * statistics.stdev(own) / 2))
     assert d["other_half"][:3] == pytest.approx((0.0, 0.0, 4))
     lines = q.regions_lines(res)
-    assert lines[2].startswith("| Ortho, slots | 0.150 ± ") and "| +19% ± " in lines[2] and lines[2].endswith("| 4 |")
+    assert lines[2].startswith("| Ortho, slots | +0.150 ± ") and "| +19% ± " in lines[2] and lines[2].endswith("| 4 |")
     assert q.regions_lines({"multi": []}) == []
 
 
