@@ -21,7 +21,8 @@ Protocol (docs/architecture.md §5, Mix-of-Show's, which the SBoRA paper follows
    scored on validation images (seeds ``VAL_SEED0``.., never the reported ones); its rate with
    the highest mean CLIP-I trains the seeds (seed 0 reuses the sweep's own run).
 2. **Floor and ceiling.** The zero-shot base (no training; the prompt with the class word
-   instead of the token, as the trainer's sample grids ask it) and a **fully fine-tuned UNet**
+   instead of the token, as the trainer's sample grids ask it) and, meant as the ceiling (the
+   report checks whether it is one: ``ceiling_verdict``), a **fully fine-tuned UNet**
    (every UNet weight, convolutions and norms included, trained by AdamW with the same loss,
    data, steps, batch, schedule, clipping and concept-token embedding as the adapters, in a
    task on the shared engine, ``FullUNetTask``; its learning rates are ``--full-ft-lrs``, since
@@ -111,7 +112,7 @@ METHODS: dict[str, tuple[str, dict]] = {
 SLOT_METHODS = {name: METHOD_SPECS[m].slot_dim for name, (m, _) in METHODS.items() if METHOD_SPECS[m].composable}
 FLOOR, CEILING, REFERENCE = "zero-shot", "full-ft", REFERENCE_METHOD
 LABELS = {FLOOR: "zero-shot base (floor)", **{name: label(m) for name, (m, extra) in METHODS.items() if not extra},
-          DIFFORA: f"DiffoRA ({label(DIFFORA_METHOD)}, best 50%)", CEILING: "full UNet fine-tune (ceiling)"}
+          DIFFORA: f"DiffoRA ({label(DIFFORA_METHOD)}, best 50%)", CEILING: "full UNet fine-tune"}
 MULTI_METHODS = (REFERENCE, *composable_methods())  # LoRA as the naive sum; the slot methods in their disjoint slots
 MULTI_MODES = ("sum", "regional")
 MULTI_LABELS = {m: composition_label(m) for m in MULTI_METHODS}
@@ -141,7 +142,7 @@ class QualityConfig:
     concepts: list[str] = field(default_factory=lambda: ["robot", "duck", "beachball", "checkerflag", "boltbadge"],
                                 metadata={"help": "held-out concepts (configs/concepts/NAME.yaml)"})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "methods: " + ", ".join(METHODS)})
-    ceiling: bool = field(default=True, metadata={"help": "also train the full-UNet fine-tune ceiling"})
+    ceiling: bool = field(default=True, metadata={"help": "also train the full-UNet fine-tune, meant as the ceiling (the report says whether it is one)"})
     seeds: int = field(default=4, metadata={"help": "training seeds per (method, concept): train_seed = adapter seed = 0..N-1"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps of every run (none: the training config's)"})
     lrs: list[float] | None = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2], metadata={"help": "learning rates of every adapter method: with two or more, each method's "
@@ -997,6 +998,18 @@ def regions_lines(res: dict) -> list[str]:
     return lines
 
 
+def ceiling_verdict(res: dict) -> str:
+    """Whether the full fine-tune is a ceiling: its paired CLIP-I against LoRA above zero with 95% confidence. A sentence,
+    or "" without both."""
+    mean, half, n = paired_vs(res.get("runs", []), CEILING, REFERENCE, "clip_i")
+    if n < 2:
+        return ""
+    says = ("is a ceiling here: its CLIP-I is above LoRA's" if mean - half > 0 else
+            "is **not** a ceiling here: its CLIP-I is below LoRA's, so read its row as a dense baseline" if mean + half < 0 else
+            "is not shown to be a ceiling here: its CLIP-I is not separated from LoRA's")
+    return f"The full UNet fine-tune {says} (paired Δ {_fmt(mean, half, spec='+')}, {n} units)."
+
+
 def paired_lines(res: dict) -> list[str]:
     runs = res.get("runs", [])
     methods = [m for m in dict.fromkeys(r["method"] for r in runs) if m != REFERENCE]
@@ -1053,6 +1066,8 @@ def markdown(payload: dict) -> str:
         lines += ["## Differences to LoRA (paired: same concept and seed; 95% over the (concept, seed) units)", "", *pl, "",
                   "Trainable parameters: the UNet's adapter parameters (DiffoRA: those it kept after the cut; Delta-LoRA also moves the "
                   "frozen weights), the full fine-tune's every UNet weight; each run also learns the concept token's embedding.", ""]
+        verdict = ceiling_verdict(res)
+        lines += [verdict, ""] if verdict else []
     ml = multi_lines(res)
     pl2 = placement_lines(res)
     if pl2:

@@ -108,7 +108,17 @@ def test_method_table_has_floor_first_ceiling_last_and_a_mean_column():
     assert math.isnan(table["full-ft"]["mean"][0]) and table["full-ft"]["robot"][0] == pytest.approx(0.9)
     lines = q.table_lines(res, "clip_i")
     assert lines[0] == "| method | robot | duck | mean |" and len(lines) == 2 + 4
-    assert "| LoRA | 0.520 ± " in lines[3] and lines[5].startswith("| full UNet fine-tune (ceiling) | 0.900 | — | — |")
+    assert "| LoRA | 0.520 ± " in lines[3] and lines[5].startswith("| full UNet fine-tune | 0.900 | — | — |")
+
+
+@pytest.mark.parametrize("gap, says", [(0.2, "is a ceiling here"), (-0.2, "is **not** a ceiling here"), (0.0, "not shown to be")])
+def test_the_report_says_whether_the_full_fine_tune_is_a_ceiling(gap, says):
+    noise = [0.01, -0.02, 0.015, -0.005]
+    runs = [{"method": m, "concept": "robot", "seed": k, "clip_i": 0.5 + (gap + e if m == "full-ft" else 0.0)}
+            for k, e in enumerate(noise) for m in ("lora", "full-ft")]
+    verdict = q.ceiling_verdict({"runs": runs})
+    assert says in verdict and "4 units" in verdict
+    assert q.ceiling_verdict({"runs": runs[:2]}) == ""  # one unit: no interval, no verdict
 
 
 def test_multi_table_and_its_paired_difference():
