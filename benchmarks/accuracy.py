@@ -31,6 +31,17 @@ def seed_interval(values: list[float]) -> tuple[float, float]:
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def units_needed(values: list[float], half_width: float) -> int:
+    """Units (seeds, or paired units) whose 95% interval (Student's t, as ``seed_interval``) would be ±`half_width` at the
+    spread `values` show: the smallest n with t(n−1)·sd/√n ≤ half_width (at least 2; needs two values for a spread)."""
+    if len(values) < 2 or not half_width > 0:
+        raise ValueError(f"need two values and a positive half-width, got {len(values)} and {half_width}")
+    sd, n = statistics.stdev(values), 2
+    while (T95[n - 2] if n - 1 <= len(T95) else Z95) * sd / math.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
 def wilson_interval(hits: int, n: int) -> tuple[float, float]:
     """The 95% Wilson score interval (low, high) of a rate of `hits` in `n` trials (sound near 0 and 1, unlike ±1.96·se)."""
     if n < 1:

@@ -152,6 +152,20 @@ def test_seed_interval_is_students_t_over_seeds():
     assert one[0] == 0.7 and math.isnan(one[1])  # one seed: no interval
 
 
+def test_units_needed_is_the_smallest_run_whose_interval_meets_the_target():
+    from benchmarks.accuracy import seed_interval, units_needed
+
+    values = [0.1, -0.1, 0.05, -0.05, 0.0]  # sd 0.079
+    n = units_needed(values, 0.05)
+    sd = statistics.stdev(values)
+    assert 2.201 * sd / math.sqrt(n - 1) > 0.05 >= 2.179 * sd / math.sqrt(n)  # t for 11 and 12 degrees of freedom
+    assert n == 13
+    assert seed_interval(values * 3)[1] <= 0.05  # the same spread over 15 units meets it
+    assert units_needed([0.3, 0.3], 0.05) == 2  # no spread: the least that has an interval
+    with pytest.raises(ValueError):
+        units_needed([0.1], 0.05)
+
+
 def test_validation_is_carved_from_training_data_deterministically():
     from llm.data import arithmetic_split, carve_validation
 

@@ -96,6 +96,15 @@ def test_paired_differences_to_lora_are_over_concept_seed_units():
     assert q.paired_vs(runs, "sbora-fa", "ortho", "clip_i")[2] == 0
 
 
+def test_paired_table_says_how_many_units_the_target_needs():
+    runs = [{**r, "identified": 0.5, "trainable_params": 10, "final_loss": 0.03, "train_seconds": 1.0} for r in runs_fixture()]
+    lines = q.paired_lines({"runs": runs, "concepts": ["robot", "duck"]})
+    fa = next(line for line in lines if line.startswith("| SBoRA-FA |"))
+    # Δ CLIP-I 0.01, 0.01, 0.02, 0.02, 0.03, 0.03 (sd 0.0089): 3 units give t(2)·sd/√3 = 0.022 ≤ 0.05, 2 give 0.080
+    assert "| 6 | 3 (2) |" in fa and fa.startswith("| SBoRA-FA | 10 | +0.020 ± ")
+    assert "| 1 | — |" in next(line for line in lines if line.startswith("| full UNet fine-tune |"))  # one unit: no spread yet
+
+
 def test_method_table_has_floor_first_ceiling_last_and_a_mean_column():
     res = {"concepts": ["robot", "duck"], "runs": runs_fixture(),
            "zero_shot": {"robot": {"clip_i": 0.4, "clip_t": 0.3, "drift": 0.0}, "duck": {"clip_i": 0.3, "clip_t": 0.2, "drift": 0.0}}}
