@@ -22,13 +22,17 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
+def t95(df: int) -> float:
+    """Two-sided 95% Student's t quantile for `df` degrees of freedom (the normal quantile beyond the table)."""
+    return T95[df - 1] if df <= len(T95) else Z95
+
+
 def seed_interval(values: list[float]) -> tuple[float, float]:
     """Mean of `values` (one per seed) and the half-width of its 95% interval (Student's t; nan for one seed)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.nan
-    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else Z95
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def units_needed(values: list[float], half_width: float) -> int:
@@ -37,7 +41,7 @@ def units_needed(values: list[float], half_width: float) -> int:
     if len(values) < 2 or not half_width > 0:
         raise ValueError(f"need two values and a positive half-width, got {len(values)} and {half_width}")
     sd, n = statistics.stdev(values), 2
-    while (T95[n - 2] if n - 1 <= len(T95) else Z95) * sd / math.sqrt(n) > half_width:
+    while t95(n - 1) * sd / math.sqrt(n) > half_width:
         n += 1
     return n
 
