@@ -116,6 +116,7 @@ LABELS = {FLOOR: "zero-shot base (floor)", **{name: label(m) for name, (m, extra
           DIFFORA: f"DiffoRA ({label(DIFFORA_METHOD)}, best 50%)", CEILING: "full UNet fine-tune"}
 MULTI_METHODS = (REFERENCE, *composable_methods())  # LoRA as the naive sum; the slot methods in their disjoint slots
 MULTI_MODES = ("sum", "regional")
+MODE_LABELS = {"sum": "weights only", "regional": "regions"}  # issue #27 item 4's (a) and (b); "sum" is not LoRA's naive sum
 MULTI_LABELS = {m: composition_label(m) for m in MULTI_METHODS}
 BOXES = ((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0))  # concept A's half (left), concept B's (right): x0, y0, x1, y1
 PAIR_PROMPT = "a photo of {a} on the left and {b} on the right"  # the world's two-object grammar
@@ -969,7 +970,7 @@ def multi_lines(res: dict) -> list[str]:
     for (method, mode), row in rows.items():
         d = multi_paired(res, method, mode)
         delta = "—" if method == REFERENCE else _fmt(d[0], d[1], spec="+")
-        lines.append(f"| {MULTI_LABELS.get(method, method)} | {mode} | " + " | ".join(_fmt(*row.get(c, (math.nan, math.nan))) for c in cols)
+        lines.append(f"| {MULTI_LABELS.get(method, method)} | {MODE_LABELS.get(mode, mode)} | " + " | ".join(_fmt(*row.get(c, (math.nan, math.nan))) for c in cols)
                      + f" | {_fmt(*row['mean'])} | {delta} |")
     return lines
 
@@ -989,7 +990,7 @@ def placement_lines(res: dict) -> list[str]:
     lines = ["| composition | mode | identified in its own half (95%) | in the other half |", "|---|---|---:|---:|"]
     for (method, mode), (own, other, n) in counts.items():
         lo, hi = wilson_interval(own, n)
-        lines.append(f"| {MULTI_LABELS.get(method, LABELS.get(method, method))} | {mode} | {own}/{n} = {own / n:.0%} [{lo:.0%}, {hi:.0%}] | "
+        lines.append(f"| {MULTI_LABELS.get(method, LABELS.get(method, method))} | {MODE_LABELS.get(mode, mode)} | {own}/{n} = {own / n:.0%} [{lo:.0%}, {hi:.0%}] | "
                      f"{other}/{n} = {other / n:.0%} |")
     return lines
 
@@ -1092,8 +1093,8 @@ def markdown(payload: dict) -> str:
                   "many images it names the concept in the half it was asked for, and in the other half.", "", *pl2, ""]
     if ml:
         lines += ["## Multi-concept: CLIP-I of each concept in its own half (A left, B right)", "",
-                  f"Prompt `{PAIR_PROMPT}` with each concept's token and class word; `sum`: both adapters everywhere (the weights' "
-                  "composition); `regional`: each adapter with its own prompt in its half only. SBoRA-FA/FB and Ortho: the two concepts' "
+                  f"Prompt `{PAIR_PROMPT}` with each concept's token and class word; weights only (mode `sum`): both adapters everywhere (the weights' "
+                  "composition); regions (mode `regional`): each adapter with its own prompt in its half only. SBoRA-FA/FB and Ortho: the two concepts' "
                   "single-concept adapters of the same seed in disjoint slots; LoRA: the naive sum of the two independently trained "
                   "adapters. Δ: mean of both concepts minus LoRA's naive sum, same pair, seed and mode.", "", *ml, ""]
     rl = regions_lines(res)
@@ -1176,11 +1177,11 @@ def figure(payload: dict):
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, loc="best")
     rows = multi_table(res)
-    names = [f"{MULTI_LABELS.get(m, m)}\n{mode}" for m, mode in rows]
+    names = [f"{MULTI_LABELS.get(m, m)}\n{MODE_LABELS.get(mode, mode)}" for m, mode in rows]
     vals = [r["mean"][0] for r in rows.values()]
     errs = [0 if r["mean"][1] != r["mean"][1] else r["mean"][1] for r in rows.values()]
     if rows:
-        ax2.bar(range(len(rows)), vals, yerr=errs, capsize=3, color=["C0" if "regional" not in n else "C1" for n in names])
+        ax2.bar(range(len(rows)), vals, yerr=errs, capsize=3, color=["C1" if mode == "regional" else "C0" for _, mode in rows])
         ax2.set_xticks(range(len(rows)), names, fontsize=6, rotation=30)
         lo = min(v - e for v, e in zip(vals, errs))
         floors = [_mean(list(z["clip_i"].values())) for z in res.get("multi_zero_shot", [])]

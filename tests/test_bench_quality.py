@@ -143,7 +143,7 @@ def test_multi_table_and_its_paired_difference():
     assert q.multi_paired(res, "sbora-fa", "sum")[:3] == pytest.approx((0.125, T95[0] * math.sqrt(0.00125) / math.sqrt(2), 2))
     lines = q.multi_lines(res)
     assert lines[2].startswith("| zero-shot base (floor) | class words | 0.300 | 0.200 | 0.250 |")
-    assert lines[-1].startswith("| SBoRA-FA, slots | sum | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.125 ± ")
+    assert lines[-1].startswith("| SBoRA-FA, slots | weights only | 0.600 ± 0.000 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.125 ± ")
 
 
 def test_the_floor_is_one_row_over_all_pairs():
@@ -200,7 +200,7 @@ def test_placement_table_pools_images_with_wilson_intervals():
                      {"method": "sbora-fa", "mode": "regional", "placement": {"robot": {"own_half": 0, "other_half": 0, "images": 0}}}]}
     lines = q.placement_lines(res)
     assert lines[2].startswith("| zero-shot base (floor) | class words | 1/8 = 12% [")
-    assert "| regional | 7/8 = 88% [" in lines[3] and lines[3].endswith("| 1/8 = 12% |")
+    assert "| regions | 7/8 = 88% [" in lines[3] and lines[3].endswith("| 1/8 = 12% |")
     assert q.placement_lines({"multi": []}) == []
 
 
@@ -329,7 +329,7 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert res["full_estimate"]["total"] > 0 and res["timing"]["images"] > 0
     md = (out / "quality.md").read_text()
     assert "| LoRA | " in md and "± nan" not in md  # one seed: means without intervals
-    assert "| zero-shot base (floor) |" in md and "| SBoRA-FA, slots | regional |" in md and "estimated" in md
+    assert "| zero-shot base (floor) |" in md and "| SBoRA-FA, slots | regions |" in md and "estimated" in md
     assert json.loads((out / "quality.json").read_text())["results"]["concepts"] == ["robot", "duck"]
     assert len(list((tmp_path / "work" / "multi" / "robot_duck" / "sbora-fa" / "sum" / "seed0").glob("*.png"))) == 1
     assert "**" in md.split("## Learning rates")[1].split("##")[0]  # the sweep table, the chosen rates in bold
