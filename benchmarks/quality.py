@@ -1036,7 +1036,7 @@ def paired_lines(res: dict) -> list[str]:
         ds = [paired_vs(runs, m, REFERENCE, k) for k in METRICS]
         diffs = paired_diffs(runs, m, REFERENCE, "clip_i")
         need = units_needed(diffs, TARGET_HALF) if len(diffs) > 1 else None  # at the spread seen so far
-        lines.append(f"| {LABELS.get(m, m)} | {mine[0]['trainable_params']:,} | " + " | ".join(_fmt(*d[:2], spec="+") for d in ds)
+        lines.append(f"| {LABELS.get(m, m)} | {mine[0]['trainable_params']:,} | " + " | ".join(_fmt(*d[:2], spec="+%" if k == "identified" else "+") for k, d in zip(METRICS, ds))
                      + f" | {ds[0][2]} | " + ("—" if need is None else f"{need} ({-(-need // per_seed)})")
                      + f" | {_mean([r['final_loss'] for r in mine]):.4f} | {_mean([r['train_seconds'] for r in mine]):.1f} |")
     return lines

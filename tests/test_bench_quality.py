@@ -97,11 +97,13 @@ def test_paired_differences_to_lora_are_over_concept_seed_units():
 
 
 def test_paired_table_says_how_many_units_the_target_needs():
-    runs = [{**r, "identified": 0.5, "trainable_params": 10, "final_loss": 0.03, "train_seconds": 1.0} for r in runs_fixture()]
+    runs = [{**r, "identified": 0.75 if r["method"] == "sbora-fa" else 0.5, "trainable_params": 10, "final_loss": 0.03,
+             "train_seconds": 1.0} for r in runs_fixture()]
     lines = q.paired_lines({"runs": runs, "concepts": ["robot", "duck"]})
     fa = next(line for line in lines if line.startswith("| SBoRA-FA |"))
     # Δ CLIP-I 0.01, 0.01, 0.02, 0.02, 0.03, 0.03 (sd 0.0089): 3 units give t(2)·sd/√3 = 0.022 ≤ 0.05, 2 give 0.080
     assert "| 6 | 3 (2) |" in fa and fa.startswith("| SBoRA-FA | 10 | +0.020 ± ")
+    assert "| +25% ± 0% | 6 |" in fa  # Δ identified in percentage points
     assert "| 1 | — |" in next(line for line in lines if line.startswith("| full UNet fine-tune |"))  # one unit: no spread yet
 
 
