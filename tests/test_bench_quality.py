@@ -415,3 +415,10 @@ def test_the_old_single_rate_flags_still_work():
     assert inv.config.lrs == [0.002] and inv.config.full_ft_lrs == [1e-4] and inv.stem == "quality_standard"
     assert q.schedule(inv.config, default_lr=3e-3)[len(inv.config.concepts) + len(inv.config.pairs)][0] == "run"  # one rate: no sweep
 
+
+
+def test_the_old_preset_name_full_runs_the_standard_preset():
+    from benchmarks.common import parse_invocation
+
+    old, new = (parse_invocation("quality", q.__doc__, q.QualityConfig, q.PRESETS, ["--preset", p]).config for p in ("full", "standard"))
+    assert old == new and old.seeds == 8 and old.extra_lrs == new.extra_lrs
