@@ -133,6 +133,7 @@ METRIC_LABELS = {"clip_i": "CLIP-I (image alignment, plain cosine)", "clip_t": "
                  "drift": "drift (1 − cosine to the base's image of unrelated prompts; lower is better)",
                  "identified": "identified (share of images the design probe names as the concept, of the five concepts, their "
                                "colour-matched distractors and any other world object)"}
+METRIC_SPECS = {"identified": "%"}  # how each metric prints (see _fmt): shares in percent, in every table
 
 
 @dataclass
@@ -902,7 +903,7 @@ def table_lines(res: dict, metric: str) -> list[str]:
     rows = method_table(res, metric)
     lines = ["| method | " + " | ".join(concepts) + " | mean |", "|---|" + "---:|" * (len(concepts) + 1)]
     for m, row in rows.items():
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_fmt(*row.get(c, (math.nan, math.nan))) for c in [*concepts, "mean"]) + " |")
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_fmt(*row.get(c, (math.nan, math.nan)), spec=METRIC_SPECS.get(metric, "")) for c in [*concepts, "mean"]) + " |")
     return lines
 
 
@@ -1036,7 +1037,7 @@ def paired_lines(res: dict) -> list[str]:
         ds = [paired_vs(runs, m, REFERENCE, k) for k in METRICS]
         diffs = paired_diffs(runs, m, REFERENCE, "clip_i")
         need = units_needed(diffs, TARGET_HALF) if len(diffs) > 1 else None  # at the spread seen so far
-        lines.append(f"| {LABELS.get(m, m)} | {mine[0]['trainable_params']:,} | " + " | ".join(_fmt(*d[:2], spec="+%" if k == "identified" else "+") for k, d in zip(METRICS, ds))
+        lines.append(f"| {LABELS.get(m, m)} | {mine[0]['trainable_params']:,} | " + " | ".join(_fmt(*d[:2], spec="+" + METRIC_SPECS.get(k, "")) for k, d in zip(METRICS, ds))
                      + f" | {ds[0][2]} | " + ("—" if need is None else f"{need} ({-(-need // per_seed)})")
                      + f" | {_mean([r['final_loss'] for r in mine]):.4f} | {_mean([r['train_seconds'] for r in mine]):.1f} |")
     return lines

@@ -122,6 +122,14 @@ def test_method_table_has_floor_first_ceiling_last_and_a_mean_column():
     assert "| LoRA | 0.520 ± " in lines[3] and lines[5].startswith("| full UNet fine-tune | 0.900 | — | — |")
 
 
+def test_the_identified_table_prints_shares_in_percent_as_the_paired_table_does():
+    runs = [{"method": "lora", "concept": "robot", "seed": k, "identified": v, "clip_i": v} for k, v in enumerate((0.5, 0.625, 0.75))]
+    lines = q.table_lines({"concepts": ["robot"], "runs": runs}, "identified")
+    half = T95[1] * 0.125 / math.sqrt(3)  # t with 2 degrees of freedom; the sample standard deviation of 0.5, 0.625, 0.75 is 0.125
+    assert lines[2] == f"| LoRA | 62% ± {half:.0%} | 62% ± {half:.0%} |"
+    assert q.table_lines({"concepts": ["robot"], "runs": runs}, "clip_i")[2] == f"| LoRA | 0.625 ± {half:.3f} | 0.625 ± {half:.3f} |"
+
+
 @pytest.mark.parametrize("gap, says", [(0.2, "is a ceiling here"), (-0.2, "is **not** a ceiling here"), (0.0, "not shown to be")])
 def test_the_report_says_whether_the_full_fine_tune_is_a_ceiling(gap, says):
     noise = [0.01, -0.02, 0.015, -0.005]
