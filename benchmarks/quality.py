@@ -62,6 +62,12 @@ same seed and rate); the same command continues a stopped run; ``--worker K/N`` 
 between processes (one thread each);
 ``--merge`` builds the report from whatever is done, and the JSON says whether it is complete.
 
+**A training setting against a finished run**: ``--baseline FOLDER`` (another run's units, e.g. the
+standard run's) adds each method's paired differences to that run: same method, concept and seed,
+so a changed ``--train-config`` (a loss weighting, more steps) is measured against the same
+adapters' images without it. Both runs must draw and score their images alike (prompts, images,
+sampler, guidance, scorer: ``SAME_IMAGES``); that is checked, everything else may differ.
+
 Results: ``docs/benchmarks/quality.{json,md,png}`` (``quality_<preset>.*`` for other presets);
 runs, adapters and generated images under ``--work-dir``.
 
@@ -72,6 +78,8 @@ runs, adapters and generated images under ``--work-dir``.
     python -m benchmarks.quality --preset standard --units-dir docs/benchmarks/quality_standard_units --merge
     # the comparison (issue #27): ~8 h of one core, two workers side by side, resumable; --merge any time
     # -> docs/benchmarks/quality_standard.*
+    python -m benchmarks.quality --preset demo --seeds 4 --num-prompts 4 --num-images 4 --train-config my.yaml \
+        --baseline docs/benchmarks/quality_standard_units   # a training setting, paired against the standard run's SBoRA-FA
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import json
 import math
 import statistics
 import time
@@ -134,6 +143,9 @@ METRIC_LABELS = {"clip_i": "CLIP-I (image alignment, plain cosine)", "clip_t": "
                  "identified": "identified (share of images the design probe names as the concept, of the five concepts, their "
                                "colour-matched distractors and any other world object)"}
 METRIC_SPECS = {"identified": "%"}  # how each metric prints (see _fmt): shares in percent, in every table
+METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "drift": "drift", "identified": "identified"}
+# What two runs must share for their images to be paired (--baseline): prompts, images, sampler, guidance and scorer.
+SAME_IMAGES = ("model", "clip_model", "clip_weights", "num_prompts", "num_images", "sample_steps", "guidance_scale", "text_prefix")
 
 
 @dataclass
@@ -177,6 +189,9 @@ class QualityConfig:
     out_dir: str | None = field(default=None, metadata={"help": "results folder (default docs/benchmarks)"})
     worker: str = field(default="0/1", metadata={"help": "K/N: run every N-th unit from the K-th (N workers side by side, one thread each)"})
     merge: bool = field(default=False, metadata={"help": "only build the report from the finished units (--units-dir)"})
+    baseline: str | None = field(default=None, metadata={"help": "units folder of another run (e.g. docs/benchmarks/quality_standard_units): the "
+                                                                 "report adds each method's paired Δ against it, same method, concept and seed "
+                                                                 "(how a --train-config change is measured); its images must be drawn alike"})
 
     def validate(self) -> None:
         from sbora_diffusion.concept.config import load_concept
@@ -212,6 +227,9 @@ class QualityConfig:
             raise ConfigError(f"unknown multi-concept mode(s) {', '.join(bad)}; known: {', '.join(MULTI_MODES)}")
         for pair in self.pairs:
             parse_pair(pair, self.concepts)
+        if self.baseline is not None and not Path(self.baseline).is_dir():
+            raise ConfigError(f"--baseline {self.baseline} is not a folder; give the units folder of a finished quality run "
+                              "(e.g. docs/benchmarks/quality_standard_units)")
 
 
 def parse_pair(pair: str, concepts: Sequence[str]) -> tuple[str, str]:
@@ -877,7 +895,45 @@ def collect(config: QualityConfig) -> dict:
         full = QualityConfig(**{**{k: getattr(QualityConfig(), k) for k in QualityConfig.__dataclass_fields__}, **PRESETS["standard"],
                                 "model": config.model, "threads": config.threads})
         res["full_estimate"] = estimate_seconds(full, res["timing"], tcfg.steps, tcfg.lr)
+    if config.baseline:
+        res["baseline"] = baseline_runs(config)
     return res
+
+
+def drawn_as(proto: dict) -> dict:
+    """How a run's images were drawn and scored (``SAME_IMAGES``), its training config's sampler settings filled in."""
+    from sbora_diffusion.concept.options import load_train_config
+
+    drawn = {k: proto.get(k) for k in SAME_IMAGES}
+    if drawn["sample_steps"] is None or drawn["guidance_scale"] is None:
+        tcfg = load_train_config(proto.get("train_config"), model=proto.get("model") or "pocket")
+        drawn["sample_steps"] = drawn["sample_steps"] or tcfg.sample_steps
+        drawn["guidance_scale"] = tcfg.guidance_scale if drawn["guidance_scale"] is None else drawn["guidance_scale"]
+    return drawn
+
+
+def baseline_runs(config: QualityConfig) -> dict:
+    """The --baseline folder's finished single-concept runs of this run's methods and concepts, and the metrics that can be
+    paired with them (drift only where both runs drew the same unrelated prompts). Its images must be drawn as this
+    run's (``drawn_as``); a folder that drew them otherwise is refused, not paired."""
+    folder, mine = Path(config.baseline), protocol(config)
+    here, runs, metrics = drawn_as(mine), [], list(METRICS)
+    files = sorted(folder.glob("run-*.json"))
+    if not files:
+        raise ConfigError(f"--baseline {folder} holds no finished runs (run-*.json); give the units folder of a quality run")
+    for path in files:
+        data = json.loads(path.read_text())
+        theirs = data.get("protocol") or {}
+        there = drawn_as(theirs)
+        if there != here:
+            diff = ", ".join(f"{k} {there[k]} (here {here[k]})" for k in SAME_IMAGES if there[k] != here[k])
+            raise ConfigError(f"--baseline {path} drew its images otherwise: {diff}; pair only runs that draw and score alike")
+        if not mine["drift_prompts"] or (theirs.get("drift_prompts"), theirs.get("drift_images")) != (mine["drift_prompts"], mine["drift_images"]):
+            metrics = [m for m in metrics if m != "drift"]
+        r = data["result"]
+        if r["method"] in all_methods(config) and r["concept"] in config.concepts:
+            runs.append(r)
+    return {"folder": config.baseline, "metrics": metrics, "runs": runs}  # as given: a path of the checkout stays relative
 
 
 def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, scorer=None) -> None:
@@ -1025,7 +1081,7 @@ def paired_lines(res: dict) -> list[str]:
     methods = [m for m in dict.fromkeys(r["method"] for r in runs) if m != REFERENCE]
     if not any(r["method"] == REFERENCE for r in runs) or not methods:
         return []
-    lines = ["| method | # trainable (UNet) | Δ CLIP-I | Δ CLIP-T | Δ drift | Δ identified | units | units for Δ CLIP-I "
+    lines = ["| method | # trainable (UNet) | " + " | ".join(f"Δ {METRIC_NAMES[k]}" for k in METRICS) + " | units | units for Δ CLIP-I "
              f"±{TARGET_HALF:g} (seeds) | final loss | train s / run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lora = [r for r in runs if r["method"] == REFERENCE]
@@ -1041,6 +1097,29 @@ def paired_lines(res: dict) -> list[str]:
                      + f" | {ds[0][2]} | " + ("—" if need is None else f"{need} ({-(-need // per_seed)})")
                      + f" | {_mean([r['final_loss'] for r in mine]):.4f} | {_mean([r['train_seconds'] for r in mine]):.1f} |")
     return lines
+
+
+def baseline_lines(res: dict) -> list[str]:
+    """Each method against the --baseline run: paired Δ of every comparable metric over the (concept, seed) units both
+    have, and the identified share of each on those units."""
+    base = res.get("baseline")
+    if not base:
+        return []
+    tagged = [{**r, "method": f"{r['method']}@baseline"} for r in base["runs"]]
+    runs, metrics = res.get("runs", []) + tagged, base["metrics"]
+    lines = ["| method | lr (here / baseline) | " + " | ".join(f"Δ {METRIC_NAMES[k]}" for k in metrics) + " | units | identified here | identified in the baseline |",
+             "|---|---:|" + "---:|" * (len(metrics) + 3)]
+    rates = lambda rows: "/".join(sorted({f"{r['lr']:g}" for r in rows}))  # noqa: E731
+    for m in dict.fromkeys(r["method"] for r in res.get("runs", [])):
+        theirs = {(r["concept"], r["seed"]): r for r in base["runs"] if r["method"] == m}
+        mine = [r for r in res["runs"] if r["method"] == m and (r["concept"], r["seed"]) in theirs]
+        if not mine:
+            continue
+        paired = [theirs[(r["concept"], r["seed"])] for r in mine]
+        ds = [paired_vs(runs, m, f"{m}@baseline", k) for k in metrics]
+        lines.append(f"| {LABELS.get(m, m)} | {rates(mine)} / {rates(paired)} | " + " | ".join(_fmt(*d[:2], spec="+" + METRIC_SPECS.get(k, "")) for k, d in zip(metrics, ds))
+                     + f" | {len(mine)} | {_mean([r['identified'] for r in mine]):.0%} | {_mean([r['identified'] for r in paired]):.0%} |")
+    return lines if len(lines) > 2 else []
 
 
 def markdown(payload: dict) -> str:
@@ -1086,6 +1165,12 @@ def markdown(payload: dict) -> str:
                   "frozen weights), the full fine-tune's every UNet weight; each run also learns the concept token's embedding.", ""]
         verdict = ceiling_verdict(res)
         lines += [verdict, ""] if verdict else []
+    bl = baseline_lines(res)
+    if bl:
+        lines += [f"## Against the baseline run (`{res['baseline']['folder']}`; paired: same method, concept and seed)", "",
+                  "This run minus the baseline run on each (concept, seed) unit both have, 95% interval over those units (Student's t). "
+                  "Both drew and scored their images alike (same prompts, image seeds, sampler, guidance and scorer); the difference is in "
+                  f"training: this run's from `{s.get('train_config', '?')}`, {s.get('steps', '?')} steps.", "", *bl, ""]
     ml = multi_lines(res)
     pl2 = placement_lines(res)
     if pl2:

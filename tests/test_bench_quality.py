@@ -16,7 +16,9 @@ from PIL import Image
 
 from benchmarks import quality as q
 from benchmarks.accuracy import T95, wilson_interval
+from benchmarks.common import UnitStore
 from numeric import assert_close_to_signal
+from sbora.configuration import CONFIG_DIR, ConfigError
 from sbora_diffusion.world import design_probe as dp
 
 @pytest.fixture(scope="module")
@@ -345,6 +347,11 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert "**" in md.split("## Learning rates")[1].split("##")[0]  # the sweep table, the chosen rates in bold
     again = q.main([*argv, "--merge"], pipe=copy.deepcopy(tiny_pipe))  # every unit done: the report is rebuilt from them
     assert again["results"]["runs"] == res["runs"] and again["complete"]
+    # Paired against itself as the baseline: every method, every unit, every difference exactly zero.
+    itself = q.main([*argv, "--merge", "--baseline", str(tmp_path / "units")], pipe=copy.deepcopy(tiny_pipe))
+    assert itself["results"]["baseline"]["metrics"] == list(q.METRICS) and len(itself["results"]["baseline"]["runs"]) == len(res["runs"])
+    section = (out / "quality.md").read_text().split("## Against the baseline run")[1].split("\n## ")[0]
+    assert section.count("| +0.000 ± 0.000 | +0.000 ± 0.000 | +0.000 ± 0.000 | +0% ± 0% | 2 |") == 3  # LoRA, SBoRA-FA, the full fine-tune: 2 units each, one seed
     assert "partial" not in md and "h of worker time in all" in md  # a finished run; its time is the workers', not the report's
     assert "## Is the concept there? Identification per run" in md and "[" in md.split("Identification per run")[1]  # Wilson intervals
     # The units travel with the checkout, the work folder stays behind: on a "new machine" the pair units still to do
@@ -361,6 +368,47 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     before = {m["mode"]: m["clip_i"] for m in fa_pairs}
     after = {m["mode"]: m["clip_i"] for m in redone["multi"] if m["method"] == "sbora-fa"}
     assert after.keys() == before.keys() and all(after[k] == pytest.approx(before[k], abs=1e-4) for k in before)
+
+
+def test_a_baseline_run_is_paired_per_method_concept_and_seed():
+    runs = [{"method": m, "concept": c, "seed": k, "lr": 3e-3, "clip_i": 0.5 + 0.1 * k, "clip_t": 0.3, "drift": 0.1, "identified": 0.5}
+            for m in ("lora", "sbora-fa") for c in ("robot", "duck") for k in range(3)]
+    better = [{**r, "clip_i": r["clip_i"] + d, "identified": 0.75, "lr": 1e-3} for r, d in zip(runs, [0.01, 0.03, 0.02] * 4)]
+    res = {"runs": better[6:], "baseline": {"folder": "b", "metrics": ["clip_i", "identified"], "runs": runs[:9]}}  # SBoRA-FA here; 3 of its 6 there
+    lines = q.baseline_lines(res)
+    assert lines[0] == "| method | lr (here / baseline) | Δ CLIP-I | Δ identified | units | identified here | identified in the baseline |"
+    mean, half, n = q.seed_interval([0.01, 0.03, 0.02]) + (3,)
+    assert lines[2] == f"| SBoRA-FA | 0.001 / 0.003 | +{mean:.3f} ± {half:.3f} | +25% ± 0% | 3 | 75% | 50% |" and len(lines) == 3
+    mean, half = q.seed_interval([0.01, 0.03, 0.02] * 2)  # LoRA: both concepts there, 6 units
+    assert q.baseline_lines({"runs": better[:6], "baseline": res["baseline"]})[2] == f"| LoRA | 0.001 / 0.003 | +{mean:.3f} ± {half:.3f} | +25% ± 0% | 6 | 75% | 50% |"
+    assert q.baseline_lines({"runs": runs[6:9], "baseline": {**res["baseline"], "runs": runs[:6]}}) == []  # nothing in common
+    assert q.baseline_lines({"runs": runs}) == []
+
+
+def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
+    here = q.QualityConfig(model="tiny", methods=["lora"], multi_methods=[], pairs=[], concepts=["robot"], num_images=4, drift_prompts=2,
+                           baseline=str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="is not a folder"):
+        here.validate()
+    result = {"method": "lora", "concept": "robot", "seed": 0, "clip_i": 0.5}
+    mine = tmp_path / "snr.yaml"  # the tiny base's training config with one setting changed: what a baseline is for
+    mine.write_text((CONFIG_DIR / "train" / "tiny.yaml").read_text() + "\nsnr_gamma: 5.0\n")
+    for name, other in (("alike", {}), ("other-training", {"train_config": str(mine), "steps": 1200, "drift_prompts": 0}),
+                        ("more-images", {"num_images": 8}), ("other-sampler", {"train_config": "pocket"})):
+        folder = tmp_path / name
+        UnitStore(folder, {**q.protocol(here), **other}).save("run-lora-robot-seed0", result)
+        UnitStore(folder, {**q.protocol(here), **other}).save("run-ortho-robot-seed0", {**result, "method": "ortho"})  # not asked for here
+    got = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "alike")))
+    assert got == {"folder": str(tmp_path / "alike"), "metrics": list(q.METRICS), "runs": [result]}
+    other = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "other-training")))
+    assert other["metrics"] == ["clip_i", "clip_t", "identified"] and other["runs"] == [result]  # no drift there: not paired
+    with pytest.raises(ConfigError, match="num_images 8 \\(here 4\\)"):
+        q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "more-images")))
+    with pytest.raises(ConfigError, match="drew its images otherwise: sample_steps 25 \\(here 20\\);"):  # the pocket config's sampler, not the tiny's
+        q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "other-sampler")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no finished runs"):
+        q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "empty")))
 
 
 def test_the_schedule_is_seed_major_and_sweeps_before_the_seeds():
