@@ -64,7 +64,7 @@ between processes (one thread each);
 
 **A training setting against a finished run**: ``--baseline FOLDER`` (another run's units, e.g. the
 standard run's) adds each method's paired differences to that run: same method, concept and seed,
-so a changed ``--train-config`` (a loss weighting, more steps) is measured against the same
+so a changed training setting (``--train-set snr_gamma=5``, ``--train-config``) is measured against the same
 adapters' images without it. Both runs must draw and score their images alike (prompts, images,
 sampler, guidance, scorer: ``SAME_IMAGES``); that is checked, everything else may differ.
 
@@ -78,8 +78,8 @@ runs, adapters and generated images under ``--work-dir``.
     python -m benchmarks.quality --preset standard --units-dir docs/benchmarks/quality_standard_units --merge
     # the comparison (issue #27): ~8 h of one core, two workers side by side, resumable; --merge any time
     # -> docs/benchmarks/quality_standard.*
-    python -m benchmarks.quality --preset demo --seeds 4 --num-prompts 4 --num-images 4 --train-config my.yaml \
-        --baseline docs/benchmarks/quality_standard_units   # a training setting, paired against the standard run's SBoRA-FA
+    python -m benchmarks.quality --preset demo --seeds 4 --num-prompts 4 --num-images 4 --train-set snr_gamma=5
+        --baseline docs/benchmarks/quality_standard_units   # one training setting, paired with the standard run's SBoRA-FA
 """
 
 from __future__ import annotations
@@ -154,6 +154,9 @@ class QualityConfig:
     clip_model: str = field(default="pocket", metadata={"help": "CLIP scorer: pocket, or an open_clip name/JSON file (with --clip-weights)"})
     clip_weights: str | None = field(default=None, metadata={"help": "weights of a non-pocket --clip-model"})
     train_config: str | None = field(default=None, metadata={"help": "training config name or YAML (none: configs/train/<model>.yaml)"})
+    train_set: list[str] = field(default_factory=list, metadata={"help": "FIELD=VALUE: a field of the training config set for every run, over "
+                                                                         "--train-config (e.g. snr_gamma=5); kept with the units, so that runs of "
+                                                                         "other settings never mix"})
     concepts: list[str] = field(default_factory=lambda: ["robot", "duck", "beachball", "checkerflag", "boltbadge"],
                                 metadata={"help": "held-out concepts (configs/concepts/NAME.yaml)"})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "methods: " + ", ".join(METHODS)})
@@ -227,6 +230,7 @@ class QualityConfig:
             raise ConfigError(f"unknown multi-concept mode(s) {', '.join(bad)}; known: {', '.join(MULTI_MODES)}")
         for pair in self.pairs:
             parse_pair(pair, self.concepts)
+        base_train_config(self)  # a clear error for an unknown or ill-typed --train-set field
         if self.baseline is not None and not Path(self.baseline).is_dir():
             raise ConfigError(f"--baseline {self.baseline} is not a folder; give the units folder of a finished quality run "
                               "(e.g. docs/benchmarks/quality_standard_units)")
@@ -717,7 +721,15 @@ def protocol(config: QualityConfig) -> dict:
     """What every unit of one run must share (a unit of other settings is refused, not mixed in)."""
     keys = ("model", "clip_model", "clip_weights", "train_config", "steps", "rank", "num_prompts", "num_images", "sample_steps",
             "guidance_scale", "drift_prompts", "drift_images", "multi_images", "multi_modes", "text_prefix", "concepts")
-    return {k: getattr(config, k) for k in keys}
+    return {k: getattr(config, k) for k in keys} | ({"train_set": list(config.train_set)} if config.train_set else {})  # (older units have none)
+
+
+def train_overrides(entries: Sequence[str]) -> dict[str, str]:
+    """``["snr_gamma=5", ...]`` (--train-set) -> ``{"snr_gamma": "5"}``; the training config types the values."""
+    bad = [e for e in entries if "=" not in e or not e.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError(f"--train-set takes FIELD=VALUE (a field of the training config, e.g. snr_gamma=5), got {', '.join(bad)}")
+    return {k.strip().replace("-", "_"): v.strip() for k, v in (e.split("=", 1) for e in entries)}
 
 
 class Schedule:
@@ -766,7 +778,8 @@ def units_folder(config: QualityConfig) -> Path:
 def base_train_config(config: QualityConfig):
     from sbora_diffusion.concept.options import load_train_config
 
-    return load_train_config(config.train_config, model=config.model, **({"steps": config.steps} if config.steps is not None else {}))
+    return load_train_config(config.train_config, model=config.model, **train_overrides(config.train_set),
+                             **({"steps": config.steps} if config.steps is not None else {}))
 
 
 class Worker:
@@ -787,7 +800,7 @@ class Worker:
             part.requires_grad_(False).eval()
         scorer = scorer if scorer is not None else load_scorer(config)
         # The trainer's own outputs are not scored here: no validation grids, a cheap sample image, no checkpoints on the way.
-        overrides = {"checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True, "cpu": True, "score_clip": None,
+        overrides = {**train_overrides(config.train_set), "checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True, "cpu": True, "score_clip": None,
                      "steps": tcfg.steps, "sample_steps": min(config.sample_steps or tcfg.sample_steps, 5),
                      "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale}
         capacity = min((slot_capacity(base.unet, load_adapter_config(METHODS[m][0], **({"rank": config.rank} if config.rank else {})), side)
@@ -870,7 +883,7 @@ def collect(config: QualityConfig) -> dict:
                         "token_mode": tcfg.token_mode, "sample_steps": config.sample_steps or tcfg.sample_steps,
                         "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale,
                         "resolution": tcfg.resolution, "full_ft_lrs": list(config.full_ft_lrs),
-                        "train_config": shown_path(train_config_path(config.train_config, config.model))},
+                        "train_config": shown_path(train_config_path(config.train_config, config.model)), "train_set": list(config.train_set)},
            "zero_shot": {c: r for c in config.concepts if (r := found(("zero-shot", c)))},
            "multi_zero_shot": [r for p in config.pairs if (r := found(("pair-zero-shot", p)))],
            "runs": [r for u in sched.units if u[0] == "run" and (r := found(u))],
@@ -906,7 +919,7 @@ def drawn_as(proto: dict) -> dict:
 
     drawn = {k: proto.get(k) for k in SAME_IMAGES}
     if drawn["sample_steps"] is None or drawn["guidance_scale"] is None:
-        tcfg = load_train_config(proto.get("train_config"), model=proto.get("model") or "pocket")
+        tcfg = load_train_config(proto.get("train_config"), model=proto.get("model") or "pocket", **train_overrides(proto.get("train_set", [])))
         drawn["sample_steps"] = drawn["sample_steps"] or tcfg.sample_steps
         drawn["guidance_scale"] = tcfg.guidance_scale if drawn["guidance_scale"] is None else drawn["guidance_scale"]
     return drawn
@@ -1132,7 +1145,7 @@ def markdown(payload: dict) -> str:
         f"Command: `{payload['command']}` — {env['date']}, CPU, {env['torch_threads']} torch thread(s). Base `{cfg['model']}`, "
         f"scorer: the {cfg['clip_model']} CLIP (`sbora_diffusion.clip_score.load_clip`). Every run: {s.get('steps', '?')} steps of batch {s.get('batch_size', '?')} "
         f"({s.get('lr_schedule', '?')} schedule), token embedding lr {s.get('token_lr', '?')} (token mode {s.get('token_mode', '?')}), "
-        f"from `{s.get('train_config', '?')}`; each method at its best learning rate (below). {cfg['seeds']} training seed(s); "
+        f"from `{s.get('train_config', '?')}`" + "".join(f" with `{e}`" for e in s.get("train_set", [])) + f"; each method at its best learning rate (below). {cfg['seeds']} training seed(s); "
         f"{cfg['num_prompts']} eval prompts × {cfg['num_images']} images per run, {cfg['drift_prompts']} drift prompts × {cfg['drift_images']} images; "
         f"DDIM {s.get('sample_steps', '?')} steps, guidance {s.get('guidance_scale', '?')}. Units done: {res.get('units_done', '?')} of "
         f"{res.get('units', '?')}, {res.get('timing', {}).get('unit_seconds', 0) / 3600:.2f} h of worker time; this report built in "
@@ -1170,7 +1183,8 @@ def markdown(payload: dict) -> str:
         lines += [f"## Against the baseline run (`{res['baseline']['folder']}`; paired: same method, concept and seed)", "",
                   "This run minus the baseline run on each (concept, seed) unit both have, 95% interval over those units (Student's t). "
                   "Both drew and scored their images alike (same prompts, image seeds, sampler, guidance and scorer); the difference is in "
-                  f"training: this run's from `{s.get('train_config', '?')}`, {s.get('steps', '?')} steps.", "", *bl, ""]
+                  f"training: this run's from `{s.get('train_config', '?')}`" + "".join(f" with `{e}`" for e in s.get("train_set", []))
+                  + f", {s.get('steps', '?')} steps.", "", *bl, ""]
     ml = multi_lines(res)
     pl2 = placement_lines(res)
     if pl2:

@@ -411,6 +411,32 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
         q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "empty")))
 
 
+def test_train_set_changes_one_training_field_and_keeps_its_units_apart(tmp_path):
+    plain = q.QualityConfig(model="tiny", methods=["lora"], multi_methods=[], pairs=[], concepts=["robot"])
+    snr = dataclasses.replace(plain, train_set=["snr_gamma=5", "token-lr=0.01"])
+    assert q.train_overrides(snr.train_set) == {"snr_gamma": "5", "token_lr": "0.01"}
+    tcfg = q.base_train_config(snr)
+    assert (tcfg.snr_gamma, tcfg.token_lr) == (5.0, 0.01) and q.base_train_config(plain).snr_gamma is None
+    assert "train_set" not in q.protocol(plain)  # units written before the option still load
+    assert q.protocol(snr)["train_set"] == ["snr_gamma=5", "token-lr=0.01"]
+    UnitStore(tmp_path, q.protocol(plain)).save("run-lora-robot-seed0", {"clip_i": 0.5})
+    with pytest.raises(ConfigError, match="other settings: train_set"):  # a changed setting never mixes with old units
+        UnitStore(tmp_path, q.protocol(snr)).load("run-lora-robot-seed0")
+    for bad, says in ((["snr_gamma"], "takes FIELD=VALUE"), (["=5"], "takes FIELD=VALUE"), (["snr=5"], "unknown field"),
+                      (["snr_gamma=lots"], "expects float")):
+        with pytest.raises(ConfigError, match=says):
+            dataclasses.replace(plain, train_set=bad).validate()
+    # A baseline's sampler is read with its own --train-set: the tiny config's 20 DDIM steps set to 25 is another sampler.
+    UnitStore(tmp_path / "b", q.protocol(dataclasses.replace(plain, train_set=["sample_steps=25"]))).save(
+        "run-lora-robot-seed0", {"method": "lora", "concept": "robot", "seed": 0})
+    with pytest.raises(ConfigError, match="sample_steps 25 \\(here 20\\)"):
+        q.baseline_runs(dataclasses.replace(plain, baseline=str(tmp_path / "b")))
+    header = q.markdown({"results": {"settings": {"train_config": "configs/train/tiny.yaml", "train_set": snr.train_set}}, "command": "c", "seconds": 1,
+                         "config": {**dataclasses.asdict(snr), "preset": "demo"}, "environment": {"date": "d", "torch_threads": 1,
+                         "load_average": [0.0], "load_average_end": [0.0]}})
+    assert "from `configs/train/tiny.yaml` with `snr_gamma=5` with `token-lr=0.01`;" in header
+
+
 def test_the_schedule_is_seed_major_and_sweeps_before_the_seeds():
     cfg = q.QualityConfig(concepts=["robot", "duck"], methods=["lora", "sbora-fa"], seeds=2, lrs=[1e-3, 3e-3], full_ft_lrs=[1e-4],
                           pairs=["robot+duck"], multi_methods=["lora"])
