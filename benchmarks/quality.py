@@ -249,8 +249,10 @@ def parse_pair(pair: str, concepts: Sequence[str]) -> tuple[str, str]:
 # method whose optimum then lay at an edge of the four; 4 prompts x 4 images per (concept, seed), 4 pairs x 8 images per
 # composition, mode and seed. Seeds: 4 at first; at the spread of the first 10-13 paired units per method, the widest
 # method needed 7 for Δ CLIP-I ±0.05 (the report's "units for ±0.05"), so 8. Resumable units: ~12 h of one CPU core
-# here, two workers side by side, continued across sessions.
-STANDARD = {"seeds": 8, "extra_lrs": ["sbora-fb=0.03", "delta-lora=0.0001", "custom-diffusion=0.03", "full-ft=0.001"]}
+# here, two workers side by side, continued across sessions. It was trained before the pocket config weighted its loss
+# (snr_gamma: 5.0 since 2026-12-06), so the preset keeps that setting off: it continues and reproduces its own units.
+STANDARD = {"seeds": 8, "extra_lrs": ["sbora-fb=0.03", "delta-lora=0.0001", "custom-diffusion=0.03", "full-ft=0.001"],
+            "train_set": ["snr_gamma=none"]}
 PRESETS: dict[str, dict] = {
     # Every method, 2 concepts, 2 seeds, 40 steps (the demo's learning rate, 3e-3, over 40 of its 300 steps), a few images
     # at 15 DDIM steps: sized for ≤ 15 min on 2 CPU cores (one torch thread).
@@ -258,10 +260,11 @@ PRESETS: dict[str, dict] = {
               "drift_prompts": 2, "drift_images": 1, "pairs": ["robot+duck"], "multi_images": 2, "lrs": None, "full_ft_lrs": [1e-4]},
     "standard": STANDARD,
     "full": STANDARD,  # the earlier name of standard
-    # Issue #27 item 2: is each held-out concept there after `make demo`'s budget (SBoRA-FA, 300 steps)? 5 prompts x 8 images
-    # per concept, against the zero-shot base on the same prompts and seeds.
-    "demo": {"methods": ["sbora-fa"], "ceiling": False, "seeds": 1, "num_prompts": 5, "num_images": 8, "drift_prompts": 0,
-             "pairs": [], "multi_methods": [], "lrs": None},
+    # Issue #27 item 2: is each held-out concept there after `make demo`'s budget (SBoRA-FA, its settings)? The standard
+    # run's images (4 prompts x 4 images, drift) for 4 seeds, against the zero-shot base on the same prompts and seeds; so
+    # `--baseline docs/benchmarks/quality_standard_units` pairs it with the standard run's SBoRA-FA (trained without the loss
+    # weighting). ~15 min on 2 CPU cores (two workers).
+    "demo": {"methods": ["sbora-fa"], "ceiling": False, "seeds": 4, "pairs": [], "multi_methods": [], "lrs": None},
 }
 
 
@@ -880,7 +883,7 @@ def collect(config: QualityConfig) -> dict:
     found = lambda u: done.get(unit_key(u))  # noqa: E731
     res = {"concepts": list(config.concepts), "units_done": len(done), "units": len(sched.units), "pending": len(sched.units) - len(done),
            "settings": {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr, "token_lr": tcfg.token_lr, "lr_schedule": tcfg.lr_schedule,
-                        "token_mode": tcfg.token_mode, "sample_steps": config.sample_steps or tcfg.sample_steps,
+                        "token_mode": tcfg.token_mode, "snr_gamma": tcfg.snr_gamma, "sample_steps": config.sample_steps or tcfg.sample_steps,
                         "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale,
                         "resolution": tcfg.resolution, "full_ft_lrs": list(config.full_ft_lrs),
                         "train_config": shown_path(train_config_path(config.train_config, config.model)), "train_set": list(config.train_set)},
@@ -930,7 +933,7 @@ def baseline_runs(config: QualityConfig) -> dict:
     paired with them (drift only where both runs drew the same unrelated prompts). Its images must be drawn as this
     run's (``drawn_as``); a folder that drew them otherwise is refused, not paired."""
     folder, mine = Path(config.baseline), protocol(config)
-    here, runs, metrics = drawn_as(mine), [], list(METRICS)
+    here, runs, metrics, trained = drawn_as(mine), [], list(METRICS), set()
     files = sorted(folder.glob("run-*.json"))
     if not files:
         raise ConfigError(f"--baseline {folder} holds no finished runs (run-*.json); give the units folder of a quality run")
@@ -943,10 +946,13 @@ def baseline_runs(config: QualityConfig) -> dict:
             raise ConfigError(f"--baseline {path} drew its images otherwise: {diff}; pair only runs that draw and score alike")
         if not mine["drift_prompts"] or (theirs.get("drift_prompts"), theirs.get("drift_images")) != (mine["drift_prompts"], mine["drift_images"]):
             metrics = [m for m in metrics if m != "drift"]
+        trained.add(_set_text({"train_set": theirs.get("train_set")}) if theirs.get("train_config") == mine["train_config"] else
+                    f" from `{theirs.get('train_config')}`" + _set_text({"train_set": theirs.get("train_set")}))
         r = data["result"]
         if r["method"] in all_methods(config) and r["concept"] in config.concepts:
             runs.append(r)
-    return {"folder": config.baseline, "metrics": metrics, "runs": runs}  # as given: a path of the checkout stays relative
+    return {"folder": config.baseline, "metrics": metrics, "runs": runs,  # the folder as given: a path of the checkout stays relative
+            "trained": "; ".join(sorted(t or " with the same training config" for t in trained))}
 
 
 def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, scorer=None) -> None:
@@ -1135,6 +1141,12 @@ def baseline_lines(res: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _set_text(settings: dict) -> str:
+    """" with `a=1`, `b=2`" for the run's --train-set entries; "" without."""
+    entries = settings.get("train_set") or []
+    return " with " + ", ".join(f"`{e}`" for e in entries) if entries else ""
+
+
 def markdown(payload: dict) -> str:
     res, cfg, env = payload["results"], payload["config"], payload["environment"]
     s = res.get("settings", {})
@@ -1145,7 +1157,8 @@ def markdown(payload: dict) -> str:
         f"Command: `{payload['command']}` — {env['date']}, CPU, {env['torch_threads']} torch thread(s). Base `{cfg['model']}`, "
         f"scorer: the {cfg['clip_model']} CLIP (`sbora_diffusion.clip_score.load_clip`). Every run: {s.get('steps', '?')} steps of batch {s.get('batch_size', '?')} "
         f"({s.get('lr_schedule', '?')} schedule), token embedding lr {s.get('token_lr', '?')} (token mode {s.get('token_mode', '?')}), "
-        f"from `{s.get('train_config', '?')}`" + "".join(f" with `{e}`" for e in s.get("train_set", [])) + f"; each method at its best learning rate (below). {cfg['seeds']} training seed(s); "
+        f"Min-SNR loss weighting {'γ = ' + format(s['snr_gamma'], 'g') if s.get('snr_gamma') else 'off'}, "
+        f"from `{s.get('train_config', '?')}`{_set_text(s)}; each method at its best learning rate (below). {cfg['seeds']} training seed(s); "
         f"{cfg['num_prompts']} eval prompts × {cfg['num_images']} images per run, {cfg['drift_prompts']} drift prompts × {cfg['drift_images']} images; "
         f"DDIM {s.get('sample_steps', '?')} steps, guidance {s.get('guidance_scale', '?')}. Units done: {res.get('units_done', '?')} of "
         f"{res.get('units', '?')}, {res.get('timing', {}).get('unit_seconds', 0) / 3600:.2f} h of worker time; this report built in "
@@ -1183,8 +1196,8 @@ def markdown(payload: dict) -> str:
         lines += [f"## Against the baseline run (`{res['baseline']['folder']}`; paired: same method, concept and seed)", "",
                   "This run minus the baseline run on each (concept, seed) unit both have, 95% interval over those units (Student's t). "
                   "Both drew and scored their images alike (same prompts, image seeds, sampler, guidance and scorer); the difference is in "
-                  f"training: this run's from `{s.get('train_config', '?')}`" + "".join(f" with `{e}`" for e in s.get("train_set", []))
-                  + f", {s.get('steps', '?')} steps.", "", *bl, ""]
+                  f"training: this run's from `{s.get('train_config', '?')}`{_set_text(s)}, {s.get('steps', '?')} steps; the baseline's"
+                  f"{res['baseline'].get('trained', '')}.", "", *bl, ""]
     ml = multi_lines(res)
     pl2 = placement_lines(res)
     if pl2:

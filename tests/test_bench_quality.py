@@ -16,7 +16,7 @@ from PIL import Image
 
 from benchmarks import quality as q
 from benchmarks.accuracy import T95, wilson_interval
-from benchmarks.common import UnitStore
+from benchmarks.common import DOCS_DIR, UnitStore
 from numeric import assert_close_to_signal
 from sbora.configuration import CONFIG_DIR, ConfigError
 from sbora_diffusion.world import design_probe as dp
@@ -399,9 +399,10 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
         UnitStore(folder, {**q.protocol(here), **other}).save("run-lora-robot-seed0", result)
         UnitStore(folder, {**q.protocol(here), **other}).save("run-ortho-robot-seed0", {**result, "method": "ortho"})  # not asked for here
     got = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "alike")))
-    assert got == {"folder": str(tmp_path / "alike"), "metrics": list(q.METRICS), "runs": [result]}
+    assert got == {"folder": str(tmp_path / "alike"), "metrics": list(q.METRICS), "runs": [result], "trained": " with the same training config"}
     other = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "other-training")))
     assert other["metrics"] == ["clip_i", "clip_t", "identified"] and other["runs"] == [result]  # no drift there: not paired
+    assert other["trained"] == f" from `{mine}`"  # what the baseline was trained with, for the report's sentence
     with pytest.raises(ConfigError, match="num_images 8 \\(here 4\\)"):
         q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "more-images")))
     with pytest.raises(ConfigError, match="drew its images otherwise: sample_steps 25 \\(here 20\\);"):  # the pocket config's sampler, not the tiny's
@@ -434,7 +435,7 @@ def test_train_set_changes_one_training_field_and_keeps_its_units_apart(tmp_path
     header = q.markdown({"results": {"settings": {"train_config": "configs/train/tiny.yaml", "train_set": snr.train_set}}, "command": "c", "seconds": 1,
                          "config": {**dataclasses.asdict(snr), "preset": "demo"}, "environment": {"date": "d", "torch_threads": 1,
                          "load_average": [0.0], "load_average_end": [0.0]}})
-    assert "from `configs/train/tiny.yaml` with `snr_gamma=5` with `token-lr=0.01`;" in header
+    assert "from `configs/train/tiny.yaml` with `snr_gamma=5`, `token-lr=0.01`;" in header
 
 
 def test_the_schedule_is_seed_major_and_sweeps_before_the_seeds():
@@ -504,3 +505,17 @@ def test_the_old_preset_name_full_runs_the_standard_preset():
 
     old, new = (parse_invocation("quality", q.__doc__, q.QualityConfig, q.PRESETS, ["--preset", p]).config for p in ("full", "standard"))
     assert old == new and old.seeds == 8 and old.extra_lrs == new.extra_lrs
+
+
+def test_the_standard_preset_keeps_the_training_its_committed_units_had():
+    """The standard run was trained before the pocket config weighted its loss: its preset keeps snr_gamma off, so it
+    still reads (and would continue) its committed units, while the demo preset trains as `make demo` does today."""
+    from benchmarks.common import parse_invocation
+
+    config = lambda preset: parse_invocation("quality", q.__doc__, q.QualityConfig, q.PRESETS, ["--preset", preset]).config  # noqa: E731
+    standard, demo = config("standard"), config("demo")
+    unit = json.loads((DOCS_DIR / "quality_standard_units" / "run-sbora-fa-duck-seed0.json").read_text())
+    assert unit["protocol"] == q.protocol(standard) and q.base_train_config(standard).snr_gamma is None
+    pocket = q.base_train_config(dataclasses.replace(demo, train_set=[]))
+    assert q.base_train_config(demo) == pocket and pocket.snr_gamma is not None  # the demo preset: make demo's own settings
+    assert q.drawn_as(q.protocol(demo)) == q.drawn_as(unit["protocol"])  # ... drawing the standard run's images: --baseline pairs them
