@@ -78,8 +78,10 @@ runs, adapters and generated images under ``--work-dir``.
     python -m benchmarks.quality --preset standard --units-dir docs/benchmarks/quality_standard_units --merge
     # the comparison (issue #27): ~8 h of one core, two workers side by side, resumable; --merge any time
     # -> docs/benchmarks/quality_standard.*
-    python -m benchmarks.quality --preset demo --seeds 4 --num-prompts 4 --num-images 4 --train-set snr_gamma=5
-        --baseline docs/benchmarks/quality_standard_units   # one training setting, paired with the standard run's SBoRA-FA
+    python -m benchmarks.quality --preset demo --units-dir docs/benchmarks/quality_demo_units
+        --baseline docs/benchmarks/quality_standard_units   # make demo's settings, paired with the standard run's SBoRA-FA
+    python -m benchmarks.quality --preset demo --train-set token_lr=0.015 --work-dir outputs/lever
+        --baseline docs/benchmarks/quality_demo_units       # one training setting against make demo's own
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ class QualityConfig:
     merge: bool = field(default=False, metadata={"help": "only build the report from the finished units (--units-dir)"})
     baseline: str | None = field(default=None, metadata={"help": "units folder of another run (e.g. docs/benchmarks/quality_standard_units): the "
                                                                  "report adds each method's paired Δ against it, same method, concept and seed "
-                                                                 "(how a --train-config change is measured); its images must be drawn alike"})
+                                                                 "(how a --train-set or --train-config change is measured); its images must be drawn alike"})
 
     def validate(self) -> None:
         from sbora_diffusion.concept.config import load_concept
