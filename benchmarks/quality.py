@@ -939,17 +939,20 @@ def baseline_runs(config: QualityConfig) -> dict:
     files = sorted(folder.glob("run-*.json"))
     if not files:
         raise ConfigError(f"--baseline {folder} holds no finished runs (run-*.json); give the units folder of a quality run")
+    seen: dict[str, dict] = {}  # a run's units share one protocol: each distinct one is checked once
     for path in files:
         data = json.loads(path.read_text())
         theirs = data.get("protocol") or {}
-        there = drawn_as(theirs)
-        if there != here:
-            diff = ", ".join(f"{k} {there[k]} (here {here[k]})" for k in SAME_IMAGES if there[k] != here[k])
-            raise ConfigError(f"--baseline {path} drew its images otherwise: {diff}; pair only runs that draw and score alike")
-        if not mine["drift_prompts"] or (theirs.get("drift_prompts"), theirs.get("drift_images")) != (mine["drift_prompts"], mine["drift_images"]):
-            metrics = [m for m in metrics if m != "drift"]
-        trained.add(_set_text({"train_set": theirs.get("train_set")}) if theirs.get("train_config") == mine["train_config"] else
-                    f" from `{theirs.get('train_config')}`" + _set_text({"train_set": theirs.get("train_set")}))
+        key = json.dumps(theirs, sort_keys=True)
+        if key not in seen:
+            seen[key] = there = drawn_as(theirs)
+            if there != here:
+                diff = ", ".join(f"{k} {there[k]} (here {here[k]})" for k in SAME_IMAGES if there[k] != here[k])
+                raise ConfigError(f"--baseline {path} drew its images otherwise: {diff}; pair only runs that draw and score alike")
+            if not mine["drift_prompts"] or (theirs.get("drift_prompts"), theirs.get("drift_images")) != (mine["drift_prompts"], mine["drift_images"]):
+                metrics = [m for m in metrics if m != "drift"]
+            source = "" if theirs.get("train_config") == mine["train_config"] else f" from `{theirs.get('train_config')}`"
+            trained.add(source + _set_text(theirs))
         r = data["result"]
         if r["method"] in all_methods(config) and r["concept"] in config.concepts:
             runs.append(r)
