@@ -941,8 +941,15 @@ def baseline_runs(config: QualityConfig) -> dict:
         raise ConfigError(f"--baseline {folder} holds no finished runs (run-*.json); give the units folder of a quality run")
     seen: dict[str, dict] = {}  # a run's units share one protocol: each distinct one is checked once
     for path in files:
-        data = json.loads(path.read_text())
-        theirs = data.get("protocol") or {}
+        try:
+            data = json.loads(path.read_text())
+            theirs, r = data.get("protocol") or {}, data["result"]
+            readable = isinstance(r, dict) and {"method", "concept", "seed"} <= r.keys()  # what pairing needs
+        except (ValueError, KeyError, TypeError, AttributeError):
+            readable = False
+        if not readable:
+            raise ConfigError(f"--baseline {path} is not a unit of a quality run (unreadable JSON, or no result with method, concept and "
+                              "seed); give the units folder of a quality run, or remove the file")
         key = json.dumps(theirs, sort_keys=True)
         if key not in seen:
             seen[key] = there = drawn_as(theirs)
@@ -953,7 +960,6 @@ def baseline_runs(config: QualityConfig) -> dict:
                 metrics = [m for m in metrics if m != "drift"]
             source = "" if theirs.get("train_config") == mine["train_config"] else f" from `{theirs.get('train_config')}`"
             trained.add(source + _set_text(theirs))
-        r = data["result"]
         if r["method"] in all_methods(config) and r["concept"] in config.concepts:
             runs.append(r)
     return {"folder": config.baseline, "metrics": metrics, "runs": runs,  # the folder as given: a path of the checkout stays relative

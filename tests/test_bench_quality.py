@@ -410,6 +410,11 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no finished runs"):
         q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "empty")))
+    for junk in ("{not json", '{"protocol": {}}', '{"protocol": {}, "result": {"method": "lora"}}', "[1, 2]"):
+        (tmp_path / "junk").mkdir(exist_ok=True)
+        (tmp_path / "junk" / "run-lora-robot-seed0.json").write_text(junk)  # e.g. a file cut short, or another tool's JSON
+        with pytest.raises(ConfigError, match="is not a unit of a quality run"):
+            q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "junk")))
 
 
 def test_train_set_changes_one_training_field_and_keeps_its_units_apart(tmp_path):
