@@ -90,6 +90,7 @@ MAX_PROMPT = 1000
 MAX_CONCEPTS = 8
 MAX_RANK = 128
 MAX_SLOT = 255
+LOSS_WINDOW = 25  # steps in the Train tab's running mean of the loss
 TRAINED_METHODS = sorted(trained_methods(CONCEPT))  # the Train tab's methods: exactly the registry's that train_concept.py trains
 # One range per generation setting, for the page's controls and the API's checks alike.
 WEIGHT_RANGE = (0.0, 2.0)
@@ -168,6 +169,17 @@ class TrainJob:
     def on_step(self, step: int, loss: float) -> None:
         self.step = step
         self.losses.append(float(loss))
+
+    def recent_loss(self) -> float | None:
+        """The mean loss of the last LOSS_WINDOW steps: one step's loss swings with its noise level and photos."""
+        return sum(self.losses[-LOSS_WINDOW:]) / len(self.losses[-LOSS_WINDOW:]) if self.losses else None
+
+    def curve(self) -> pd.DataFrame:
+        """The loss plot's rows: each step's loss and its running mean over LOSS_WINDOW steps (long format, one series each)."""
+        steps = range(self.first + 1, self.first + len(self.losses) + 1)
+        mean = pd.Series(self.losses, dtype=float).rolling(LOSS_WINDOW, min_periods=1).mean()
+        return pd.DataFrame({"step": list(steps) * 2, "loss": self.losses + mean.tolist(),
+                             "series": ["each step"] * len(self.losses) + [f"mean of {LOSS_WINDOW} steps"] * len(self.losses)})
 
     @property
     def phase(self) -> str:
@@ -254,10 +266,10 @@ class Studio:
                     print(f"warning: skipping {path}: {e}", file=sys.stderr)
                     continue
                 info = file.extra
-                sample = path.parent / "samples.png"
+                sample = next((f for f in (path.parent / "preview.png", path.parent / "samples.png") if f.is_file()), None)  # (older runs: the grid)
                 card = Card(id=cid, path=path, stamp=stamp, token=str(info.get("token") or ""), class_word=str(info.get("class_word") or ""),
                             method=str(info.get("method") or file.config.method), slot=file.config.slot, base_model=file.base_model,
-                            sample=sample if sample.is_file() else None, rank=file.config.rank, slots=slots)
+                            sample=sample, rank=file.config.rank, slots=slots)
                 self._cards[cid] = card
             if same_base(card.base_model, self.config.model):
                 cards[cid] = card
@@ -938,7 +950,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 with gr.Column():
                     progress = gr.Slider(0, 1, value=0, step=1, label="Progress (steps)", interactive=False)
                     status = gr.Markdown("No training run yet.", elem_id="train-status")
-                    loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=240)
+                    loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="Training loss", height=240)
 
         def pick_example(example_):
             """An example concept fills in (and holds) its name and class word, and shows its token."""
@@ -976,8 +988,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
             key = None if job is None else (id(job), job.step, job.status, text)
             outputs = [gr.skip()] * 4 + [key, gr.skip(), gr.skip()]
             if key != seen_ and job is not None:
-                curve = pd.DataFrame({"step": range(job.first + 1, job.first + len(job.losses) + 1), "loss": job.losses})
-                outputs[:3] = [gr.update(maximum=max(job.total, 1), value=job.step), text, curve]
+                outputs[:3] = [gr.update(maximum=max(job.total, 1), value=job.step), text, job.curve()]
             trained = studio.trained
             if known_ != trained:
                 outputs[3], outputs[5], outputs[6] = studio.proposed_slot(method_, rank_, name_, overwrite_), trained, listing_ + 1
@@ -1017,7 +1028,8 @@ def train_status(job: TrainJob) -> str:
             "stopped": f"Stopped **{c}**: {_escape(job.error or '')}",
             "failed": f"Training **{c}** failed: {_escape(job.error or '')}"}[job.phase]
     if job.losses:
-        text += f" · loss {job.losses[-1]:.4f}"
+        n = min(len(job.losses), LOSS_WINDOW)
+        text += f" · loss {job.recent_loss():.4f}" + (f" (mean of the last {n} steps)" if n > 1 else "")
     text += f" · {_duration(job.seconds)}" + (" so far" if job.status == "running" else "")
     return text + (f"\n\n⚠️ {_escape(job.warning)}" if job.warning else "")
 
@@ -1053,7 +1065,8 @@ def _thumbnail(path: Path) -> Image.Image:
 # The gallery grows with its rows (its default caps the grid at 55% of the window and cuts the square cells'
 # bottoms off), starts its images below its label and buttons (which otherwise cover their top corners), shows
 # an image's caption (its seed, also in the text below) only under the pointer, and lets the browser scale images
-# by whole pixels, as the app upscales them (square corners: none of the picture rounded off).
+# by whole pixels, as the app upscales them (square corners: none of the picture rounded off). The overlap table's
+# headings break between words, not inside them (Gradio's tables break anywhere: "concep-ts").
 CSS = """
 #gallery .grid-wrap { max-height: none; }
 #gallery .grid-container { padding-top: 28px; }
@@ -1061,6 +1074,7 @@ CSS = """
 #gallery .thumbnail-item, #gallery .thumbnail-item img { border-radius: 0; }
 #gallery .thumbnail-item .caption-label { opacity: 0; }
 #gallery .thumbnail-item:hover .caption-label { opacity: 1; }
+#info table th { word-break: normal; overflow-wrap: normal; }
 """
 
 

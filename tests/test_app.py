@@ -528,7 +528,42 @@ def test_train_status_says_what_a_run_does_and_its_time_stops_at_the_end():
     text, seconds = train_status(job), job.summary()["seconds"]
     time.sleep(1.1)
     assert job.phase == "done" and train_status(job) == text and job.summary()["seconds"] == seconds and "so far" not in text
-    assert text.startswith("Done: **x/sbora-fa** (3 steps) is in the Generate tab · loss 0.2500 · ")
+    assert text.startswith("Done: **x/sbora-fa** (3 steps) is in the Generate tab · loss 0.3750 (mean of the last 2 steps) · ")
+
+
+def test_the_loss_curve_shows_each_step_and_its_running_mean():
+    """The Train tab's plot and status smooth the loss (one step's swings with its noise level), over LOSS_WINDOW steps."""
+    from sbora_diffusion.app import LOSS_WINDOW
+
+    job = TrainJob(concept="x/sbora-fa", total=100, first=10)  # a continued run: its steps count on from its checkpoint
+    losses = [float((7 * k) % 11) for k in range(40)]
+    for k, loss in enumerate(losses):
+        job.on_step(11 + k, loss)
+    curve = job.curve()
+    raw, mean = curve[curve.series == "each step"], curve[curve.series == f"mean of {LOSS_WINDOW} steps"]
+    assert list(raw.step) == list(mean.step) == list(range(11, 51)) and list(raw.loss) == losses
+    assert mean.loss.iloc[0] == losses[0] and mean.loss.iloc[4] == pytest.approx(sum(losses[:5]) / 5)
+    assert mean.loss.iloc[-1] == pytest.approx(sum(losses[-LOSS_WINDOW:]) / LOSS_WINDOW) == job.recent_loss()
+    assert f"loss {job.recent_loss():.4f} (mean of the last {LOSS_WINDOW} steps)" in train_status(job)
+
+
+def test_a_concepts_card_shows_its_preview_else_its_sample_grid(served, tmp_path):
+    """The card picture is preview.png (the adapted images); a run made before it shows samples.png; neither: none."""
+    studio, _, _ = served
+    card = studio.cards()["alpha/sbora-fa"]
+    assert card.sample == card.path.parent / "preview.png" and card.sample.is_file()
+    outputs = tmp_path / "outputs"
+    run = outputs / "alpha" / "sbora-fa"
+    shutil.copytree(card.path.parent, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    other = Studio(AppConfig(outputs=str(outputs), model="tiny"), pipe=studio.pipe)
+    try:
+        (run / "preview.png").unlink()
+        assert other.cards()["alpha/sbora-fa"].sample == run / "samples.png"
+        (run / "samples.png").unlink()
+        (run / "adapter.safetensors").touch()  # a changed file: the card is read again
+        assert other.cards()["alpha/sbora-fa"].sample is None
+    finally:
+        other.close()
 
 
 def test_page_words_for_command_line_messages():

@@ -92,8 +92,25 @@ def test_every_method_trains_only_its_adapter_and_token(method, tiny_pipe, conce
     assert out == tmp_path / "run"
     grid = Image.open(out / "samples.png")  # one prompt x (base, adapted), under a caption strip and beside the prompt
     assert grid.width > 2 * 32 and grid.height > 32
+    # The card picture is the adapted image itself: the grid's bottom-right cell (its last prompt, seed and column).
+    preview = Image.open(out / "preview.png")
+    assert preview.size == (32, 32)
+    assert np.array_equal(np.asarray(preview), np.asarray(grid.crop((grid.width - 32, grid.height - 32, grid.width, grid.height))))
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "config.yaml").is_file() and any((out / "logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("per_prompt, layout", [(8, (2, 2)), (2, (1, 2)), (1, (1, 1))])
+def test_the_preview_is_the_first_prompts_adapted_images(per_prompt, layout):
+    """preview.png (the app's card picture): the first validation prompt's adapted images, at most four, 2x2 when four."""
+    from sbora_diffusion.concept.samples import preview_grid
+
+    adapted = [Image.new("RGB", (8, 8), (10 * k, 0, 0)) for k in range(2 * per_prompt)]  # 2 prompts, seed-major per prompt
+    grid = np.asarray(preview_grid(adapted, per_prompt))
+    rows, cols = layout
+    assert grid.shape == (8 * rows, 8 * cols, 3)
+    shown = [int(grid[8 * r, 8 * c, 0]) // 10 for r in range(rows) for c in range(cols)]
+    assert shown == list(range(rows * cols))  # seeds 0.. of the first prompt, row-major
 
 
 @pytest.mark.parametrize("method, token_mode, text_encoder", [("sbora-fa", "new", True), ("lora", "rare", False)])

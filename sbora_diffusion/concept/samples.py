@@ -1,5 +1,6 @@
 """What a concept run shows of itself: the validation prompts drawn by the base and by the adapted
-model side by side (samples.png, validation/step-*.png), and their CLIP-I against the photos."""
+model side by side (samples.png, validation/step-*.png), a small picture of the adapted model's
+own (preview.png, the app's concept card), and their CLIP-I against the photos."""
 
 from __future__ import annotations
 
@@ -44,6 +45,16 @@ def sample_grid(prompts: list[str], base: list, adapted: list) -> object:
     images = [im for r in range(len(prompts)) for s in range(n) for im in (base[r * n + s], adapted[r * n + s])]
     labels = [f"{kind}, seed {s}" for s in range(n) for kind in ("base", "adapted")]
     return labelled_grid(images, rows=len(prompts), cols=2 * n, row_labels=prompts, col_labels=labels)
+
+
+def preview_grid(adapted: list, per_prompt: int) -> object:
+    """The run's card picture: the adapted images of the first validation prompt, at most four (2x2), unlabelled, so that
+    a thumbnail shows the concept (the labelled grid is a wide strip of prompts x seeds x base | adapted)."""
+    from diffusers.utils import make_image_grid
+
+    images = adapted[: min(4, per_prompt)]
+    rows = 2 if len(images) == 4 else 1
+    return make_image_grid(images, rows=rows, cols=len(images) // rows)
 
 
 def sample_scores(scorer, clip_model: str, references: list[Path], base: list, adapted: list) -> dict:

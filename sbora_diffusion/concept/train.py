@@ -17,8 +17,9 @@ with the concept's token, and the UNet's conditioning (pooled prompt, size/crop 
 
 Outputs in ``outputs/<concept>/<method>/`` (or ``--output-dir``): adapter.safetensors
 (+ adapter.text_encoder[_2].safetensors), config.yaml, samples.png (base | adapted, labelled),
-log.jsonl, logs/ (tensorboard), validation/step-*.png, checkpoints/step-*.pt. Everything is
-checked before that folder is touched; a run replaces an earlier one only with --overwrite.
+preview.png (the adapted samples of the first prompt), log.jsonl, logs/ (tensorboard),
+validation/step-*.png, checkpoints/step-*.pt. Everything is checked before that folder is
+touched; a run replaces an earlier one only with --overwrite.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .data import class_image_paths, load_images, sample_batch, tokenize
 from .loss import diffusion_loss
 from .options import ConceptRun, TrainConfig, load_train_config, resolve_run
 from .pipeline import check_resolution, prepare_for_training, set_up_adapters
-from .samples import sample_grid, sample_images, sample_scores, save_png
+from .samples import preview_grid, sample_grid, sample_images, sample_scores, save_png
 
 @dataclass
 class TrainResult:
@@ -116,12 +117,13 @@ class ConceptTask(Task):
             engine.log_image("validation", grid, step)
 
     def save(self, engine: Engine, state: RunState) -> None:
-        """The adapter file, samples.png (base | adapted) and, with --score-clip, scores.json."""
+        """The adapter file, samples.png (base | adapted), preview.png (adapted) and, with --score-clip, scores.json."""
         run, cfg = self.run, self.cfg
         save_concept_adapter(self.pipe, engine.run_dir / ADAPTER_FILE, run.concept.key, base_model=str(run.model),
                              info={**run.metadata(state.step), **adapter_metadata(self.procedures)}, tokens=self.tokens, token_mode=cfg.token_mode)
         prompts, base, adapted = sample_images(self.pipe, run.concept, cfg, self.res, engine.accelerator.autocast)
         save_png(sample_grid(prompts, base, adapted), engine.run_dir / "samples.png")
+        save_png(preview_grid(adapted, cfg.num_validation_images), engine.run_dir / "preview.png")
         if self.scorer is not None:
             self.scores = sample_scores(self.scorer, cfg.score_clip, run.instance_paths, base, adapted)
             write_json(engine.run_dir / "scores.json", {"prompts": prompts, **self.scores})
