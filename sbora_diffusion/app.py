@@ -174,8 +174,11 @@ class TrainJob:
         """The mean loss of the last LOSS_WINDOW steps: one step's loss swings with its noise level and photos."""
         return sum(self.losses[-LOSS_WINDOW:]) / len(self.losses[-LOSS_WINDOW:]) if self.losses else None
 
-    def curve(self) -> pd.DataFrame:
-        """The loss plot's rows: each step's loss and its running mean over LOSS_WINDOW steps (long format, one series each)."""
+    def curve(self) -> pd.DataFrame | None:
+        """The loss plot's rows: each step's loss and its running mean over LOSS_WINDOW steps (long format, one series each);
+        None (an empty plot) before the first step: Gradio's plot, once sent an empty table, draws no series afterwards."""
+        if not self.losses:
+            return None
         steps = range(self.first + 1, self.first + len(self.losses) + 1)
         mean = pd.Series(self.losses, dtype=float).rolling(LOSS_WINDOW, min_periods=1).mean()
         return pd.DataFrame({"step": list(steps) * 2, "loss": self.losses + mean.tolist(),

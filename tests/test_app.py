@@ -536,6 +536,7 @@ def test_the_loss_curve_shows_each_step_and_its_running_mean():
     from sbora_diffusion.app import LOSS_WINDOW
 
     job = TrainJob(concept="x/sbora-fa", total=100, first=10)  # a continued run: its steps count on from its checkpoint
+    assert job.curve() is None  # no rows yet: the plot is cleared, not sent an empty table (after which Gradio draws no lines)
     losses = [float((7 * k) % 11) for k in range(40)]
     for k, loss in enumerate(losses):
         job.on_step(11 + k, loss)
