@@ -918,13 +918,18 @@ def collect(config: QualityConfig) -> dict:
     return res
 
 
-def drawn_as(proto: dict) -> dict:
-    """How a run's images were drawn and scored (``SAME_IMAGES``), its training config's sampler settings filled in."""
+def training_of(proto: dict):
+    """The training config a run's units were trained with (its --train-config and --train-set; `steps` apart)."""
     from sbora_diffusion.concept.options import load_train_config
 
+    return load_train_config(proto.get("train_config"), model=proto.get("model") or "pocket", **train_overrides(proto.get("train_set", [])))
+
+
+def drawn_as(proto: dict) -> dict:
+    """How a run's images were drawn and scored (``SAME_IMAGES``), its training config's sampler settings filled in."""
     drawn = {k: proto.get(k) for k in SAME_IMAGES}
     if drawn["sample_steps"] is None or drawn["guidance_scale"] is None:
-        tcfg = load_train_config(proto.get("train_config"), model=proto.get("model") or "pocket", **train_overrides(proto.get("train_set", [])))
+        tcfg = training_of(proto)
         drawn["sample_steps"] = drawn["sample_steps"] or tcfg.sample_steps
         drawn["guidance_scale"] = tcfg.guidance_scale if drawn["guidance_scale"] is None else drawn["guidance_scale"]
     return drawn
@@ -959,11 +964,13 @@ def baseline_runs(config: QualityConfig) -> dict:
             if not mine["drift_prompts"] or (theirs.get("drift_prompts"), theirs.get("drift_images")) != (mine["drift_prompts"], mine["drift_images"]):
                 metrics = [m for m in metrics if m != "drift"]
             source = "" if theirs.get("train_config") == mine["train_config"] else f" from `{theirs.get('train_config')}`"
-            trained.add(source + _set_text(theirs))
+            steps = theirs.get("steps") or training_of(theirs).steps  # (said always: --steps is not in --train-set)
+            rank = "" if theirs.get("rank") == mine["rank"] else f", rank {theirs['rank']}" if theirs.get("rank") else ", the method YAMLs' rank"
+            trained.add(f"{source + _set_text(theirs) or ' with the same training config'}, {steps} steps{rank}")
         if r["method"] in all_methods(config) and r["concept"] in config.concepts:
             runs.append(r)
     return {"folder": config.baseline, "metrics": metrics, "runs": runs,  # the folder as given: a path of the checkout stays relative
-            "trained": "; ".join(sorted(t or " with the same training config" for t in trained))}
+            "trained": "; ".join(sorted(trained))}
 
 
 def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, scorer=None) -> None:

@@ -399,10 +399,15 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
         UnitStore(folder, {**q.protocol(here), **other}).save("run-lora-robot-seed0", result)
         UnitStore(folder, {**q.protocol(here), **other}).save("run-ortho-robot-seed0", {**result, "method": "ortho"})  # not asked for here
     got = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "alike")))
-    assert got == {"folder": str(tmp_path / "alike"), "metrics": list(q.METRICS), "runs": [result], "trained": " with the same training config"}
+    steps = q.training_of(q.protocol(here)).steps  # the tiny config's
+    assert got == {"folder": str(tmp_path / "alike"), "metrics": list(q.METRICS), "runs": [result],
+                   "trained": f" with the same training config, {steps} steps"}
     other = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "other-training")))
     assert other["metrics"] == ["clip_i", "clip_t", "identified"] and other["runs"] == [result]  # no drift there: not paired
-    assert other["trained"] == f" from `{mine}`"  # what the baseline was trained with, for the report's sentence
+    assert other["trained"] == f" from `{mine}`, 1200 steps"  # what the baseline was trained with, for the report's sentence
+    UnitStore(tmp_path / "ranked", {**q.protocol(here), "rank": 8}).save("run-lora-robot-seed0", result)
+    assert q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "ranked")))["trained"].endswith(f", {steps} steps, rank 8")
+    assert q.baseline_runs(dataclasses.replace(here, rank=4, baseline=str(tmp_path / "alike")))["trained"].endswith("steps, the method YAMLs' rank")
     with pytest.raises(ConfigError, match="num_images 8 \\(here 4\\)"):
         q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "more-images")))
     with pytest.raises(ConfigError, match="drew its images otherwise: sample_steps 25 \\(here 20\\);"):  # the pocket config's sampler, not the tiny's
