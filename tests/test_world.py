@@ -217,6 +217,9 @@ def test_the_demo_budget_learns_the_example_concept(demo_robot):
     assert scores["clip_model"] == "pocket" and scores["images"] == 16 and scores["references"] == 5
     assert scores["clip_i_adapted"] >= scores["clip_i_base"] + DEMO_MARGIN, scores
     assert (demo_robot.out_dir / "samples.png").is_file() and (demo_robot.out_dir / "scores.json").is_file()
+    from PIL import Image
+
+    assert Image.open(demo_robot.out_dir / "preview.png").size == (128, 128)  # the first prompt's seeds 0-3 at 64 px, 2x2
 
 
 # ----------------------------------------------------------------------------- pretraining
