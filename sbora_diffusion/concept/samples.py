@@ -67,6 +67,12 @@ def sample_scores(scorer, clip_model: str, references: list[Path], base: list, a
             "clip_i_per_image": {"base": before.tolist(), "adapted": after.tolist()}}
 
 
+def save_samples(run_dir: Path, prompts: list[str], base: list, adapted: list) -> None:
+    """A finished run's samples.png (the labelled grid) and preview.png (the card picture)."""
+    save_png(sample_grid(prompts, base, adapted), run_dir / "samples.png")
+    save_png(preview_grid(adapted, len(adapted) // len(prompts)), run_dir / "preview.png")
+
+
 def save_png(image, path: Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")

@@ -46,7 +46,7 @@ from .data import class_image_paths, load_images, sample_batch, tokenize
 from .loss import diffusion_loss
 from .options import ConceptRun, TrainConfig, load_train_config, resolve_run
 from .pipeline import check_resolution, prepare_for_training, set_up_adapters
-from .samples import preview_grid, sample_grid, sample_images, sample_scores, save_png
+from .samples import sample_grid, sample_images, sample_scores, save_png, save_samples
 
 @dataclass
 class TrainResult:
@@ -122,8 +122,7 @@ class ConceptTask(Task):
         save_concept_adapter(self.pipe, engine.run_dir / ADAPTER_FILE, run.concept.key, base_model=str(run.model),
                              info={**run.metadata(state.step), **adapter_metadata(self.procedures)}, tokens=self.tokens, token_mode=cfg.token_mode)
         prompts, base, adapted = sample_images(self.pipe, run.concept, cfg, self.res, engine.accelerator.autocast)
-        save_png(sample_grid(prompts, base, adapted), engine.run_dir / "samples.png")
-        save_png(preview_grid(adapted, cfg.num_validation_images), engine.run_dir / "preview.png")
+        save_samples(engine.run_dir, prompts, base, adapted)
         if self.scorer is not None:
             self.scores = sample_scores(self.scorer, cfg.score_clip, run.instance_paths, base, adapted)
             write_json(engine.run_dir / "scores.json", {"prompts": prompts, **self.scores})
