@@ -170,19 +170,24 @@ class TrainJob:
         self.step = step
         self.losses.append(float(loss))
 
+    # The trainer's thread appends to `losses` while the page's timer reads them: each reader takes one copy (a slice)
+    # and works on that, or its lengths could disagree mid-read.
+
     def recent_loss(self) -> float | None:
         """The mean loss of the last LOSS_WINDOW steps: one step's loss swings with its noise level and photos."""
-        return sum(self.losses[-LOSS_WINDOW:]) / len(self.losses[-LOSS_WINDOW:]) if self.losses else None
+        window = self.losses[-LOSS_WINDOW:]
+        return sum(window) / len(window) if window else None
 
     def curve(self) -> pd.DataFrame | None:
         """The loss plot's rows: each step's loss and its running mean over LOSS_WINDOW steps (long format, one series each);
         None (an empty plot) before the first step: Gradio's plot, once sent an empty table, draws no series afterwards."""
-        if not self.losses:
+        losses = self.losses[:]
+        if not losses:
             return None
-        steps = range(self.first + 1, self.first + len(self.losses) + 1)
-        mean = pd.Series(self.losses, dtype=float).rolling(LOSS_WINDOW, min_periods=1).mean()
-        return pd.DataFrame({"step": list(steps) * 2, "loss": self.losses + mean.tolist(),
-                             "series": ["each step"] * len(self.losses) + [f"mean of {LOSS_WINDOW} steps"] * len(self.losses)})
+        n = len(losses)
+        mean = pd.Series(losses, dtype=float).rolling(LOSS_WINDOW, min_periods=1).mean()
+        return pd.DataFrame({"step": list(range(self.first + 1, self.first + n + 1)) * 2, "loss": losses + mean.tolist(),
+                             "series": ["each step"] * n + [f"mean of {LOSS_WINDOW} steps"] * n})
 
     @property
     def phase(self) -> str:
@@ -870,8 +875,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         mine = (picks_ or {}).get(card.id, {})
                         with gr.Group():
                             with gr.Row(equal_height=True):
-                                if card.sample is not None:
-                                    gr.Image(value=_thumbnail(card.sample), show_label=False, interactive=False, container=False,
+                                picture = None if card.sample is None else _thumbnail(card.sample)
+                                if picture is not None:
+                                    gr.Image(value=picture, show_label=False, interactive=False, container=False,
                                              height=110, scale=2, min_width=120, buttons=[])
                                 with gr.Column(scale=3, min_width=160):
                                     gr.Markdown(f"**{card.id}** · token `{card.token}` · class *{_escape(card.class_word)}* · "
@@ -1058,11 +1064,16 @@ def shown(image: Image.Image, size: int = SHOWN_SIZE) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def _thumbnail(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((384, 192))
-        return im
+def _thumbnail(path: Path) -> Image.Image | None:
+    """A card's picture, small; None (the card without one) when the file does not decode: the list still renders."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((384, 192))
+            return im
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # (UnidentifiedImageError is an OSError)
+        print(f"warning: not showing {path}: {e}", file=sys.stderr)
+        return None
 
 
 # The gallery grows with its rows (its default caps the grid at 55% of the window and cuts the square cells'

@@ -548,6 +548,36 @@ def test_the_loss_curve_shows_each_step_and_its_running_mean():
     assert f"loss {job.recent_loss():.4f} (mean of the last {LOSS_WINDOW} steps)" in train_status(job)
 
 
+def test_the_loss_readers_take_one_copy_while_the_trainer_appends():
+    """The page's timer reads a job's losses while the trainer's thread appends to them: a list that grows on every
+    read (as the trainer's would between two reads) still gives a plot whose columns agree, and a mean of one window."""
+
+    class Growing(list):
+        def __len__(self):
+            self.append(1.0)
+            return super().__len__()
+
+        def __iter__(self):
+            self.append(1.0)
+            return super().__iter__()
+
+    job = TrainJob(concept="x/sbora-fa", total=100)
+    job.losses = Growing([0.5, 0.25])
+    curve = job.curve()
+    assert list(curve.step) == [1, 2, 1, 2] and list(curve.loss[:2]) == [0.5, 0.25]
+    assert job.recent_loss() == pytest.approx(0.375)
+
+
+def test_a_picture_that_does_not_decode_leaves_the_card_without_one(tmp_path, capsys):
+    from sbora_diffusion.app import _thumbnail
+
+    bad = tmp_path / "preview.png"
+    bad.write_bytes(b"not a png")
+    assert _thumbnail(bad) is None and "not showing" in capsys.readouterr().err
+    Image.new("RGB", (1152, 156)).save(tmp_path / "samples.png")
+    assert _thumbnail(tmp_path / "samples.png").size == (384, 52)
+
+
 def test_a_concepts_card_shows_its_preview_else_its_sample_grid(served, tmp_path):
     """The card picture is preview.png (the adapted images); a run made before it shows samples.png; neither: none."""
     studio, _, _ = served
