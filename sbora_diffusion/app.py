@@ -1067,13 +1067,12 @@ def shown(image: Image.Image, size: int = SHOWN_SIZE) -> Image.Image:
 def _thumbnail(path: Path) -> Image.Image | None:
     """A card's picture, small; None (the card without one) when the file does not decode: the list still renders."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((384, 192))
-            return im
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # (UnidentifiedImageError is an OSError)
+        im = open_rgb(path)  # the project's one decoder: whatever it cannot read is a ConceptError
+    except ConceptError as e:
         print(f"warning: not showing {path}: {e}", file=sys.stderr)
         return None
+    im.thumbnail((384, 192))
+    return im
 
 
 # The gallery grows with its rows (its default caps the grid at 55% of the window and cuts the square cells'
