@@ -169,23 +169,3 @@ def tiny_clip_files(tmp_path_factory):
     weights = folder / "tiny-test-clip.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     return arch, weights
-
-
-@pytest.fixture(scope="session")
-def demo_robot(tmp_path_factory):
-    """`make demo`'s run, as configured (robot, sbora-fa, configs/train/pocket.yaml, slot 0): trained once
-    for the tests that need a concept really learned on the pocket base (test_world, test_placement)."""
-    from sbora_diffusion.concept.train import load_train_config, train
-
-    out = tmp_path_factory.mktemp("demo") / "robot"
-    return train("robot", "sbora-fa", "pocket", train_config=load_train_config(model="pocket", output_dir=str(out)))
-
-
-@pytest.fixture(scope="session")
-def pocket_duck(tmp_path_factory):
-    """The held-out duck at the demo's budget in slot 1 (composable with demo_robot); its samples kept cheap."""
-    from sbora_diffusion.concept.train import load_train_config, train
-
-    out = tmp_path_factory.mktemp("demo") / "duck"
-    cfg = load_train_config(model="pocket", output_dir=str(out), score_clip=None, num_validation_images=1, sample_steps=2)
-    return train("duck", "sbora-fa", "pocket", train_config=cfg, adapter_overrides={"slot": 1})
