@@ -22,10 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) train_concept.py --concept robot --method sbora-fa --overwrite
 
-# One process per core (at most 4; each runs torch on one thread), a test file whole to one of them so that its
+# One process per logical CPU (at most 4; each runs torch on one thread), a test file whole to one of them so that its
 # module fixtures are built once.
 test: install browser
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -q -n logical --maxprocesses 4 --dist loadfile
 
 # The numeric tests (pytest -m numeric) again under other CPU kernels and two threads: results
 # must not depend on which kernels PyTorch dispatches to (README: "Tests on other CPUs").
