@@ -737,6 +737,16 @@ def train_overrides(entries: Sequence[str]) -> dict[str, str]:
     return {k.strip().replace("-", "_"): v.strip() for k, v in (e.split("=", 1) for e in entries)}
 
 
+def trainer_overrides(config: QualityConfig, tcfg) -> dict:
+    """The training config's fields set for every run. The trainer's own outputs are not scored here: no validation
+    grids, a cheap sample image (5 DDIM steps), no checkpoints on the way. Class images (prior preservation) are
+    training data, drawn with the same steps: they keep the training config's, as `train_concept.py` draws them."""
+    cheap = tcfg.sample_steps if tcfg.with_prior_preservation else min(config.sample_steps or tcfg.sample_steps, 5)
+    return {**train_overrides(config.train_set), "checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True,
+            "cpu": True, "score_clip": None, "steps": tcfg.steps, "sample_steps": cheap,
+            "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale}
+
+
 class Schedule:
     """What is done and what is ready, read from the unit store (other workers' units included) each time it is asked."""
 
@@ -804,10 +814,7 @@ class Worker:
         for part in (base.unet, base.text_encoder, base.vae):
             part.requires_grad_(False).eval()
         scorer = scorer if scorer is not None else load_scorer(config)
-        # The trainer's own outputs are not scored here: no validation grids, a cheap sample image, no checkpoints on the way.
-        overrides = {**train_overrides(config.train_set), "checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True, "cpu": True, "score_clip": None,
-                     "steps": tcfg.steps, "sample_steps": min(config.sample_steps or tcfg.sample_steps, 5),
-                     "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale}
+        overrides = trainer_overrides(config, tcfg)
         capacity = min((slot_capacity(base.unet, load_adapter_config(METHODS[m][0], **({"rank": config.rank} if config.rank else {})), side)
                         for m, side in SLOT_METHODS.items() if m in config.methods), default=len(config.concepts))
         slots = assign_slots(config.concepts, capacity)

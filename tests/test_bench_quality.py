@@ -448,6 +448,17 @@ def test_train_set_changes_one_training_field_and_keeps_its_units_apart(tmp_path
     assert "from `configs/train/tiny.yaml` with `snr_gamma=5`, `token-lr=0.01`;" in header
 
 
+def test_class_images_keep_the_training_configs_sampling_while_the_trainers_own_sample_is_cheap():
+    """The trainer's samples.png is not scored, so it is drawn in 5 DDIM steps; with prior preservation the same field
+    draws the class images, which are training data: they keep the training config's steps (5-step class images were
+    blurs that the adapter learnt to paint)."""
+    plain = q.QualityConfig(model="pocket", methods=["sbora-fa"], multi_methods=[], pairs=[], concepts=["robot"])
+    prior = dataclasses.replace(plain, train_set=["with_prior_preservation=true"])
+    tcfg = q.base_train_config(plain)
+    assert tcfg.sample_steps == 25 and q.trainer_overrides(plain, tcfg)["sample_steps"] == 5
+    assert q.trainer_overrides(prior, q.base_train_config(prior))["sample_steps"] == 25
+
+
 def test_the_schedule_is_seed_major_and_sweeps_before_the_seeds():
     cfg = q.QualityConfig(concepts=["robot", "duck"], methods=["lora", "sbora-fa"], seeds=2, lrs=[1e-3, 3e-3], full_ft_lrs=[1e-4],
                           pairs=["robot+duck"], multi_methods=["lora"])

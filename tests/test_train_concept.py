@@ -177,6 +177,11 @@ def test_prior_preservation_v_prediction_min_snr(tiny_pipe, concept_dir, tmp_pat
     train(concept(concept_dir), "lora", train_config=override(cfg, {"output_dir": str(tmp_path / "run2")}), adapter_overrides={"rank": 4},
           pipe=copy.deepcopy(tiny_pipe))
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache" / "class_images").rglob("*.png"))] == stamps
+    # Class images drawn with other sampling settings are never reused: a run sampling with 3 DDIM steps draws its own.
+    train(concept(concept_dir), "lora", train_config=override(cfg, {"output_dir": str(tmp_path / "run3"), "sample_steps": 3}),
+          adapter_overrides={"rank": 4}, pipe=copy.deepcopy(tiny_pipe))
+    folders = sorted(p.parent.name for p in (tmp_path / "cache" / "class_images").rglob("*.png"))
+    assert len(folders) == 4 and len(set(folders)) == 2 and folders[0].endswith("2steps-cfg7-5") and folders[2].endswith("3steps-cfg7-5")
 
 
 def _corrupt(folder):
