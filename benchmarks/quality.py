@@ -973,7 +973,8 @@ def baseline_runs(config: QualityConfig) -> dict:
             source = "" if theirs.get("train_config") == mine["train_config"] else f" from `{theirs.get('train_config')}`"
             steps = theirs.get("steps") or training_of(theirs).steps  # (said always: --steps is not in --train-set)
             rank = "" if theirs.get("rank") == mine["rank"] else f", rank {theirs['rank']}" if theirs.get("rank") else ", the method YAMLs' rank"
-            trained.add(f"{source + _set_text(theirs) or ' with the same training config'}, {steps} steps{rank}")
+            same = " with the same training config" if not mine.get("train_set") else " from the same file, without `--train-set`"
+            trained.add(f"{source + _set_text(theirs) or same}, {steps} steps{rank}")
         if r["method"] in all_methods(config) and r["concept"] in config.concepts:
             runs.append(r)
     return {"folder": config.baseline, "metrics": metrics, "runs": runs,  # the folder as given: a path of the checkout stays relative

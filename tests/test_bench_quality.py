@@ -408,6 +408,9 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
     UnitStore(tmp_path / "ranked", {**q.protocol(here), "rank": 8}).save("run-lora-robot-seed0", result)
     assert q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "ranked")))["trained"].endswith(f", {steps} steps, rank 8")
     assert q.baseline_runs(dataclasses.replace(here, rank=4, baseline=str(tmp_path / "alike")))["trained"].endswith("steps, the method YAMLs' rank")
+    # A run with a --train-set against a baseline without one: the baseline is not said to share the training config.
+    assert q.baseline_runs(dataclasses.replace(here, train_set=["snr_gamma=5"], baseline=str(tmp_path / "alike")))["trained"] == \
+        f" from the same file, without `--train-set`, {steps} steps"
     with pytest.raises(ConfigError, match="num_images 8 \\(here 4\\)"):
         q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "more-images")))
     with pytest.raises(ConfigError, match="drew its images otherwise: sample_steps 25 \\(here 20\\);"):  # the pocket config's sampler, not the tiny's
