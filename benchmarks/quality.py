@@ -741,9 +741,9 @@ def trainer_overrides(config: QualityConfig, tcfg) -> dict:
     """The training config's fields set for every run. The trainer's own outputs are not scored here: no validation
     grids, a cheap sample image (5 DDIM steps), no checkpoints on the way. Class images (prior preservation) are
     training data, drawn with the same steps: they keep the training config's, as `train_concept.py` draws them."""
-    cheap = tcfg.sample_steps if tcfg.with_prior_preservation else min(config.sample_steps or tcfg.sample_steps, 5)
+    sample_steps = tcfg.sample_steps if tcfg.with_prior_preservation else min(config.sample_steps or tcfg.sample_steps, 5)
     return {**train_overrides(config.train_set), "checkpoint_every": 0, "validation_steps": 0, "num_validation_images": 1, "overwrite": True,
-            "cpu": True, "score_clip": None, "steps": tcfg.steps, "sample_steps": cheap,
+            "cpu": True, "score_clip": None, "steps": tcfg.steps, "sample_steps": sample_steps,
             "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale}
 
 
