@@ -592,11 +592,6 @@ def render(noun: str, colour: str, position: str = "left", background: str = "pl
     return s
 
 
-def as_array(images: list[Image.Image]) -> np.ndarray:
-    """(N, 64, 64, 3) uint8."""
-    return np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
-
-
 # ----------------------------------------------------------------------------- reading pixels back
 
 
