@@ -35,7 +35,7 @@ test-numeric: install
 
 test-cpus: install
 	ATEN_CPU_CAPABILITY=default $(MAKE) test-numeric
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SBORA_TEST_THREADS=2 $(MAKE) test-numeric
+	ATEN_CPU_CAPABILITY=avx2 SBORA_TEST_THREADS=2 $(MAKE) test-numeric
 
 # Only the tests need a browser (the app's page is driven in headless Chromium through
 # playwright, never `playwright install`): an existing Chromium is used ($$CHROMIUM, or chromium

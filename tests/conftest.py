@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-# A plain-kernel run (ATEN_CPU_CAPABILITY=default, as CI's second pass) emulates a CPU without
-# AVX-512, but oneDNN still sees the real one: on a CPU with AVX-512 BF16, PyTorch's bf16
-# scaled_dot_product_attention then takes a packed path that only the AVX-512 kernels have
-# ("pack_vnni2 is only supported when avx512 is supported"). Cap oneDNN to match, as the AVX2
-# pass does with ONEDNN_MAX_CPU_ISA=AVX2; oneDNN reads it at its first use, after this.
-if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "SSE41")
+# A run on plain or AVX2 kernels (ATEN_CPU_CAPABILITY=default, as CI's second pass, or avx2)
+# emulates a CPU without AVX-512, but oneDNN still sees the real one: on a CPU with AVX-512 BF16,
+# PyTorch's bf16 scaled_dot_product_attention then takes a packed path that only the AVX-512
+# kernels have ("pack_vnni2 is only supported when avx512 is supported"). Cap oneDNN to match
+# (unless ONEDNN_MAX_CPU_ISA is given); oneDNN reads it at its first use, after this.
+_ONEDNN_CAP = {"default": "SSE41", "avx2": "AVX2"}.get(os.environ.get("ATEN_CPU_CAPABILITY", ""))
+if _ONEDNN_CAP:
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", _ONEDNN_CAP)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
