@@ -66,7 +66,9 @@ between processes (one thread each);
 standard run's) adds each method's paired differences to that run: same method, concept and seed,
 so a changed training setting (``--train-set snr_gamma=5``, ``--train-config``) is measured against the same
 adapters' images without it. Both runs must draw and score their images alike (prompts, images,
-sampler, guidance, scorer: ``SAME_IMAGES``); that is checked, everything else may differ.
+sampler, guidance, scorer: ``SAME_IMAGES``); that is checked, everything else may differ. The one
+exception measures the sampler itself (``--guidance-scale``, ``--sample-steps``): a baseline trained
+alike may have drawn with other ``SAMPLER`` settings, and the report says so.
 
 Results: ``docs/benchmarks/quality.{json,md,png}`` (``quality_<preset>.*`` for other presets);
 runs, adapters and generated images under ``--work-dir``.
@@ -82,6 +84,8 @@ runs, adapters and generated images under ``--work-dir``.
         --baseline docs/benchmarks/quality_standard_units   # make demo's settings, paired with the standard run's SBoRA-FA
     python -m benchmarks.quality --preset demo --train-set token_lr=0.015 --work-dir outputs/lever
         --baseline docs/benchmarks/quality_demo_units       # one training setting against make demo's own
+    python -m benchmarks.quality --preset demo --guidance-scale 12 --work-dir outputs/lever
+        --baseline docs/benchmarks/quality_demo_units       # the sampler alone: the same adapters drawn otherwise
 """
 
 from __future__ import annotations
@@ -148,6 +152,8 @@ METRIC_SPECS = {"identified": "%"}  # how each metric prints (see _fmt): shares 
 METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "drift": "drift", "identified": "identified"}
 # What two runs must share for their images to be paired (--baseline): prompts, images, sampler, guidance and scorer.
 SAME_IMAGES = ("model", "clip_model", "clip_weights", "num_prompts", "num_images", "sample_steps", "guidance_scale", "text_prefix")
+# ... of which a baseline trained alike may differ in these: the pairs then measure the sampler (same adapters, other drawing).
+SAMPLER = ("sample_steps", "guidance_scale")
 
 
 @dataclass
@@ -172,6 +178,9 @@ class QualityConfig:
                                                                          "ceiling's), e.g. beyond the edge its optimum sat at; only where "
                                                                          "that method has a sweep"})
     rank: int | None = field(default=None, metadata={"help": "adapter rank of every low-rank method (none: the method YAMLs', 16)"})
+    targets: list[str] | None = field(default=None, metadata={"help": "layers every low-rank method adapts: presets (sd-unet-full: also each "
+                                                                      "transformer block's proj_in/proj_out and feed-forward) or suffixes "
+                                                                      "(none: the method YAMLs', sd-unet: the attention projections)"})
     full_ft_lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4], metadata={"help": "learning rates of the full-UNet fine-tune (swept "
                                                                                         "like --lrs)", "aliases": ("full-ft-lr",)})
     num_prompts: int = field(default=4, metadata={"help": "eval prompts per concept (the first N of its config's eval_prompts)"})
@@ -585,7 +594,7 @@ def train_one(ctx: Context, method: str, concept, seed: int, lr: float, out: Pat
     else:
         yaml_name, extra = METHODS[method]
         tcfg = load_train_config(cfg.train_config, model=cfg.model, **{**ctx.train_kwargs, **extra, "lr": lr, "train_seed": seed, "output_dir": str(out)})
-        adapter = {"seed": seed, **({"rank": cfg.rank, "alpha": float(cfg.rank)} if cfg.rank and METHOD_SPECS[yaml_name].low_rank else {})}
+        adapter = {"seed": seed, **adapter_overrides(cfg, yaml_name)}
         if method in SLOT_METHODS:
             adapter["slot"] = ctx.slots[concept.name]
         stamps: list[float] = []
@@ -722,11 +731,19 @@ def unit_key(unit: tuple) -> str:
     return f"{kind}-{rest[0].replace('+', '_')}"
 
 
+def adapter_overrides(config: QualityConfig, yaml_name: str) -> dict:
+    """--rank (with alpha = rank, so s = 1 as in the method YAMLs) and --targets, for a low-rank method's adapter config."""
+    if not METHOD_SPECS[yaml_name].low_rank:
+        return {}
+    return ({"rank": config.rank, "alpha": float(config.rank)} if config.rank else {}) | ({"targets": list(config.targets)} if config.targets else {})
+
+
 def protocol(config: QualityConfig) -> dict:
     """What every unit of one run must share (a unit of other settings is refused, not mixed in)."""
     keys = ("model", "clip_model", "clip_weights", "train_config", "steps", "rank", "num_prompts", "num_images", "sample_steps",
             "guidance_scale", "drift_prompts", "drift_images", "multi_images", "multi_modes", "text_prefix", "concepts")
-    return {k: getattr(config, k) for k in keys} | ({"train_set": list(config.train_set)} if config.train_set else {})  # (older units have none)
+    return ({k: getattr(config, k) for k in keys} | ({"train_set": list(config.train_set)} if config.train_set else {})  # (older units
+            | ({"targets": list(config.targets)} if config.targets else {}))                                              # have neither)
 
 
 def train_overrides(entries: Sequence[str]) -> dict[str, str]:
@@ -815,7 +832,7 @@ class Worker:
             part.requires_grad_(False).eval()
         scorer = scorer if scorer is not None else load_scorer(config)
         overrides = trainer_overrides(config, tcfg)
-        capacity = min((slot_capacity(base.unet, load_adapter_config(METHODS[m][0], **({"rank": config.rank} if config.rank else {})), side)
+        capacity = min((slot_capacity(base.unet, load_adapter_config(METHODS[m][0], **adapter_overrides(config, METHODS[m][0])), side)
                         for m, side in SLOT_METHODS.items() if m in config.methods), default=len(config.concepts))
         slots = assign_slots(config.concepts, capacity)
         clash = [p for p in config.pairs if len({slots[c] for c in parse_pair(p, config.concepts)}) == 1]
@@ -942,12 +959,21 @@ def drawn_as(proto: dict) -> dict:
     return drawn
 
 
+def trained_as(proto: dict) -> dict:
+    """How a run's adapters were trained: its training config (``training_of``) without the sampler's fields, its steps, rank and
+    targets; with prior preservation also its sampler, which draws the class images (``trainer_overrides``)."""
+    tcfg = dataclasses.asdict(training_of(proto))
+    return ({k: v for k, v in tcfg.items() if k not in SAMPLER} | {"steps": proto.get("steps") or tcfg["steps"], "rank": proto.get("rank"),
+                                                                   "targets": proto.get("targets")}
+            | ({k: drawn_as(proto)[k] for k in SAMPLER} if tcfg["with_prior_preservation"] else {}))
+
+
 def baseline_runs(config: QualityConfig) -> dict:
     """The --baseline folder's finished single-concept runs of this run's methods and concepts, and the metrics that can be
     paired with them (drift only where both runs drew the same unrelated prompts). Its images must be drawn as this
     run's (``drawn_as``); a folder that drew them otherwise is refused, not paired."""
     folder, mine = Path(config.baseline), protocol(config)
-    here, runs, metrics, trained = drawn_as(mine), [], list(METRICS), set()
+    here, runs, metrics, trained, drawn = drawn_as(mine), [], list(METRICS), set(), set()
     files = sorted(folder.glob("run-*.json"))
     if not files:
         raise ConfigError(f"--baseline {folder} holds no finished runs (run-*.json); give the units folder of a quality run")
@@ -965,20 +991,25 @@ def baseline_runs(config: QualityConfig) -> dict:
         key = json.dumps(theirs, sort_keys=True)
         if key not in seen:
             seen[key] = there = drawn_as(theirs)
-            if there != here:
-                diff = ", ".join(f"{k} {there[k]} (here {here[k]})" for k in SAME_IMAGES if there[k] != here[k])
-                raise ConfigError(f"--baseline {path} drew its images otherwise: {diff}; pair only runs that draw and score alike")
+            differ = [k for k in SAME_IMAGES if there[k] != here[k]]
+            if differ and (set(differ) - set(SAMPLER) or trained_as(theirs) != trained_as(mine)):
+                diff = ", ".join(f"{k} {there[k]} (here {here[k]})" for k in differ)
+                raise ConfigError(f"--baseline {path} drew its images otherwise: {diff}; pair only runs that draw and score alike, "
+                                  f"or that were trained alike and differ only in the sampler ({', '.join(SAMPLER)})")
+            if differ:
+                drawn.add(", ".join(f"{k} {there[k]}" for k in differ))
             if not mine["drift_prompts"] or (theirs.get("drift_prompts"), theirs.get("drift_images")) != (mine["drift_prompts"], mine["drift_images"]):
                 metrics = [m for m in metrics if m != "drift"]
             source = "" if theirs.get("train_config") == mine["train_config"] else f" from `{theirs.get('train_config')}`"
             steps = theirs.get("steps") or training_of(theirs).steps  # (said always: --steps is not in --train-set)
             rank = "" if theirs.get("rank") == mine["rank"] else f", rank {theirs['rank']}" if theirs.get("rank") else ", the method YAMLs' rank"
             same = " with the same training config" if not mine.get("train_set") else " from the same file, without `--train-set`"
-            trained.add(f"{source + _set_text(theirs) or same}, {steps} steps{rank}")
+            targets = "" if theirs.get("targets") == mine.get("targets") else f", targets {', '.join(theirs.get('targets') or ['of the method YAMLs'])}"
+            trained.add(f"{source + _set_text(theirs) or same}, {steps} steps{rank}{targets}")
         if r["method"] in all_methods(config) and r["concept"] in config.concepts:
             runs.append(r)
     return {"folder": config.baseline, "metrics": metrics, "runs": runs,  # the folder as given: a path of the checkout stays relative
-            "trained": "; ".join(sorted(trained))}
+            "trained": "; ".join(sorted(trained))} | ({"drawn": "; ".join(sorted(drawn))} if drawn else {})
 
 
 def run(config: QualityConfig, res: dict, save: Callable[[], None], pipe=None, scorer=None) -> None:
@@ -1173,6 +1204,20 @@ def _set_text(settings: dict) -> str:
     return " with " + ", ".join(f"`{e}`" for e in entries) if entries else ""
 
 
+def baseline_difference(res: dict, cfg: dict) -> str:
+    """What differs from the --baseline run: its training (the usual case), or only its sampler (``baseline_runs``'s "drawn");
+    `cfg`: this run's config (its --rank and --targets)."""
+    s, base = res.get("settings", {}), res["baseline"]
+    adapter = (f", rank {cfg['rank']}" if cfg.get("rank") else "") + (f", targets {', '.join(cfg['targets'])}" if cfg.get("targets") else "")
+    if base.get("drawn"):
+        return ("Both trained alike and scored their images alike (same prompts, image seeds and scorer); the difference is in the "
+                f"sampler: this run drew with DDIM {s.get('sample_steps', '?')} steps, guidance {s.get('guidance_scale', '?')}; the "
+                f"baseline with {base['drawn'].replace('_', ' ')}.")
+    return ("Both drew and scored their images alike (same prompts, image seeds, sampler, guidance and scorer); the difference is in "
+            f"training: this run's from `{s.get('train_config', '?')}`{_set_text(s)}, {s.get('steps', '?')} steps{adapter}; the baseline's"
+            f"{base.get('trained', '')}.")
+
+
 def markdown(payload: dict) -> str:
     res, cfg, env = payload["results"], payload["config"], payload["environment"]
     s = res.get("settings", {})
@@ -1221,9 +1266,7 @@ def markdown(payload: dict) -> str:
     if bl:
         lines += [f"## Against the baseline run (`{res['baseline']['folder']}`; paired: same method, concept and seed)", "",
                   "This run minus the baseline run on each (concept, seed) unit both have, 95% interval over those units (Student's t). "
-                  "Both drew and scored their images alike (same prompts, image seeds, sampler, guidance and scorer); the difference is in "
-                  f"training: this run's from `{s.get('train_config', '?')}`{_set_text(s)}, {s.get('steps', '?')} steps; the baseline's"
-                  f"{res['baseline'].get('trained', '')}.", "", *bl, ""]
+                  + baseline_difference(res, cfg), "", *bl, ""]
     ml = multi_lines(res)
     pl2 = placement_lines(res)
     if pl2:

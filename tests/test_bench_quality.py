@@ -187,12 +187,20 @@ def test_regions_against_the_weights_alone_are_paired_per_pair_concept_and_seed(
 
 
 def test_slots_fit_the_narrowest_layer(tiny_pipe):
-    from sbora.adapters import load_adapter_config
+    from sbora.adapters import load_adapter_config, match_targets
 
     cap = q.slot_capacity(tiny_pipe.unet, load_adapter_config("sbora-fa", rank=4), "in")
     assert cap == 32 // 4  # the tiny UNet's narrowest attention input is 32 wide
     assert q.slot_capacity(tiny_pipe.unet, load_adapter_config("sbora-fb", rank=16), "out") == 2
     assert q.assign_slots(["a", "b", "c"], 2) == {"a": 0, "b": 1, "c": 0}
+    # --rank and --targets reach every low-rank method's adapter config (and its slot count), never the dense ones.
+    wide = q.QualityConfig(model="tiny", rank=8, targets=["sd-unet-full"])
+    assert q.adapter_overrides(wide, "sbora-fa") == {"rank": 8, "alpha": 8.0, "targets": ["sd-unet-full"]}
+    assert q.adapter_overrides(wide, "custom-diffusion") == {} and q.adapter_overrides(q.QualityConfig(), "lora") == {}
+    full = load_adapter_config("sbora-fa", **q.adapter_overrides(wide, "sbora-fa"))
+    widths = [tiny_pipe.unet.get_submodule(p).in_features for p in match_targets(tiny_pipe.unet, full)]
+    assert any(p.endswith("ff.net.2") for p in match_targets(tiny_pipe.unet, full))
+    assert q.slot_capacity(tiny_pipe.unet, full, "in") == min(widths) // 8
     with pytest.raises(Exception, match="not even one slot"):
         q.assign_slots(["a"], 0)
 
@@ -394,7 +402,8 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
     mine = tmp_path / "snr.yaml"  # the tiny base's training config with one setting changed: what a baseline is for
     mine.write_text((CONFIG_DIR / "train" / "tiny.yaml").read_text() + "\nsnr_gamma: 5.0\n")
     for name, other in (("alike", {}), ("other-training", {"train_config": str(mine), "steps": 1200, "drift_prompts": 0}),
-                        ("more-images", {"num_images": 8}), ("other-sampler", {"train_config": "pocket"})):
+                        ("more-images", {"num_images": 8}), ("other-sampler", {"train_config": "pocket"}),
+                        ("other-guidance", {"guidance_scale": 12.0}), ("other-guidance-and-steps", {"guidance_scale": 12.0, "steps": 1200})):
         folder = tmp_path / name
         UnitStore(folder, {**q.protocol(here), **other}).save("run-lora-robot-seed0", result)
         UnitStore(folder, {**q.protocol(here), **other}).save("run-ortho-robot-seed0", {**result, "method": "ortho"})  # not asked for here
@@ -408,6 +417,12 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
     UnitStore(tmp_path / "ranked", {**q.protocol(here), "rank": 8}).save("run-lora-robot-seed0", result)
     assert q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "ranked")))["trained"].endswith(f", {steps} steps, rank 8")
     assert q.baseline_runs(dataclasses.replace(here, rank=4, baseline=str(tmp_path / "alike")))["trained"].endswith("steps, the method YAMLs' rank")
+    # --targets: kept in the protocol only when given (older units have none), and said where the two runs differ.
+    assert "targets" not in q.protocol(here) and q.protocol(dataclasses.replace(here, targets=["sd-unet-full"]))["targets"] == ["sd-unet-full"]
+    assert q.baseline_runs(dataclasses.replace(here, targets=["sd-unet-full"], baseline=str(tmp_path / "alike")))["trained"].endswith(
+        f"{steps} steps, targets of the method YAMLs")
+    UnitStore(tmp_path / "wide", {**q.protocol(here), "targets": ["sd-unet-full"]}).save("run-lora-robot-seed0", result)
+    assert q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "wide")))["trained"].endswith(f"{steps} steps, targets sd-unet-full")
     # A run with a --train-set against a baseline without one: the baseline is not said to share the training config.
     assert q.baseline_runs(dataclasses.replace(here, train_set=["snr_gamma=5"], baseline=str(tmp_path / "alike")))["trained"] == \
         f" from the same file, without `--train-set`, {steps} steps"
@@ -415,6 +430,15 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
         q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "more-images")))
     with pytest.raises(ConfigError, match="drew its images otherwise: sample_steps 25 \\(here 20\\);"):  # the pocket config's sampler, not the tiny's
         q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "other-sampler")))
+    # Another guidance alone: the same adapters drawn otherwise, a measurement of the sampler (the report's sentence says so).
+    drawn = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "other-guidance")))
+    assert drawn["runs"] == [result] and drawn["drawn"] == "guidance_scale 12.0" and "drawn" not in got
+    said = q.baseline_difference({"settings": {"sample_steps": 20, "guidance_scale": 7.5}, "baseline": drawn}, {})
+    assert said.endswith("the difference is in the sampler: this run drew with DDIM 20 steps, guidance 7.5; the baseline with guidance scale 12.0.")
+    said = q.baseline_difference({"settings": {"steps": 300}, "baseline": got}, {"rank": 32, "targets": ["sd-unet-full"]})
+    assert "the difference is in training: " in said and ", 300 steps, rank 32, targets sd-unet-full; the baseline's with the same" in said
+    with pytest.raises(ConfigError, match="guidance_scale 12.0 \\(here 7.5\\); .* trained alike and differ only in the sampler"):
+        q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "other-guidance-and-steps")))  # sampler and training: refused
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no finished runs"):
         q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "empty")))
@@ -440,11 +464,18 @@ def test_train_set_changes_one_training_field_and_keeps_its_units_apart(tmp_path
                       (["snr_gamma=lots"], "expects float")):
         with pytest.raises(ConfigError, match=says):
             dataclasses.replace(plain, train_set=bad).validate()
-    # A baseline's sampler is read with its own --train-set: the tiny config's 20 DDIM steps set to 25 is another sampler.
+    # A baseline's sampler is read with its own --train-set: the tiny config's 20 DDIM steps set to 25 is another sampler,
+    # and nothing else: it pairs, as a measurement of the sampler, and says so.
     UnitStore(tmp_path / "b", q.protocol(dataclasses.replace(plain, train_set=["sample_steps=25"]))).save(
         "run-lora-robot-seed0", {"method": "lora", "concept": "robot", "seed": 0})
-    with pytest.raises(ConfigError, match="sample_steps 25 \\(here 20\\)"):
-        q.baseline_runs(dataclasses.replace(plain, baseline=str(tmp_path / "b")))
+    assert q.baseline_runs(dataclasses.replace(plain, baseline=str(tmp_path / "b")))["drawn"] == "sample_steps 25"
+    # With prior preservation the sampler draws the class images, so it is training too: not paired.
+    prior = dataclasses.replace(plain, train_set=["with_prior_preservation=true"])
+    UnitStore(tmp_path / "pp", q.protocol(dataclasses.replace(prior, guidance_scale=12.0))).save(
+        "run-lora-robot-seed0", {"method": "lora", "concept": "robot", "seed": 0})
+    with pytest.raises(ConfigError, match="guidance_scale 12.0 \\(here 7.5\\); .* differ only in the sampler"):
+        q.baseline_runs(dataclasses.replace(prior, baseline=str(tmp_path / "pp")))
+    assert "drawn" not in q.baseline_runs(dataclasses.replace(prior, guidance_scale=12.0, baseline=str(tmp_path / "pp")))
     header = q.markdown({"results": {"settings": {"train_config": "configs/train/tiny.yaml", "train_set": snr.train_set}}, "command": "c", "seconds": 1,
                          "config": {**dataclasses.asdict(snr), "preset": "demo"}, "environment": {"date": "d", "torch_threads": 1,
                          "load_average": [0.0], "load_average_end": [0.0]}})
