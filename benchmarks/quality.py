@@ -971,7 +971,8 @@ def trained_as(proto: dict) -> dict:
 def baseline_runs(config: QualityConfig) -> dict:
     """The --baseline folder's finished single-concept runs of this run's methods and concepts, and the metrics that can be
     paired with them (drift only where both runs drew the same unrelated prompts). Its images must be drawn as this
-    run's (``drawn_as``); a folder that drew them otherwise is refused, not paired."""
+    run's (``drawn_as``), or its adapters trained as this run's (``trained_as``) and only its ``SAMPLER`` other (then
+    "drawn" says how it drew); a folder that differs otherwise is refused, not paired."""
     folder, mine = Path(config.baseline), protocol(config)
     here, runs, metrics, trained, drawn = drawn_as(mine), [], list(METRICS), set(), set()
     files = sorted(folder.glob("run-*.json"))
