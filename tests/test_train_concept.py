@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from PIL import Image
 from sbora.adapters import METHODS, AdapterFileError, adapter_names, adapter_parameters, read_adapter
 from sbora.checkpoint import list_checkpoints, read_checkpoint
 from sbora_diffusion.concept.config import ConceptConfig, ConceptError, load_concept
+from sbora_diffusion.concept.data import Photo, sample_batch
 from sbora.configuration import CONFIG_DIR, ConfigError, override
 from sbora_diffusion.generate import main as generate_main
 from sbora_diffusion.generate import render
@@ -199,6 +202,8 @@ def _corrupt(folder):
         ("rank too large", ["--concept", "{concept}", "--rank", "64"], "rank 64"),
         ("user's dog without photos", ["--concept", "dog"], "put 3-20 photos of your dog"),
         ("missing instance_dir override", ["--concept", "robot", "--instance-dir", "{tmp}/nowhere"], "does not exist"),
+        ("captions without their file", ["--concept", "{concept}", "--caption-column", "text"], "metadata.jsonl does not exist"),
+        ("captions in another column", ["--concept", "robot", "--caption-column", "prompt"], 'needs a "file_name" and a "prompt" text'),
     ],
 )
 def test_bad_input_is_a_clear_error_and_leaves_no_output(case, args, message, concept_dir, tmp_path, capsys):
@@ -209,6 +214,59 @@ def test_bad_input_is_a_clear_error_and_leaves_no_output(case, args, message, co
     assert main(args + ["--model", "tiny", "--output-dir", str(tmp_path / "outputs"), "--steps", "1"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()
+
+
+def write_captions(folder, captions: dict) -> None:
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": name, "text": text}) + "\n" for name, text in captions.items()))
+
+
+def test_per_photo_captions_train_each_photo_with_its_own_prompt(tiny_pipe, concept_dir, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(concept_dir, folder)
+    names, c = sorted(p.name for p in folder.glob("*.png")), concept(folder)
+    plain = train(c, "sbora-fa", train_config=quick(tmp_path / "plain"), pipe=copy.deepcopy(tiny_pipe))
+    runs = {}
+    for label, captions in [("same", ["a photo of {token} {class_word}", "a photo of <thing1> {class_word}", "a photo of {token} toy"]),
+                            ("named", ["a photo of {token} {class_word} on the beach", "a photo of {token} {class_word} in the snow",
+                                       "a photo of {token} {class_word} on the grass"])]:
+        write_captions(folder, dict(zip(names, captions)))
+        runs[label] = train(c, "sbora-fa", train_config=quick(tmp_path / label, caption_column="text"), pipe=copy.deepcopy(tiny_pipe))
+    assert yaml.safe_load((runs["named"].out_dir / "config.yaml").read_text())["train"]["caption_column"] == "text"
+    # Captions that all read as the instance prompt train exactly the run without captions; captions naming the
+    # backgrounds train another adapter from the same photos and batches.
+    a, same, named = (read_adapter(r.adapter_path) for r in (plain, runs["same"], runs["named"]))
+    assert runs["same"].losses == plain.losses and runs["named"].losses != plain.losses
+    assert all(torch.equal(a.tensors[k], same.tensors[k]) for k in a.tensors)
+    assert any(not torch.equal(a.tensors[k], named.tensors[k]) for k in a.tensors)
+
+
+def test_each_batch_image_comes_with_its_photos_prompt():
+    photos = [Photo(torch.full((3, 8, 8), 40 * i, dtype=torch.uint8), (8, 8)) for i in range(3)]
+    instance_ids = [torch.arange(3)[:, None].expand(3, 77) * 100]  # photo i's prompt: ids 100 * i
+    pixels, ids, _ = sample_batch(photos, photos[:1], instance_ids, [torch.full((1, 77), 7)], 6, 8, True, False, torch.Generator().manual_seed(0))
+    photo = ((pixels[:6, 0, 0, 0] + 1) * 127.5 / 40).round().long()  # (6,): which photo each instance image is
+    assert len(set(photo.tolist())) > 1 and ids[0].shape == (12, 77)
+    assert torch.equal(ids[0][:6], (photo * 100)[:, None].expand(6, 77))
+    assert torch.equal(ids[0][6:], torch.full((6, 77), 7))  # the class images' prompt
+
+
+@pytest.mark.parametrize("captions, message", [
+    ({"img0.png": "a photo of {token}", "img1.png": "a photo of {token}"}, "no \"text\" caption for img2.png"),
+    ({"img0.png": "a photo of {token}", "img1.png": "a photo of {token}", "img2.png": "a photo of a toy"}, "caption of img2.png ('a photo of a toy') does not name the concept"),
+    ({"img0.png": "a photo of {token}", "img1.png": "a {tokn} toy", "img2.png": "{token}"}, "caption of img1.png ('a {tokn} toy') has a bad placeholder"),
+    ("not json", "line 1: not a JSON object"),
+])
+def test_bad_captions_are_clear_errors(captions, message, concept_dir, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(concept_dir, folder)
+    if isinstance(captions, dict):
+        write_captions(folder, captions)
+    else:
+        (folder / "metadata.jsonl").write_text(captions + "\n")
+    c = concept(folder)
+    with pytest.raises(ConceptError, match=re.escape(message)):
+        c.instance_prompts(c.instance_images(), "text")
+    assert c.instance_prompts(c.instance_images()) == ["a photo of <thing1> toy"] * 3  # without the column: the instance prompt
 
 
 def test_resume_without_checkpoint_is_refused(concept_dir, tmp_path, capsys):

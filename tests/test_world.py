@@ -116,6 +116,22 @@ def test_held_out_concepts_are_shipped_and_reproducible():
         for prompt in concept.eval_prompts:
             text = concept.fill(prompt).replace(c.token, c.class_word)
             assert set(re.findall(r"[a-z]+", text)) <= world_words, text
+        # Each photo's caption (metadata.jsonl, --caption-column text) names its place and background in the world's
+        # words, read back from the pixels: the main colour's centre for the place, the corner or floor for the background.
+        captions = concept.instance_prompts(files, "text")
+        assert captions == [concept.fill(t) for t in wc.reference_captions(name)] and len(set(captions)) == len(files)
+        for path, caption in zip(files, captions):
+            assert caption.startswith(f"a photo of {c.token} {c.class_word} ")
+            assert set(re.findall(r"[a-z]+", caption.replace(c.token, ""))) <= world_words, caption
+            im = np.asarray(Image.open(path).convert("RGB")).astype(float)
+            cx = np.nonzero(np.linalg.norm(im - np.array(c.palette[0]), axis=-1) < 40)[1].mean()
+            place = re.search(r"(on the left|on the right|in the center),", caption).group(1)
+            assert {"on the left": cx < 29, "on the right": cx > 36, "in the center": 28 <= cx <= 37}[place], (caption, cx)
+            plain = re.search(r"on an? (\w+) background$", caption)
+            if plain:
+                assert np.linalg.norm(im[:2, :2].reshape(-1, 3).mean(0) - np.array(g.PLAIN[plain.group(1)])) < 8, caption
+            else:
+                assert caption.endswith(g.SCENES[_floor_background(im.astype(np.uint8))]), caption
 
 
 def test_concept_views_vary():

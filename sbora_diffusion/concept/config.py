@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -88,6 +89,45 @@ class ConceptConfig:
     def fill(self, template: str) -> str:
         """A prompt template with the token and class word put in."""
         return template.format(token=self.token, class_word=self.class_word)
+
+    def instance_prompts(self, paths: list[Path], caption_column: str | None = None) -> list[str]:
+        """Each photo's training prompt, filled: the instance prompt, or with `caption_column` the photo's own caption from
+        ``metadata.jsonl`` in the concept's folder (🤗 datasets' imagefolder layout: one JSON object per line with the
+        photo's ``file_name`` and the column). Per-photo captions can name what is not the concept (the background, the
+        place in the picture), so that the concept's token and adapter need not learn it (DreamBooth, Ruiz et al. 2023)."""
+        if caption_column is None:
+            return [self.fill(self.instance_prompt)] * len(paths)
+        table = Path(self.instance_dir) / "metadata.jsonl"
+        example = json.dumps({"file_name": paths[0].name, caption_column: f"a photo of {{token}} {self.class_word} on the beach"})
+        if not table.is_file():
+            raise ConceptError(f"caption_column '{caption_column}': {table} does not exist; write one line per photo, e.g. {example}, "
+                               f"or leave caption_column unset to train every photo with instance_prompt")
+        captions = {}
+        for n, line in enumerate(table.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConceptError(f"{table}, line {n}: not a JSON object ({e.msg}); write lines like {example}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get(caption_column), str):
+                raise ConceptError(f"{table}, line {n}: needs a \"file_name\" and a \"{caption_column}\" text, like {example}")
+            captions[(table.parent / row["file_name"]).resolve()] = row[caption_column]
+        missing = [p.name for p in paths if p.resolve() not in captions]
+        if missing:
+            raise ConceptError(f"{table} has no \"{caption_column}\" caption for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                               f"give every photo a line, like {example}")
+        prompts = []
+        for p in paths:
+            caption = captions[p.resolve()]
+            try:
+                prompt = self.fill(caption)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConceptError(f"{table}: the caption of {p.name} ('{caption}') has a bad placeholder ({e}); use only {{token}} and {{class_word}}") from None
+            if self.token not in prompt:
+                raise ConceptError(f"{table}: the caption of {p.name} ('{caption}') does not name the concept; put {{token}} in it")
+            prompts.append(prompt)
+        return prompts
 
     def instance_images(self) -> list[Path]:
         """The concept's photos, sorted; a clear error if the folder or the photos are missing."""

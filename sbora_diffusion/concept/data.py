@@ -65,20 +65,22 @@ def crop_batch(images: list[Photo], idx: torch.Tensor, res: int, center_crop: bo
 def sample_batch(instance_images, class_images, instance_ids: list[torch.Tensor], class_ids: list[torch.Tensor], batch_size: int,
                  res: int, center_crop: bool, random_flip: bool, gen: torch.Generator):
     """One micro-batch: B random instance images (+ B class images with prior preservation), their prompt ids
-    (one tensor per text encoder) and their geometry (``crop_batch``)."""
+    (one tensor per text encoder) and their geometry (``crop_batch``). `instance_ids` holds one row per photo
+    (its caption's ids), `class_ids` the class prompt's one row."""
     idx = torch.randint(0, len(instance_images), (batch_size,), generator=gen)
-    (pixels, geometry), ids = crop_batch(instance_images, idx, res, center_crop, random_flip, gen), instance_ids  # (B, 3, res, res), (B, 6)
+    pixels, geometry = crop_batch(instance_images, idx, res, center_crop, random_flip, gen)  # (B, 3, res, res), (B, 6)
+    ids = [i[idx] for i in instance_ids]  # [(B, 77)]: each photo with its own prompt
     if class_images:
         cidx = torch.randint(0, len(class_images), (batch_size,), generator=gen)
         class_pixels, class_geometry = crop_batch(class_images, cidx, res, center_crop, random_flip, gen)
         pixels, geometry = torch.cat([pixels, class_pixels]), torch.cat([geometry, class_geometry])  # (2B, 3, res, res), (2B, 6)
-        ids = [torch.cat([i, c]) for i, c in zip(instance_ids, class_ids, strict=True)]  # [(2B, 77)]
+        ids = [torch.cat([i, c.expand(batch_size, -1)]) for i, c in zip(ids, class_ids, strict=True)]  # [(2B, 77)]
     return pixels, ids, geometry
 
 
-def tokenize(tokenizer, prompt: str, n: int) -> torch.Tensor:
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return ids.expand(n, -1)  # (n, 77)
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(len(prompts), 77) ids, padded to the tokenizer's length."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def class_image_paths(pipe, model: str, concept: ConceptConfig, count: int, res: int, steps: int, guidance_scale: float) -> list[Path]:

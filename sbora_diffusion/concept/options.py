@@ -37,6 +37,9 @@ class TrainConfig(ProcedureConfig):
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset (e.g. 0.05; 0: off)"})
     center_crop: bool = field(default=True, metadata={"help": "centre crop after resizing (else a random crop each time)"})
     random_flip: bool = field(default=False, metadata={"help": "flip images horizontally at random (off: keeps asymmetric concepts right)"})
+    caption_column: str | None = field(default=None, metadata={"help": "train each photo with its own caption, this column of metadata.jsonl in the "
+                                                                       "concept's folder (🤗 datasets' imagefolder layout; {token} and {class_word} filled), as "
+                                                                       "diffusers' --caption_column; none: instance_prompt for every photo"})
     validation_steps: int = field(default=0, metadata={"help": "save a validation grid every N steps (0: only the final samples.png)"})
     validation_epochs: int | None = field(default=None, metadata={"help": "as diffusers' scripts: a validation grid every N epochs of the photos "
                                                                           "(an epoch: ceil(photos / batch size / grad accum) steps); replaces --validation-steps"})
@@ -96,6 +99,10 @@ class ConceptRun:
     cfg: TrainConfig
     instance_paths: list[Path]
     out_dir: Path
+    instance_prompts: list[str] = field(init=False)  # one per photo: its caption (--caption-column) or the instance prompt
+
+    def __post_init__(self):
+        self.instance_prompts = self.concept.instance_prompts(self.instance_paths, self.cfg.caption_column)  # a bad caption stops here
 
     def resolved(self) -> dict:
         """config.yaml's content."""

@@ -87,9 +87,9 @@ class ConceptTask(Task):
         texts = kind.text_encoders(pipe)
         self.unet, *self.text_encoders = engine.prepare(pipe.unet, *texts) if train_te else (*engine.prepare(pipe.unet), *texts)
         self.device = engine.device
-        # One (B, 77) tensor of prompt ids per text encoder (after the concept token joined its tokenizer).
-        self.instance_ids = [tokenize(t, concept.fill(concept.instance_prompt), cfg.batch_size) for t in kind.tokenizers(pipe)]
-        self.class_ids = [tokenize(t, concept.fill(concept.class_prompt), cfg.batch_size) for t in kind.tokenizers(pipe)]
+        # Prompt ids per text encoder, one row per photo (after the concept token joined its tokenizer).
+        self.instance_ids = [tokenize(t, run.instance_prompts) for t in kind.tokenizers(pipe)]  # [(photos, 77)]
+        self.class_ids = [tokenize(t, [concept.fill(concept.class_prompt)]) for t in kind.tokenizers(pipe)]  # [(1, 77)]
         models = kind.parts(pipe) if run.te_adapter else {"unet": pipe.unet}
         self.procedures = build_procedures(cfg, self.adapter, models, concept.key) if self.adapter else []
         fingerprint = {"adapter": self.adapter and dataclasses.asdict(self.adapter), "token_mode": cfg.token_mode, "token": concept.token,

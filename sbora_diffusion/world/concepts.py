@@ -11,7 +11,8 @@ Each concept is one fixed design (a sprite) of a class the world knows (``toy``,
 
 ``python -m sbora_diffusion.world.concepts`` writes 5 reference photos per concept
 (varied position, size and background, drawn in the world's style at 64x64) to
-``data/concepts/<name>/`` and the concept configs to ``configs/concepts/<name>.yaml``.
+``data/concepts/<name>/``, with a caption of each that names its place and background
+(``metadata.jsonl``, read by the concept trainer's ``--caption-column text``), and the concept configs to ``configs/concepts/<name>.yaml``.
 ``view(name, seed)`` draws further photos of a concept (other seeds: the identification check);
 ``distractor(name, seed)`` a **colour-matched distractor**: an object of the concept's class in
 the concept's own colours (its main colour, its accents) but of one of the world's random
@@ -22,6 +23,7 @@ designs, so that telling it from the concept takes the design, not the colour
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,15 +175,24 @@ def distractor(name: str, seed: int, background: str | None = None, position: st
     return g.compose(background, [(sprite, cx, cy)], style, rng)[0]
 
 
+def reference_settings(name: str) -> list[dict]:
+    """How each shipped reference photo is drawn: ``view``'s seed, background, position and size."""
+    offset = list(CONCEPTS).index(name)
+    return [{"seed": 1000 + i, "background": REFERENCE_BACKGROUNDS[(i + 2 * offset) % len(REFERENCE_BACKGROUNDS)],
+             "position": ("left", "right", "center")[(i + offset) % 3], "size": ("big", "medium", "big", "big", "medium")[i]}
+            for i in range(NUM_REFERENCES)]
+
+
 def references(name: str) -> list[Image.Image]:
     """The concept's shipped reference photos (deterministic)."""
-    out = []
-    offset = list(CONCEPTS).index(name)
-    for i in range(NUM_REFERENCES):
-        background = REFERENCE_BACKGROUNDS[(i + 2 * offset) % len(REFERENCE_BACKGROUNDS)]
-        out.append(view(name, 1000 + i, background=background, position=("left", "right", "center")[(i + offset) % 3],
-                        size=("big", "medium", "big", "big", "medium")[i]))
-    return out
+    return [view(name, **settings) for settings in reference_settings(name)]
+
+
+def reference_captions(name: str) -> list[str]:
+    """Each reference photo's caption template in the world's words, naming its place and background (the concept
+    trainer's ``--caption-column text``): "a photo of {token} {class_word} on the left, on the grass"."""
+    return [f"a photo of {{token}} {{class_word}} {g.POSITION_PHRASES[s['position']]}, {g.background_phrase(s['background'])}"
+            for s in reference_settings(name)]
 
 
 CONFIG_TEMPLATE = """\
@@ -215,6 +226,8 @@ def write(root: Path = PROJECT_ROOT, names: list[str] | None = None, configs: bo
             old.unlink()
         for i, im in enumerate(references(name)):
             im.save(folder / f"{name}_{i}.png", optimize=True)
+        lines = [json.dumps({"file_name": f"{name}_{i}.png", "text": text}) for i, text in enumerate(reference_captions(name))]
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")  # 🤗 imagefolder captions (--caption-column text)
         config = root / "configs" / "concepts" / f"{name}.yaml"
         if configs and (overwrite_configs or not config.exists()):
             text = CONFIG_TEMPLATE.format(description=c.description, n=NUM_REFERENCES, name=name, token=c.token, class_word=c.class_word)

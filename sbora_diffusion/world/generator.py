@@ -493,6 +493,11 @@ def _noun_phrase(o: ObjectSpec, rng: random.Random | None, article: bool = True,
     return (("an " if phrase[0] in "aeiou" else "a ") + phrase) if article else phrase
 
 
+def background_phrase(background: str) -> str:
+    """How captions name a background: "on the beach", "on a blue background"."""
+    return SCENES[background] if background in SCENES else f"on a {background[6:]} background"
+
+
 def caption(sample_or_meta, form: str = "long", rng: random.Random | None = None) -> str:
     """A caption of a sample. ``long``: every attribute named (deterministic). ``random``: the
     generator's mix of short and long forms (needs `rng`). ``short``: noun phrase(s) and positions."""
@@ -501,7 +506,7 @@ def caption(sample_or_meta, form: str = "long", rng: random.Random | None = None
     else:
         objects = [ObjectSpec(**{k: v for k, v in o.items() if k != "box"}) for o in sample_or_meta["objects"]]
         background, style = sample_or_meta["background"], sample_or_meta["style"]
-    bg_phrase = SCENES[background] if background in SCENES else f"on a {background[6:]} background"
+    bg_phrase = background_phrase(background)
     if form == "long":
         if len(objects) == 1:
             body = f"{_noun_phrase(objects[0], None)} {POSITION_PHRASES[objects[0].position]}"
