@@ -240,14 +240,81 @@ def test_per_photo_captions_train_each_photo_with_its_own_prompt(tiny_pipe, conc
     assert any(not torch.equal(a.tensors[k], named.tensors[k]) for k in a.tensors)
 
 
-def test_each_batch_image_comes_with_its_photos_prompt():
-    photos = [Photo(torch.full((3, 8, 8), 40 * i, dtype=torch.uint8), (8, 8)) for i in range(3)]
+def test_each_batch_image_comes_with_its_photos_prompt_and_mask():
+    """Photo i is 40 * i everywhere, its mask its left columns 0..i: a batch's prompts and masks follow its photos
+    through the random crop and flip; class images (no mask) count everywhere."""
+    photos = []
+    for i in range(3):
+        mask = torch.zeros((1, 10, 10), dtype=torch.uint8)
+        mask[..., : i + 1] = 255
+        photos.append(Photo(torch.full((3, 10, 10), 40 * i, dtype=torch.uint8), (10, 10), mask))
     instance_ids = [torch.arange(3)[:, None].expand(3, 77) * 100]  # photo i's prompt: ids 100 * i
-    pixels, ids, _ = sample_batch(photos, photos[:1], instance_ids, [torch.full((1, 77), 7)], 6, 8, True, False, torch.Generator().manual_seed(0))
-    photo = ((pixels[:6, 0, 0, 0] + 1) * 127.5 / 40).round().long()  # (6,): which photo each instance image is
-    assert len(set(photo.tolist())) > 1 and ids[0].shape == (12, 77)
-    assert torch.equal(ids[0][:6], (photo * 100)[:, None].expand(6, 77))
-    assert torch.equal(ids[0][6:], torch.full((6, 77), 7))  # the class images' prompt
+    pixels, ids, _, masks = sample_batch(photos, [Photo(torch.zeros((3, 10, 10), dtype=torch.uint8), (10, 10))], instance_ids,
+                                         [torch.full((1, 77), 7)], 16, 8, False, True, torch.Generator().manual_seed(0))
+    photo = ((pixels[:16, 0, 0, 0] + 1) * 127.5 / 40).round().long()  # (16,): which photo each instance image is
+    assert len(set(photo.tolist())) == 3 and ids[0].shape == (32, 77) and masks.shape == (32, 1, 8, 8)
+    assert torch.equal(ids[0][:16], (photo * 100)[:, None].expand(16, 77))
+    assert torch.equal(ids[0][16:], torch.full((16, 77), 7))  # the class images' prompt
+    covered = masks[:16, 0, 0].sum(-1)  # (16,) masked columns in the crop: i + 1 less the crop's left offset, either side
+    assert ((covered <= photo + 1) & (masks[:16].amax((1, 2, 3)) <= 1)).all() and masks[16:].eq(1).all()
+    flipped = masks[:16, 0, 0, -1] == 1  # the masked columns on the right: flipped with its photo
+    assert flipped.any() and (~flipped & (covered > 0)).any()
+
+
+class _Latents:  # a stand-in VAE whose latents are the pixels pooled 4x4, so a test knows every latent
+    dtype, config = torch.float32, type("C", (), {"scaling_factor": 1.0})
+
+    def encode(self, pixels):
+        mean = torch.nn.functional.avg_pool2d(pixels, 4).repeat(1, 2, 1, 1)[:, :4]  # (B, 4, h, w)
+        return type("E", (), {"latent_dist": type("D", (), {"sample": lambda self, generator: mean})()})()
+
+
+def test_masked_loss_is_the_weighted_mean_over_the_concepts_latents(tiny_pipe):
+    """A UNet that predicts nothing leaves the noise as the error: each image's loss is Σ w·ε² / (4 Σ w), w the
+    mask area-averaged to the latents (1 on the concept, `bg` elsewhere)."""
+    from sbora_diffusion.concept.loss import diffusion_loss
+
+    unet = lambda noisy, t, context: type("O", (), {"sample": torch.zeros_like(noisy)})()  # noqa: E731
+    pixels, mask = torch.rand(2, 3, 16, 16) * 2 - 1, torch.zeros(2, 1, 16, 16)
+    mask[0, :, :8, :8] = 1  # image 0: the top-left latent quarter; image 1: the left half
+    mask[1, :, :, :8] = 1
+    noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(3))  # the loss's first draw from its generator
+
+    def loss(weights):
+        return diffusion_loss(_Latents(), tiny_pipe.scheduler, unet, lambda: (None, {}), pixels, n_instance=2,
+                              gen=torch.Generator().manual_seed(3), pixel_weights=weights)
+
+    assert torch.allclose(loss(None), noise.pow(2).mean())
+    assert torch.allclose(loss(torch.ones_like(mask)), noise.pow(2).mean())
+    concept_only = (noise[0, :, :2, :2].pow(2).mean() + noise[1, :, :, :2].pow(2).mean()) / 2
+    assert torch.allclose(loss(mask), concept_only)
+    w = 0.25 + 0.75 * mask[:, :, ::4, ::4]  # (2, 1, 4, 4): the mask is whole latent cells here
+    assert torch.allclose(loss(0.25 + 0.75 * mask), ((noise.pow(2) * w).sum((1, 2, 3)) / (4 * w.sum((1, 2, 3)))).mean())
+
+
+def test_masked_loss_trains_from_the_masks(tiny_pipe, concept_dir, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(concept_dir, folder)
+    c = concept(folder)
+    with pytest.raises(ConceptError, match=r"no mask for img0.png, img1.png, img2.png in .*masks: give each photo a mask"):
+        train(c, "sbora-fa", train_config=quick(tmp_path / "none", background_loss_weight=0.0), pipe=copy.deepcopy(tiny_pipe))
+    assert not (tmp_path / "none").exists()
+    (folder / "masks").mkdir()
+    for p in sorted(folder.glob("*.png")):
+        m = Image.new("L", Image.open(p).size, 0)
+        m.paste(255, (8, 8, 28, 28))  # the red square and its neighbourhood
+        m.save(folder / "masks" / p.name)
+    plain = train(c, "sbora-fa", train_config=quick(tmp_path / "plain"), pipe=copy.deepcopy(tiny_pipe))
+    masked = train(c, "sbora-fa", train_config=quick(tmp_path / "masked", background_loss_weight=0.0), pipe=copy.deepcopy(tiny_pipe))
+    assert masked.losses != plain.losses
+    a, b = read_adapter(plain.adapter_path), read_adapter(masked.adapter_path)
+    assert any(not torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    Image.new("L", (8, 8), 255).save(folder / "masks" / "img1.png")
+    with pytest.raises(ConceptError, match=r"the mask .*img1.png is 8x8 but its photo img1.png is 40x36; draw the mask at the photo's size"):
+        train(c, "sbora-fa", train_config=quick(tmp_path / "small", background_loss_weight=0.5), pipe=copy.deepcopy(tiny_pipe))
+    assert not (tmp_path / "small").exists()  # stopped before anything was written
+    with pytest.raises(ConfigError, match="background_loss_weight"):
+        quick(tmp_path, background_loss_weight=1.5).validate()
 
 
 @pytest.mark.parametrize("captions, message", [

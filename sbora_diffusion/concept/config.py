@@ -129,6 +129,17 @@ class ConceptConfig:
             prompts.append(prompt)
         return prompts
 
+    def instance_masks(self, paths: list[Path]) -> list[Path]:
+        """Each photo's mask, ``masks/<photo name>.png`` in the concept's folder (white on the concept, black elsewhere):
+        what a loss that weighs the background less (``--background-loss-weight``) reads."""
+        masks = [Path(self.instance_dir) / "masks" / f"{p.stem}.png" for p in paths]
+        missing = [m.name for m in masks if not m.is_file()]
+        if missing:
+            raise ConceptError(f"no mask for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} in {Path(self.instance_dir) / 'masks'}: "
+                               f"give each photo a mask of the same size (white on the {self.class_word}, black elsewhere), "
+                               f"or leave background_loss_weight at 1")
+        return masks
+
     def instance_images(self) -> list[Path]:
         """The concept's photos, sorted; a clear error if the folder or the photos are missing."""
         return image_files(self.instance_dir, what=f"concept '{self.name}'", hint=self._hint())

@@ -21,61 +21,73 @@ from PIL import Image
 from sbora.fileio import atomic_path
 
 from ..generate import render
-from .config import ConceptConfig, image_files, open_rgb
+from .config import ConceptConfig, ConceptError, image_files, open_rgb
 
 
 class Photo(NamedTuple):
     pixels: torch.Tensor  # uint8 (3, H, W), the shorter side at the training resolution
     size: tuple[int, int]  # the photo's own (height, width) before resizing
+    mask: torch.Tensor | None = None  # uint8 (1, H, W): 255 on the concept (--background-loss-weight), None: all of it
 
 
-def load_images(paths: list[Path], resolution: int) -> list[Photo]:
-    """Decode (as a person sees the photo), resize the shorter side to `resolution`."""
+def load_images(paths: list[Path], resolution: int, masks: list[Path] | None = None) -> list[Photo]:
+    """Decode (as a person sees the photo), resize the shorter side to `resolution`; each photo's mask (same size)
+    resized alike."""
     out = []
-    for p in paths:
+    for k, p in enumerate(paths):
         im = open_rgb(p)
         size = (im.height, im.width)
         scale = resolution / min(im.size)
-        im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), resample=Image.BICUBIC)
-        out.append(Photo(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), size))
+        shape = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
+        mask = None
+        if masks is not None:
+            m = open_rgb(masks[k]).convert("L")  # decoded and turned as the photo is
+            if m.size != im.size:
+                raise ConceptError(f"the mask {masks[k]} is {m.width}x{m.height} but its photo {p.name} is {im.width}x{im.height}; "
+                                   f"draw the mask at the photo's size")
+            mask = torch.from_numpy(np.asarray(m.resize(shape, resample=Image.BILINEAR)).copy())[None]  # (1, H, W)
+        out.append(Photo(torch.from_numpy(np.asarray(im.resize(shape, resample=Image.BICUBIC)).copy()).permute(2, 0, 1), size, mask))
     return out
 
 
 def crop_batch(images: list[Photo], idx: torch.Tensor, res: int, center_crop: bool, random_flip: bool,
-               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop (centre or random) and maybe flip the chosen images: (B, 3, res, res) in [-1, 1], and each one's
-    (original height, width, crop top, left, res, res) as a (B, 6) tensor."""
-    batch, geometry = [], []
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop (centre or random) and maybe flip the chosen images and their masks alike: (B, 3, res, res) in [-1, 1],
+    each one's (original height, width, crop top, left, res, res) as a (B, 6) tensor, and the masks (B, 1, res, res)
+    in [0, 1] (ones for a photo without a mask)."""
+    batch, geometry, masks = [], [], []
     for i in idx.tolist():
-        im, size = images[i]
+        im, size, mask = images[i]
+        mask = torch.full_like(im[:1], 255) if mask is None else mask
         h, w = im.shape[1:]
         if center_crop:
             top, left = (h - res) // 2, (w - res) // 2
         else:
             top = int(torch.randint(0, h - res + 1, (1,), generator=gen))
             left = int(torch.randint(0, w - res + 1, (1,), generator=gen))
-        im = im[:, top : top + res, left : left + res]
+        im, mask = im[:, top : top + res, left : left + res], mask[:, top : top + res, left : left + res]
         if random_flip and bool(torch.rand(1, generator=gen) < 0.5):
-            im = im.flip(-1)
+            im, mask = im.flip(-1), mask.flip(-1)
         batch.append(im)
+        masks.append(mask)
         geometry.append([*size, top, left, res, res])
-    return torch.stack(batch).float() / 127.5 - 1.0, torch.tensor(geometry, dtype=torch.float32)
+    return torch.stack(batch).float() / 127.5 - 1.0, torch.tensor(geometry, dtype=torch.float32), torch.stack(masks).float() / 255
 
 
 def sample_batch(instance_images, class_images, instance_ids: list[torch.Tensor], class_ids: list[torch.Tensor], batch_size: int,
                  res: int, center_crop: bool, random_flip: bool, gen: torch.Generator):
     """One micro-batch: B random instance images (+ B class images with prior preservation), their prompt ids
-    (one tensor per text encoder) and their geometry (``crop_batch``). `instance_ids` holds one row per photo
-    (its caption's ids), `class_ids` the class prompt's one row."""
+    (one tensor per text encoder), their geometry and their masks (``crop_batch``). `instance_ids` holds one row per
+    photo (its caption's ids), `class_ids` the class prompt's one row."""
     idx = torch.randint(0, len(instance_images), (batch_size,), generator=gen)
-    pixels, geometry = crop_batch(instance_images, idx, res, center_crop, random_flip, gen)  # (B, 3, res, res), (B, 6)
+    pixels, geometry, masks = crop_batch(instance_images, idx, res, center_crop, random_flip, gen)  # (B, 3, res, res), (B, 6), (B, 1, res, res)
     ids = [i[idx] for i in instance_ids]  # [(B, 77)]: each photo with its own prompt
     if class_images:
         cidx = torch.randint(0, len(class_images), (batch_size,), generator=gen)
-        class_pixels, class_geometry = crop_batch(class_images, cidx, res, center_crop, random_flip, gen)
-        pixels, geometry = torch.cat([pixels, class_pixels]), torch.cat([geometry, class_geometry])  # (2B, 3, res, res), (2B, 6)
+        class_batch = crop_batch(class_images, cidx, res, center_crop, random_flip, gen)
+        pixels, geometry, masks = (torch.cat(pair) for pair in zip((pixels, geometry, masks), class_batch))  # 2B of each
         ids = [torch.cat([i, c.expand(batch_size, -1)]) for i, c in zip(ids, class_ids, strict=True)]  # [(2B, 77)]
-    return pixels, ids, geometry
+    return pixels, ids, geometry, masks
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -7,6 +7,9 @@ with z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε for the VAE latents z_0 of the batch
 kind's ``condition``, ``kinds.py``). With prior preservation
 the batch is [instance; class] and the class half adds ``prior_loss_weight`` × its loss.
 Min-SNR-γ (Hang et al., 2023) weights each sample by min(SNR_t, γ)/SNR_t (/(SNR_t+1) for v).
+A masked loss (kohya-ss sd-scripts' ``--masked_loss``) weighs each latent pixel's error by the share
+of the concept in it, the background by ``background_loss_weight``: the mean over an image becomes
+Σ w·e / Σ w, so the adapter's capacity goes to the concept rather than the photos' backgrounds.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import torch.nn.functional as F
 
 def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[torch.Tensor, dict]], pixels, *, n_instance: int,
                    gen: torch.Generator, prior_loss_weight: float = 1.0, snr_gamma: float | None = None,
-                   noise_offset: float = 0.0) -> torch.Tensor:
+                   noise_offset: float = 0.0, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of one micro-batch; every random draw (latent sample, noise, timesteps) from `gen`.
 
     `condition()` runs the text encoders on the batch's prompts: (encoder hidden states (B, 77, D),
-    further UNet keyword arguments).
+    further UNet keyword arguments). `pixel_weights` (B, 1, H, W), if given, weighs each image's error
+    where its pixels lie (area-averaged to the latents; each image's weighted mean).
     """
     device = pixels.device
     # A float32 VAE (SDXL's under mixed precision: it overflows in float16) encodes in float32, outside the step's autocast.
@@ -42,7 +46,12 @@ def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[tor
     pred = unet(noisy, t, context, **unet_kwargs).sample.float()
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, t) if v_prediction else noise
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    error = F.mse_loss(pred, target, reduction="none")  # (B, 4, h, w)
+    if pixel_weights is None:
+        per_sample = error.mean(dim=(1, 2, 3))  # (B,)
+    else:
+        w = F.interpolate(pixel_weights.to(device, torch.float32), size=error.shape[-2:], mode="area")  # (B, 1, h, w)
+        per_sample = (error * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * error.shape[1]).clamp(min=1e-8)  # (B,)
     if snr_gamma is not None:
         from diffusers.training_utils import compute_snr
 

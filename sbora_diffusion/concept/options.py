@@ -37,6 +37,9 @@ class TrainConfig(ProcedureConfig):
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset (e.g. 0.05; 0: off)"})
     center_crop: bool = field(default=True, metadata={"help": "centre crop after resizing (else a random crop each time)"})
     random_flip: bool = field(default=False, metadata={"help": "flip images horizontally at random (off: keeps asymmetric concepts right)"})
+    background_loss_weight: float = field(default=1.0, metadata={"help": "weight of the loss outside each photo's mask (masks/<photo>.png in the concept's "
+                                                                         "folder, white on the concept), as kohya's masked loss: 0 trains on the concept's "
+                                                                         "pixels alone; 1: every pixel alike, no masks needed"})
     caption_column: str | None = field(default=None, metadata={"help": "train each photo with its own caption, this column of metadata.jsonl in the "
                                                                        "concept's folder (🤗 datasets' imagefolder layout; {token} and {class_word} filled), as "
                                                                        "diffusers' --caption_column; none: instance_prompt for every photo"})
@@ -53,7 +56,8 @@ class TrainConfig(ProcedureConfig):
         super().validate()
         check_fields(self, {
             "resolution": (8, 4096), "text_encoder_lr": (0, None, "open"), "token_lr": (0, None), "prior_loss_weight": (0, None),
-            "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "validation_steps": (0, None), "validation_epochs": (1, None),
+            "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "background_loss_weight": (0, 1),
+            "validation_steps": (0, None), "validation_epochs": (1, None),
             "num_validation_images": (1, 64), "sample_steps": (1, 1000), "guidance_scale": (0, 100),
         })
         if self.token_mode not in TOKEN_MODES:
@@ -100,9 +104,11 @@ class ConceptRun:
     instance_paths: list[Path]
     out_dir: Path
     instance_prompts: list[str] = field(init=False)  # one per photo: its caption (--caption-column) or the instance prompt
+    mask_paths: list[Path] | None = field(init=False)  # one per photo with --background-loss-weight below 1, else None
 
-    def __post_init__(self):
-        self.instance_prompts = self.concept.instance_prompts(self.instance_paths, self.cfg.caption_column)  # a bad caption stops here
+    def __post_init__(self):  # a bad caption or a missing mask stops here, before the output folder is touched
+        self.instance_prompts = self.concept.instance_prompts(self.instance_paths, self.cfg.caption_column)
+        self.mask_paths = self.concept.instance_masks(self.instance_paths) if self.cfg.background_loss_weight < 1 else None
 
     def resolved(self) -> dict:
         """config.yaml's content."""

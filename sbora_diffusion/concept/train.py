@@ -72,7 +72,7 @@ class ConceptTask(Task):
         pipe = self.pipe = self.pipe if self.pipe is not None else load_pipeline(run.model)
         res = self.res = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         check_resolution(pipe, res)
-        self.instance_images = load_images(run.instance_paths, res)
+        self.instance_images = load_images(run.instance_paths, res, run.mask_paths)
         self.validation_steps = cfg.validation_interval(len(run.instance_paths))
         named, groups, self.tokens = self.trainables(pipe)  # rank/target errors surface here
         kind = self.kind = kind_of(pipe)
@@ -102,11 +102,13 @@ class ConceptTask(Task):
 
     def loss(self, micro: Micro) -> torch.Tensor:
         cfg = self.cfg
-        pixels, ids, geometry = sample_batch(self.instance_images, self.class_images, self.instance_ids, self.class_ids, cfg.batch_size,
-                                             self.res, cfg.center_crop, cfg.random_flip, micro.generator)
+        pixels, ids, geometry, masks = sample_batch(self.instance_images, self.class_images, self.instance_ids, self.class_ids,
+                                                    cfg.batch_size, self.res, cfg.center_crop, cfg.random_flip, micro.generator)
         condition = functools.partial(self.kind.condition, self.text_encoders, ids, geometry, self.device)
+        bg = cfg.background_loss_weight  # masks weigh the concept 1, the rest bg (class images: all 1)
         return diffusion_loss(self.pipe.vae, self.noise_scheduler, self.unet, condition, pixels.to(self.device), n_instance=cfg.batch_size,
-                              gen=micro.generator, prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset)
+                              gen=micro.generator, prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset,
+                              pixel_weights=bg + (1 - bg) * masks if bg < 1 else None)
 
     def after_step(self, engine: Engine, step: int, loss: float) -> None:
         if self.on_step is not None:

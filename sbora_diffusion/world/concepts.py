@@ -12,7 +12,8 @@ Each concept is one fixed design (a sprite) of a class the world knows (``toy``,
 ``python -m sbora_diffusion.world.concepts`` writes 5 reference photos per concept
 (varied position, size and background, drawn in the world's style at 64x64) to
 ``data/concepts/<name>/``, with a caption of each that names its place and background
-(``metadata.jsonl``, read by the concept trainer's ``--caption-column text``), and the concept configs to ``configs/concepts/<name>.yaml``.
+(``metadata.jsonl``, read by the concept trainer's ``--caption-column text``) and its mask
+(``masks/``, read by ``--background-loss-weight``), and the concept configs to ``configs/concepts/<name>.yaml``.
 ``view(name, seed)`` draws further photos of a concept (other seeds: the identification check);
 ``distractor(name, seed)`` a **colour-matched distractor**: an object of the concept's class in
 the concept's own colours (its main colour, its accents) but of one of the world's random
@@ -149,8 +150,9 @@ REFERENCE_BACKGROUNDS = ("plain-white", "grass", "table", "plain-blue", "snow", 
 
 
 def view(name: str, seed: int, background: str | None = None, position: str | None = None, size: str | None = None,
-         style: str = "photo") -> Image.Image:
-    """One 64x64 photo of a held-out concept, in the world's style (the rest drawn from `seed`)."""
+         style: str = "photo", with_mask: bool = False) -> Image.Image | tuple[Image.Image, Image.Image]:
+    """One 64x64 photo of a held-out concept, in the world's style (the rest drawn from `seed`); with `with_mask`
+    also its mask (64x64 grayscale: 255 on the concept, 0 elsewhere, box-filtered at the edges like the photo)."""
     if name not in CONCEPTS:
         raise KeyError(f"unknown held-out concept {name!r}; known: {', '.join(CONCEPTS)}")
     rng = random.Random(f"{name}/{seed}")
@@ -158,7 +160,12 @@ def view(name: str, seed: int, background: str | None = None, position: str | No
     spec = g.ObjectSpec("toy", "red", size or rng.choice(["medium", "big", "big"]), position or rng.choice(g.POSITIONS))
     cx, cy, side = g.place(spec, rng)
     sprite = CONCEPTS[name].draw(side, rng)
-    return g.compose(background, [(sprite, cx, cy)], style, rng)[0]
+    image = g.compose(background, [(sprite, cx, cy)], style, rng)[0]
+    if not with_mask:
+        return image
+    mask = Image.new("L", (g.CANVAS, g.CANVAS), 0)
+    mask.paste(sprite.getchannel("A"), (cx - sprite.width // 2, cy - sprite.height // 2))  # where compose pastes the sprite
+    return image, mask.resize((g.SIZE, g.SIZE), Image.BOX)
 
 
 def distractor(name: str, seed: int, background: str | None = None, position: str | None = None, size: str | None = None,
@@ -183,9 +190,9 @@ def reference_settings(name: str) -> list[dict]:
             for i in range(NUM_REFERENCES)]
 
 
-def references(name: str) -> list[Image.Image]:
-    """The concept's shipped reference photos (deterministic)."""
-    return [view(name, **settings) for settings in reference_settings(name)]
+def references(name: str, with_masks: bool = False) -> list:
+    """The concept's shipped reference photos (deterministic); with `with_masks`, (photo, mask) pairs."""
+    return [view(name, **settings, with_mask=with_masks) for settings in reference_settings(name)]
 
 
 def reference_captions(name: str) -> list[str]:
@@ -222,10 +229,12 @@ def write(root: Path = PROJECT_ROOT, names: list[str] | None = None, configs: bo
         c = CONCEPTS[name]
         folder = root / "data" / "concepts" / name
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob(f"{name}_*.png"):
+        for old in [*folder.glob(f"{name}_*.png"), *folder.glob(f"masks/{name}_*.png")]:
             old.unlink()
-        for i, im in enumerate(references(name)):
+        (folder / "masks").mkdir(exist_ok=True)
+        for i, (im, mask) in enumerate(references(name, with_masks=True)):
             im.save(folder / f"{name}_{i}.png", optimize=True)
+            mask.save(folder / "masks" / f"{name}_{i}.png", optimize=True)  # the concept trainer's --background-loss-weight
         lines = [json.dumps({"file_name": f"{name}_{i}.png", "text": text}) for i, text in enumerate(reference_captions(name))]
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")  # 🤗 imagefolder captions (--caption-column text)
         config = root / "configs" / "concepts" / f"{name}.yaml"
