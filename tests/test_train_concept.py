@@ -249,8 +249,10 @@ def test_each_batch_image_comes_with_its_photos_prompt_and_mask():
         mask[..., : i + 1] = 255
         photos.append(Photo(torch.full((3, 10, 10), 40 * i, dtype=torch.uint8), (10, 10), mask))
     instance_ids = [torch.arange(3)[:, None].expand(3, 77) * 100]  # photo i's prompt: ids 100 * i
-    pixels, ids, _, masks = sample_batch(photos, [Photo(torch.zeros((3, 10, 10), dtype=torch.uint8), (10, 10))], instance_ids,
-                                         [torch.full((1, 77), 7)], 16, 8, False, True, torch.Generator().manual_seed(0))
+    args = (photos, [Photo(torch.zeros((3, 10, 10), dtype=torch.uint8), (10, 10))], instance_ids, [torch.full((1, 77), 7)], 16, 8, False, True)
+    pixels, ids, _, weights = sample_batch(*args, torch.Generator().manual_seed(0), background_weight=0.25)
+    masks = (weights - 0.25) / 0.75  # the concept's share of each pixel
+    assert sample_batch(*args, torch.Generator().manual_seed(0))[3] is None  # background weight 1: every pixel alike
     photo = ((pixels[:16, 0, 0, 0] + 1) * 127.5 / 40).round().long()  # (16,): which photo each instance image is
     assert len(set(photo.tolist())) == 3 and ids[0].shape == (32, 77) and masks.shape == (32, 1, 8, 8)
     assert torch.equal(ids[0][:16], (photo * 100)[:, None].expand(16, 77))

@@ -109,10 +109,15 @@ def test_held_out_concepts_are_shipped_and_reproducible():
         assert c.class_word in g.CLASSES  # a class word the world knows
         files = concept.instance_images()
         assert 4 <= len(files) <= 6
-        for path, expected in zip(sorted(files), wc.references(name)):
+        for path, mask, (expected, expected_mask) in zip(sorted(files), concept.instance_masks(files), wc.references(name, with_masks=True)):
             shipped = Image.open(path)
             assert shipped.size == (64, 64)
             assert np.array_equal(np.asarray(shipped.convert("RGB")), np.asarray(expected))  # the script rebuilds them
+            assert np.array_equal(np.asarray(Image.open(mask)), np.asarray(expected_mask))  # and their masks
+            # The mask covers the concept: where it is full, the photo shows the concept's colours, not the background.
+            inside = np.asarray(expected_mask) == 255
+            near = np.min([np.linalg.norm(np.asarray(expected).astype(float) - np.array(rgb), axis=-1) for rgb in c.palette], axis=0)
+            assert inside.sum() > 40 and np.median(near[inside]) < 40 and np.median(near[~inside]) > np.median(near[inside]), (name, path.name)
         for prompt in concept.eval_prompts:
             text = concept.fill(prompt).replace(c.token, c.class_word)
             assert set(re.findall(r"[a-z]+", text)) <= world_words, text

@@ -75,10 +75,11 @@ def crop_batch(images: list[Photo], idx: torch.Tensor, res: int, center_crop: bo
 
 
 def sample_batch(instance_images, class_images, instance_ids: list[torch.Tensor], class_ids: list[torch.Tensor], batch_size: int,
-                 res: int, center_crop: bool, random_flip: bool, gen: torch.Generator):
+                 res: int, center_crop: bool, random_flip: bool, gen: torch.Generator, background_weight: float = 1.0):
     """One micro-batch: B random instance images (+ B class images with prior preservation), their prompt ids
-    (one tensor per text encoder), their geometry and their masks (``crop_batch``). `instance_ids` holds one row per
-    photo (its caption's ids), `class_ids` the class prompt's one row."""
+    (one tensor per text encoder), their geometry (``crop_batch``) and their pixels' loss weights: 1 on the concept
+    (its mask), `background_weight` elsewhere, 1 on class images; None when `background_weight` is 1 (every pixel
+    alike). `instance_ids` holds one row per photo (its caption's ids), `class_ids` the class prompt's one row."""
     idx = torch.randint(0, len(instance_images), (batch_size,), generator=gen)
     pixels, geometry, masks = crop_batch(instance_images, idx, res, center_crop, random_flip, gen)  # (B, 3, res, res), (B, 6), (B, 1, res, res)
     ids = [i[idx] for i in instance_ids]  # [(B, 77)]: each photo with its own prompt
@@ -87,7 +88,7 @@ def sample_batch(instance_images, class_images, instance_ids: list[torch.Tensor]
         class_batch = crop_batch(class_images, cidx, res, center_crop, random_flip, gen)
         pixels, geometry, masks = (torch.cat(pair) for pair in zip((pixels, geometry, masks), class_batch))  # 2B of each
         ids = [torch.cat([i, c.expand(batch_size, -1)]) for i, c in zip(ids, class_ids, strict=True)]  # [(2B, 77)]
-    return pixels, ids, geometry, masks
+    return pixels, ids, geometry, (background_weight + (1 - background_weight) * masks if background_weight < 1 else None)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -87,8 +87,7 @@ class ConceptTask(Task):
         texts = kind.text_encoders(pipe)
         self.unet, *self.text_encoders = engine.prepare(pipe.unet, *texts) if train_te else (*engine.prepare(pipe.unet), *texts)
         self.device = engine.device
-        # Prompt ids per text encoder, one row per photo (after the concept token joined its tokenizer).
-        self.instance_ids = [tokenize(t, run.instance_prompts) for t in kind.tokenizers(pipe)]  # [(photos, 77)]
+        self.instance_ids = [tokenize(t, run.instance_prompts) for t in kind.tokenizers(pipe)]  # [(photos, 77)]; the token has joined the tokenizer
         self.class_ids = [tokenize(t, [concept.fill(concept.class_prompt)]) for t in kind.tokenizers(pipe)]  # [(1, 77)]
         models = kind.parts(pipe) if run.te_adapter else {"unet": pipe.unet}
         self.procedures = build_procedures(cfg, self.adapter, models, concept.key) if self.adapter else []
@@ -102,13 +101,12 @@ class ConceptTask(Task):
 
     def loss(self, micro: Micro) -> torch.Tensor:
         cfg = self.cfg
-        pixels, ids, geometry, masks = sample_batch(self.instance_images, self.class_images, self.instance_ids, self.class_ids,
-                                                    cfg.batch_size, self.res, cfg.center_crop, cfg.random_flip, micro.generator)
+        pixels, ids, geometry, weights = sample_batch(self.instance_images, self.class_images, self.instance_ids, self.class_ids, cfg.batch_size,
+                                                      self.res, cfg.center_crop, cfg.random_flip, micro.generator, cfg.background_loss_weight)
         condition = functools.partial(self.kind.condition, self.text_encoders, ids, geometry, self.device)
-        bg = cfg.background_loss_weight  # masks weigh the concept 1, the rest bg (class images: all 1)
         return diffusion_loss(self.pipe.vae, self.noise_scheduler, self.unet, condition, pixels.to(self.device), n_instance=cfg.batch_size,
-                              gen=micro.generator, prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset,
-                              pixel_weights=bg + (1 - bg) * masks if bg < 1 else None)
+                              gen=micro.generator, prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
+                              noise_offset=cfg.noise_offset, pixel_weights=weights)
 
     def after_step(self, engine: Engine, step: int, loss: float) -> None:
         if self.on_step is not None:
