@@ -294,6 +294,36 @@ def test_masked_loss_is_the_weighted_mean_over_the_concepts_latents(tiny_pipe):
     assert torch.allclose(loss(0.25 + 0.75 * mask), ((noise.pow(2) * w).sum((1, 2, 3)) / (4 * w.sum((1, 2, 3)))).mean())
 
 
+def test_timestep_bias_draws_the_biased_end_more_often(tiny_pipe):
+    """diffusers' timestep bias: none draws t uniformly, from the same random numbers as before it existed;
+    later/earlier draw their end `multiplier` times as often."""
+    from sbora_diffusion.concept.loss import diffusion_loss, timestep_weights
+
+    assert timestep_weights(1000, "none", 3, 0.25) is None and timestep_weights(1000, "later", 1, 0.25) is None
+    later, earlier = timestep_weights(1000, "later", 3, 0.25), timestep_weights(1000, "earlier", 3, 0.1)
+    assert torch.allclose(later.sum(), torch.tensor(1.0)) and torch.allclose(later[750:], 3 * later[:750].max()) and later[749] == later[0]
+    assert torch.allclose(earlier[:100], 3 * earlier[100:].max()) and earlier[100] == earlier[-1]
+    drawn = []
+
+    def unet(noisy, t, context):
+        drawn.append(t)
+        return type("O", (), {"sample": torch.zeros_like(noisy)})()
+
+    def draw(*bias):
+        diffusion_loss(_Latents(), tiny_pipe.scheduler, unet, lambda: (None, {}), torch.zeros(4000, 3, 4, 4), n_instance=4000,
+                       gen=torch.Generator().manual_seed(1), timestep_bias=bias)
+        return drawn.pop()
+
+    gen = torch.Generator().manual_seed(1)
+    torch.randn((4000, 4, 1, 1), generator=gen)  # the noise is drawn first
+    assert torch.equal(draw("none", 1.0, 0.25), torch.randint(0, 1000, (4000,), generator=gen))
+    share = (draw("later", 3.0, 0.25) >= 750).float().mean()  # 0.25 * 3 / (0.75 + 0.25 * 3) = 0.5
+    assert abs(share - 0.5) < 0.03 and abs((draw("none", 1.0, 0.25) >= 750).float().mean() - 0.25) < 0.03
+    assert abs((draw("earlier", 3.0, 0.1) < 100).float().mean() - 0.25) < 0.03  # 0.3 / 1.2
+    with pytest.raises(ConfigError, match="timestep_bias_strategy must be one of none, earlier, later, got 'range'"):
+        TrainConfig(timestep_bias_strategy="range").validate()
+
+
 def test_masked_loss_trains_from_the_masks(tiny_pipe, concept_dir, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(concept_dir, folder)

@@ -7,6 +7,7 @@ with z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε for the VAE latents z_0 of the batch
 kind's ``condition``, ``kinds.py``). With prior preservation
 the batch is [instance; class] and the class half adds ``prior_loss_weight`` × its loss.
 Min-SNR-γ (Hang et al., 2023) weights each sample by min(SNR_t, γ)/SNR_t (/(SNR_t+1) for v).
+Timesteps are drawn uniformly, or biased to the clean or the noisy end (diffusers' timestep bias).
 A masked loss (kohya-ss sd-scripts' ``--masked_loss``) weighs each latent pixel's error by the share
 of the concept in it, the background by ``background_loss_weight``: the mean over an image becomes
 Σ w·e / Σ w, so that the photos' backgrounds count less (on the pocket world at 300 steps it did
@@ -24,12 +25,14 @@ import torch.nn.functional as F
 
 def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[torch.Tensor, dict]], pixels, *, n_instance: int,
                    gen: torch.Generator, prior_loss_weight: float = 1.0, snr_gamma: float | None = None,
-                   noise_offset: float = 0.0, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   noise_offset: float = 0.0, pixel_weights: torch.Tensor | None = None,
+                   timestep_bias: tuple[str, float, float] = ("none", 1.0, 0.25)) -> torch.Tensor:
     """Loss of one micro-batch; every random draw (latent sample, noise, timesteps) from `gen`.
 
     `condition()` runs the text encoders on the batch's prompts: (encoder hidden states (B, 77, D),
     further UNet keyword arguments). `pixel_weights` (B, 1, H, W), if given, weighs each image's error
-    where its pixels lie (area-averaged to the latents; each image's weighted mean).
+    where its pixels lie (area-averaged to the latents; each image's weighted mean). `timestep_bias`:
+    (strategy, multiplier, portion) of ``timestep_weights``.
     """
     device = pixels.device
     # A float32 VAE (SDXL's under mixed precision: it overflows in float16) encodes in float32, outside the step's autocast.
@@ -41,7 +44,9 @@ def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[tor
     noise = torch.randn(latents.shape, generator=gen).to(device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+    steps, bias = noise_scheduler.config.num_train_timesteps, timestep_weights(noise_scheduler.config.num_train_timesteps, *timestep_bias)
+    t = (torch.randint(0, steps, (latents.shape[0],), generator=gen) if bias is None
+         else torch.multinomial(bias, latents.shape[0], replacement=True, generator=gen)).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     context, unet_kwargs = condition()  # (B, 77, D), {} or SDXL's added_cond_kwargs
     pred = unet(noisy, t, context, **unet_kwargs).sample.float()
@@ -62,3 +67,18 @@ def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[tor
     if per_sample.shape[0] > n_instance:
         loss = loss + prior_loss_weight * per_sample[n_instance:].mean()
     return loss
+
+
+TIMESTEP_BIAS = ("none", "earlier", "later")
+
+
+def timestep_weights(num_timesteps: int, strategy: str, multiplier: float, portion: float) -> torch.Tensor | None:
+    """How often each training timestep is drawn, as diffusers' ``--timestep_bias_strategy`` (its
+    train_text_to_image_sdxl.py): the `portion` of the timesteps at the clean end (``earlier``, detail) or the
+    noisy end (``later``, layout) drawn `multiplier` times as often as the rest. None: uniform (``none``)."""
+    if strategy == "none" or multiplier == 1:
+        return None
+    weights = torch.ones(num_timesteps)
+    n = max(1, int(portion * num_timesteps))
+    weights[slice(0, n) if strategy == "earlier" else slice(num_timesteps - n, None)] *= multiplier
+    return weights / weights.sum()  # (num_timesteps,)

@@ -18,6 +18,7 @@ from sbora.procedures import ProcedureConfig
 from ..models import DEFAULT_MODEL
 from ..tokens import TOKEN_MODES
 from .config import ConceptConfig, load_concept, safe_name
+from .loss import TIMESTEP_BIAS
 
 
 @dataclass
@@ -37,6 +38,10 @@ class TrainConfig(ProcedureConfig):
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset (e.g. 0.05; 0: off)"})
     center_crop: bool = field(default=True, metadata={"help": "centre crop after resizing (else a random crop each time)"})
     random_flip: bool = field(default=False, metadata={"help": "flip images horizontally at random (off: keeps asymmetric concepts right)"})
+    timestep_bias_strategy: str = field(default="none", metadata={"help": "draw the training timesteps uniformly (none), or more often at the clean end "
+                                                                         "(earlier) or the noisy end (later), as diffusers' --timestep_bias_strategy"})
+    timestep_bias_multiplier: float = field(default=1.0, metadata={"help": "how many times as often the biased timesteps are drawn (1: no bias)"})
+    timestep_bias_portion: float = field(default=0.25, metadata={"help": "the share of the timesteps that is biased"})
     background_loss_weight: float = field(default=1.0, metadata={"help": "weight of the loss outside each photo's mask (masks/<photo>.png in the concept's "
                                                                          "folder, white on the concept), as kohya's masked loss: 0 trains on the concept's "
                                                                          "pixels alone; 1: every pixel alike, no masks needed"})
@@ -57,13 +62,21 @@ class TrainConfig(ProcedureConfig):
         check_fields(self, {
             "resolution": (8, 4096), "text_encoder_lr": (0, None, "open"), "token_lr": (0, None), "prior_loss_weight": (0, None),
             "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "background_loss_weight": (0, 1),
+            "timestep_bias_multiplier": (0, None, "open"), "timestep_bias_portion": (0, 1, "open"),
             "validation_steps": (0, None), "validation_epochs": (1, None),
             "num_validation_images": (1, 64), "sample_steps": (1, 1000), "guidance_scale": (0, 100),
         })
         if self.token_mode not in TOKEN_MODES:
             raise ConfigError(f"token_mode must be one of {', '.join(TOKEN_MODES)}, got '{self.token_mode}'")
+        if self.timestep_bias_strategy not in TIMESTEP_BIAS:
+            raise ConfigError(f"timestep_bias_strategy must be one of {', '.join(TIMESTEP_BIAS)}, got '{self.timestep_bias_strategy}'")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type must be epsilon or v_prediction, got '{self.prediction_type}'")
+
+    def loss_options(self) -> dict:
+        """The diffusion loss's settings (``loss.diffusion_loss``)."""
+        return {"prior_loss_weight": self.prior_loss_weight, "snr_gamma": self.snr_gamma, "noise_offset": self.noise_offset,
+                "timestep_bias": (self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_portion)}
 
     def validation_interval(self, photos: int) -> int:
         """Steps between validation grids (0: none). diffusers' epoch is one pass over the photos (or the

@@ -105,8 +105,7 @@ class ConceptTask(Task):
                                                       self.res, cfg.center_crop, cfg.random_flip, micro.generator, cfg.background_loss_weight)
         condition = functools.partial(self.kind.condition, self.text_encoders, ids, geometry, self.device)
         return diffusion_loss(self.pipe.vae, self.noise_scheduler, self.unet, condition, pixels.to(self.device), n_instance=cfg.batch_size,
-                              gen=micro.generator, prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
-                              noise_offset=cfg.noise_offset, pixel_weights=weights)
+                              gen=micro.generator, pixel_weights=weights, **cfg.loss_options())
 
     def after_step(self, engine: Engine, step: int, loss: float) -> None:
         if self.on_step is not None:
