@@ -341,6 +341,9 @@ def test_masked_loss_trains_from_the_masks(tiny_pipe, concept_dir, tmp_path):
     assert masked.losses != plain.losses
     a, b = read_adapter(plain.adapter_path), read_adapter(masked.adapter_path)
     assert any(not torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    Image.new("L", Image.open(folder / "img1.png").size, 0).save(folder / "masks" / "img1.png")
+    with pytest.raises(ConceptError, match=r"the mask .*img1.png is black everywhere"):
+        train(c, "sbora-fa", train_config=quick(tmp_path / "black", background_loss_weight=0.0), pipe=copy.deepcopy(tiny_pipe))
     Image.new("L", (8, 8), 255).save(folder / "masks" / "img1.png")
     with pytest.raises(ConceptError, match=r"the mask .*img1.png is 8x8 but its photo img1.png is 40x36; draw the mask at the photo's size"):
         train(c, "sbora-fa", train_config=quick(tmp_path / "small", background_loss_weight=0.5), pipe=copy.deepcopy(tiny_pipe))
@@ -354,18 +357,32 @@ def test_masked_loss_trains_from_the_masks(tiny_pipe, concept_dir, tmp_path):
     ({"img0.png": "a photo of {token}", "img1.png": "a photo of {token}", "img2.png": "a photo of a toy"}, "caption of img2.png ('a photo of a toy') does not name the concept"),
     ({"img0.png": "a photo of {token}", "img1.png": "a {tokn} toy", "img2.png": "{token}"}, "caption of img1.png ('a {tokn} toy') has a bad placeholder"),
     ("not json", "line 1: not a JSON object"),
+    ('{"file_name": "img0.png", "text": "{token}"}\n{"file_name": "./img0.png", "text": "a {token}"}', "line 2: a second caption for ./img0.png"),
+    (b"\xff\xfe{", "is not UTF-8 text"),
 ])
 def test_bad_captions_are_clear_errors(captions, message, concept_dir, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(concept_dir, folder)
     if isinstance(captions, dict):
         write_captions(folder, captions)
+    elif isinstance(captions, bytes):
+        (folder / "metadata.jsonl").write_bytes(captions)
     else:
         (folder / "metadata.jsonl").write_text(captions + "\n")
     c = concept(folder)
     with pytest.raises(ConceptError, match=re.escape(message)):
         c.instance_prompts(c.instance_images(), "text")
     assert c.instance_prompts(c.instance_images()) == ["a photo of <thing1> toy"] * 3  # without the column: the instance prompt
+
+
+def test_captions_written_with_a_byte_order_mark_are_read(concept_dir, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(concept_dir, folder)
+    lines = [json.dumps({"file_name": f"img{i}.png", "text": f"a photo of {{token}} on the {side}"}) for i, side in enumerate(["left", "right", "left"])]
+    (folder / "metadata.jsonl").write_text("\n".join(lines), encoding="utf-8-sig")  # as Windows' Notepad saves "UTF-8 with BOM"
+    c = concept(folder)
+    assert c.instance_prompts(c.instance_images(), "text") == ["a photo of <thing1> on the left", "a photo of <thing1> on the right",
+                                                               "a photo of <thing1> on the left"]
 
 
 def test_resume_without_checkpoint_is_refused(concept_dir, tmp_path, capsys):

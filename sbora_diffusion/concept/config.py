@@ -102,8 +102,12 @@ class ConceptConfig:
         if not table.is_file():
             raise ConceptError(f"caption_column '{caption_column}': {table} does not exist; write one line per photo, e.g. {example}, "
                                f"or leave caption_column unset to train every photo with instance_prompt")
+        try:
+            text = table.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is not part of line 1
+        except UnicodeDecodeError as e:
+            raise ConceptError(f"{table} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
         captions = {}
-        for n, line in enumerate(table.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -112,7 +116,10 @@ class ConceptConfig:
                 raise ConceptError(f"{table}, line {n}: not a JSON object ({e.msg}); write lines like {example}") from None
             if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get(caption_column), str):
                 raise ConceptError(f"{table}, line {n}: needs a \"file_name\" and a \"{caption_column}\" text, like {example}")
-            captions[(table.parent / row["file_name"]).resolve()] = row[caption_column]
+            path = (table.parent / row["file_name"]).resolve()
+            if path in captions:
+                raise ConceptError(f"{table}, line {n}: a second caption for {row['file_name']}; give each photo one line")
+            captions[path] = row[caption_column]
         missing = [p.name for p in paths if p.resolve() not in captions]
         if missing:
             raise ConceptError(f"{table} has no \"{caption_column}\" caption for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "

@@ -45,6 +45,9 @@ def load_images(paths: list[Path], resolution: int, masks: list[Path] | None = N
             if m.size != im.size:
                 raise ConceptError(f"the mask {masks[k]} is {m.width}x{m.height} but its photo {p.name} is {im.width}x{im.height}; "
                                    f"draw the mask at the photo's size")
+            if m.getextrema()[1] == 0:
+                raise ConceptError(f"the mask {masks[k]} is black everywhere, so its photo would teach nothing of the concept; "
+                                   f"paint the concept white")
             mask = torch.from_numpy(np.asarray(m.resize(shape, resample=Image.BILINEAR)).copy())[None]  # (1, H, W)
         out.append(Photo(torch.from_numpy(np.asarray(im.resize(shape, resample=Image.BICUBIC)).copy()).permute(2, 0, 1), size, mask))
     return out
