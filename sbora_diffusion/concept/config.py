@@ -122,7 +122,7 @@ class ConceptConfig:
             captions[path] = row[caption_column]
         missing = [p.name for p in paths if p.resolve() not in captions]
         if missing:
-            raise ConceptError(f"{table} has no \"{caption_column}\" caption for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+            raise ConceptError(f"{table} has no \"{caption_column}\" caption for {first_names(missing)}; "
                                f"give every photo a line, like {example}")
         prompts = []
         for p in paths:
@@ -142,7 +142,7 @@ class ConceptConfig:
         masks = [Path(self.instance_dir) / "masks" / f"{p.stem}.png" for p in paths]
         missing = [m.name for m in masks if not m.is_file()]
         if missing:
-            raise ConceptError(f"no mask for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} in {Path(self.instance_dir) / 'masks'}: "
+            raise ConceptError(f"no mask for {first_names(missing)} in {Path(self.instance_dir) / 'masks'}: "
                                f"give each photo a mask of the same size (white on the {self.class_word}, black elsewhere), "
                                f"or leave background_loss_weight at 1")
         return masks
@@ -172,6 +172,11 @@ def safe_name(name: str) -> str:
     return f"{slug or 'concept'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def first_names(names: list[str], n: int = 5) -> str:
+    """The first `n` names, comma-separated, and " ..." when there are more: a message's list of files."""
+    return ", ".join(names[:n]) + (" ..." if len(names) > n else "")
+
+
 def image_files(folder: str | Path, what: str = "image folder", hint: str = "") -> list[Path]:
     """Image files directly in `folder`, sorted by name; ConceptError if there are none, or if some
     are photos in a format that cannot be decoded here (named, instead of being skipped)."""
@@ -182,7 +187,7 @@ def image_files(folder: str | Path, what: str = "image folder", hint: str = "") 
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     unsupported = [p for p in files if p.suffix.lower() in UNSUPPORTED_SUFFIXES]
     if unsupported:
-        names = ", ".join(p.name for p in unsupported[:5]) + (" ..." if len(unsupported) > 5 else "")
+        names = first_names([p.name for p in unsupported])
         kinds = ", ".join(sorted({UNSUPPORTED_SUFFIXES[p.suffix.lower()] for p in unsupported}))
         raise ConceptError(f"{what}: {names} in {folder}: {kinds} photos cannot be decoded here; convert them to JPEG or PNG "
                            f"(any photo app exports them), or move them out of the folder")

@@ -44,7 +44,8 @@ def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[tor
     noise = torch.randn(latents.shape, generator=gen).to(device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
-    steps, bias = noise_scheduler.config.num_train_timesteps, timestep_weights(noise_scheduler.config.num_train_timesteps, *timestep_bias)
+    steps = noise_scheduler.config.num_train_timesteps
+    bias = timestep_weights(steps, *timestep_bias)  # (steps,) or None: uniform
     t = (torch.randint(0, steps, (latents.shape[0],), generator=gen) if bias is None
          else torch.multinomial(bias, latents.shape[0], replacement=True, generator=gen)).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
