@@ -324,6 +324,39 @@ def test_timestep_bias_draws_the_biased_end_more_often(tiny_pipe):
         TrainConfig(timestep_bias_strategy="range").validate()
 
 
+def test_input_perturbation_noises_the_input_alone(tiny_pipe):
+    """Ning et al.'s input perturbation (diffusers' --input_perturbation): z_t is noised with ε + γξ, the target stays ε;
+    at 0 the loss draws exactly what it drew before the option existed."""
+    from sbora_diffusion.concept.loss import diffusion_loss
+
+    seen = []
+
+    def unet(noisy, t, context):  # predicts nothing: the error is the target, ε
+        seen.append((noisy, t))
+        return type("O", (), {"sample": torch.zeros_like(noisy)})()
+
+    pixels = torch.rand(3, 3, 16, 16) * 2 - 1
+    latents = _Latents().encode(pixels).latent_dist.sample(None)  # (3, 4, 4, 4)
+
+    def loss(gamma):
+        return diffusion_loss(_Latents(), tiny_pipe.scheduler, unet, lambda: (None, {}), pixels, n_instance=3,
+                              gen=torch.Generator().manual_seed(5), input_perturbation=gamma)
+
+    gen = torch.Generator().manual_seed(5)
+    noise, xi = torch.randn(latents.shape, generator=gen), torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, 1000, (3,), generator=gen)
+    assert torch.allclose(loss(0.1), noise.pow(2).mean())  # the target is ε alone
+    assert torch.equal(seen[-1][1], t)  # drawn after ξ, as diffusers does
+    assert torch.allclose(seen[-1][0], tiny_pipe.scheduler.add_noise(latents, noise + 0.1 * xi, t))
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=gen)
+    assert torch.allclose(loss(0.0), noise.pow(2).mean())
+    t = torch.randint(0, 1000, (3,), generator=gen)
+    assert torch.equal(seen[-1][1], t) and torch.allclose(seen[-1][0], tiny_pipe.scheduler.add_noise(latents, noise, t))
+    with pytest.raises(ConfigError, match="input_perturbation"):
+        TrainConfig(input_perturbation=-0.1).validate()
+
+
 def test_masked_loss_trains_from_the_masks(tiny_pipe, concept_dir, tmp_path):
     folder = tmp_path / "photos"
     shutil.copytree(concept_dir, folder)

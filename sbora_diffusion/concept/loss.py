@@ -8,6 +8,9 @@ kind's ``condition``, ``kinds.py``). With prior preservation
 the batch is [instance; class] and the class half adds ``prior_loss_weight`` × its loss.
 Min-SNR-γ (Hang et al., 2023) weights each sample by min(SNR_t, γ)/SNR_t (/(SNR_t+1) for v).
 Timesteps are drawn uniformly, or biased to the clean or the noisy end (diffusers' timestep bias).
+Input perturbation (Ning et al., 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models";
+diffusers' ``--input_perturbation``) noises z_t with ε + γ ξ, ξ ~ N(0, I), while the target stays ε, so that
+training sees inputs as off as the sampler's own.
 A masked loss (kohya-ss sd-scripts' ``--masked_loss``) weighs each latent pixel's error by the share
 of the concept in it, the background by ``background_loss_weight``: the mean over an image becomes
 Σ w·e / Σ w, so that the photos' backgrounds count less (on the pocket world at 300 steps it did
@@ -26,13 +29,13 @@ import torch.nn.functional as F
 def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[torch.Tensor, dict]], pixels, *, n_instance: int,
                    gen: torch.Generator, prior_loss_weight: float = 1.0, snr_gamma: float | None = None,
                    noise_offset: float = 0.0, pixel_weights: torch.Tensor | None = None,
-                   timestep_bias: tuple[str, float, float] = ("none", 1.0, 0.25)) -> torch.Tensor:
+                   timestep_bias: tuple[str, float, float] = ("none", 1.0, 0.25), input_perturbation: float = 0.0) -> torch.Tensor:
     """Loss of one micro-batch; every random draw (latent sample, noise, timesteps) from `gen`.
 
     `condition()` runs the text encoders on the batch's prompts: (encoder hidden states (B, 77, D),
     further UNet keyword arguments). `pixel_weights` (B, 1, H, W), if given, weighs each image's error
     where its pixels lie (area-averaged to the latents; each image's weighted mean). `timestep_bias`:
-    (strategy, multiplier, portion) of ``timestep_weights``.
+    (strategy, multiplier, portion) of ``timestep_weights``. `input_perturbation`: γ, the extra noise in z_t alone.
     """
     device = pixels.device
     # A float32 VAE (SDXL's under mixed precision: it overflows in float16) encodes in float32, outside the step's autocast.
@@ -44,11 +47,13 @@ def diffusion_loss(vae, noise_scheduler, unet, condition: Callable[[], tuple[tor
     noise = torch.randn(latents.shape, generator=gen).to(device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
+    # Drawn only when set, as diffusers does, so that a run without it draws the same numbers as before it existed.
+    noised = noise + input_perturbation * torch.randn(latents.shape, generator=gen).to(device) if input_perturbation else noise
     steps = noise_scheduler.config.num_train_timesteps
     bias = timestep_weights(steps, *timestep_bias)  # (steps,) or None: uniform
     t = (torch.randint(0, steps, (latents.shape[0],), generator=gen) if bias is None
          else torch.multinomial(bias, latents.shape[0], replacement=True, generator=gen)).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
+    noisy = noise_scheduler.add_noise(latents, noised, t)
     context, unet_kwargs = condition()  # (B, 77, D), {} or SDXL's added_cond_kwargs
     pred = unet(noisy, t, context, **unet_kwargs).sample.float()
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"

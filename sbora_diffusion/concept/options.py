@@ -36,6 +36,8 @@ class TrainConfig(ProcedureConfig):
     prediction_type: str | None = field(default=None, metadata={"help": "epsilon or v_prediction (none: the scheduler config's)"})
     snr_gamma: float | None = field(default=None, metadata={"help": "Min-SNR-gamma loss weighting (5.0 is the paper's; none: off)"})
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset (e.g. 0.05; 0: off)"})
+    input_perturbation: float = field(default=0.0, metadata={"help": "extra noise in the UNet's input alone, not its target (diffusers' "
+                                                                     "--input_perturbation, Ning et al. 2023; e.g. 0.1; 0: off)"})
     center_crop: bool = field(default=True, metadata={"help": "centre crop after resizing (else a random crop each time)"})
     random_flip: bool = field(default=False, metadata={"help": "flip images horizontally at random (off: keeps asymmetric concepts right)"})
     timestep_bias_strategy: str = field(default="none", metadata={"help": "draw the training timesteps uniformly (none), or more often at the clean end "
@@ -61,7 +63,8 @@ class TrainConfig(ProcedureConfig):
         super().validate()
         check_fields(self, {
             "resolution": (8, 4096), "text_encoder_lr": (0, None, "open"), "token_lr": (0, None), "prior_loss_weight": (0, None),
-            "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "background_loss_weight": (0, 1),
+            "num_class_images": (1, None), "snr_gamma": (0, None, "open"), "noise_offset": (0, 1), "input_perturbation": (0, 1),
+            "background_loss_weight": (0, 1),
             "timestep_bias_multiplier": (0, None, "open"), "timestep_bias_portion": (0, 1, "open"),
             "validation_steps": (0, None), "validation_epochs": (1, None),
             "num_validation_images": (1, 64), "sample_steps": (1, 1000), "guidance_scale": (0, 100),
@@ -76,7 +79,7 @@ class TrainConfig(ProcedureConfig):
     def loss_options(self) -> dict:
         """The diffusion loss's settings (``loss.diffusion_loss``)."""
         return {"prior_loss_weight": self.prior_loss_weight, "snr_gamma": self.snr_gamma, "noise_offset": self.noise_offset,
-                "timestep_bias": (self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_portion)}
+                "input_perturbation": self.input_perturbation, "timestep_bias": (self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_portion)}
 
     def validation_interval(self, photos: int) -> int:
         """Steps between validation grids (0: none). diffusers' epoch is one pass over the photos (or the
