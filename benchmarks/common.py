@@ -460,10 +460,11 @@ class UnitStore:
 
     Every file carries `protocol` (the settings all units of one run share: steps, data
     sizes...); reading a file of another protocol is an error, so a changed setting never
-    mixes with old results silently."""
+    mixes with old results silently. `implied`: what a key added to the protocol later meant
+    for the files written before it (they lack it)."""
 
-    def __init__(self, folder: str | Path, protocol: dict):
-        self.folder, self.protocol = Path(folder), protocol
+    def __init__(self, folder: str | Path, protocol: dict, implied: dict | None = None):
+        self.folder, self.protocol, self.implied = Path(folder), protocol, implied or {}
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
@@ -473,7 +474,7 @@ class UnitStore:
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        theirs = data.get("protocol") or {}
+        theirs = self.implied | (data.get("protocol") or {})
         if theirs != self.protocol:
             diff = ", ".join(f"{k} {theirs.get(k)} (now {self.protocol.get(k)})" for k in sorted({*theirs, *self.protocol}) if theirs.get(k) != self.protocol.get(k))
             raise ConfigError(f"{path} belongs to a run with other settings: {diff}; use another --work-dir, or that run's settings")

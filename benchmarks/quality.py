@@ -66,9 +66,11 @@ between processes (one thread each);
 standard run's) adds each method's paired differences to that run: same method, concept and seed,
 so a changed training setting (``--train-set snr_gamma=5``, ``--train-config``) is measured against the same
 adapters' images without it. Both runs must draw and score their images alike (prompts, images,
-sampler, guidance, scorer: ``SAME_IMAGES``); that is checked, everything else may differ. The one
-exception measures the sampler itself (``--guidance-scale``, ``--sample-steps``): a baseline trained
-alike may have drawn with other ``SAMPLER`` settings, and the report says so.
+sampler, guidance, scorer and design probe: ``SAME_IMAGES``); that is checked, everything else may differ.
+The one exception measures the sampler or the probe itself (``--guidance-scale``, ``--sample-steps``, a
+retrained probe): a baseline trained alike may have drawn or scored otherwise (``REDRAWN``), and the
+report says so. Every unit names the design probe that scored it (the first 16 hex digits of its
+sha256; units that name none were scored by the first probe), and a run's units must share it.
 
 Results: ``docs/benchmarks/quality.{json,md,png}`` (``quality_<preset>.*`` for other presets);
 runs, adapters and generated images under ``--work-dir``.
@@ -110,6 +112,7 @@ from sbora.fileio import atomic_path
 from sbora_diffusion.concept.options import ConceptRun
 from sbora_diffusion.concept.pipeline import concept_token, trainable_parameters
 from sbora_diffusion.concept.train import ConceptTask
+from sbora_diffusion.world.design_probe import FIRST_PROBE, probe_id
 
 from .accuracy import seed_interval, units_needed, wilson_interval
 from .common import UnitStore, parse_worker, run_benchmark, run_resumable
@@ -151,9 +154,11 @@ METRIC_LABELS = {"clip_i": "CLIP-I (image alignment, plain cosine)", "clip_t": "
 METRIC_SPECS = {"identified": "%"}  # how each metric prints (see _fmt): shares in percent, in every table
 METRIC_NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "drift": "drift", "identified": "identified"}
 # What two runs must share for their images to be paired (--baseline): prompts, images, sampler, guidance and scorer.
-SAME_IMAGES = ("model", "clip_model", "clip_weights", "num_prompts", "num_images", "sample_steps", "guidance_scale", "text_prefix")
-# ... of which a baseline trained alike may differ in these: the pairs then measure the sampler (same adapters, other drawing).
+SAME_IMAGES = ("model", "clip_model", "clip_weights", "num_prompts", "num_images", "sample_steps", "guidance_scale", "text_prefix", "probe")
 SAMPLER = ("sample_steps", "guidance_scale")
+# ... of which a baseline trained alike may differ in these: the pairs then measure the sampler or the design probe (same
+# adapters, drawn or scored otherwise).
+REDRAWN = (*SAMPLER, "probe")
 
 
 @dataclass
@@ -742,7 +747,7 @@ def protocol(config: QualityConfig) -> dict:
     """What every unit of one run must share (a unit of other settings is refused, not mixed in)."""
     keys = ("model", "clip_model", "clip_weights", "train_config", "steps", "rank", "num_prompts", "num_images", "sample_steps",
             "guidance_scale", "drift_prompts", "drift_images", "multi_images", "multi_modes", "text_prefix", "concepts")
-    return ({k: getattr(config, k) for k in keys} | ({"train_set": list(config.train_set)} if config.train_set else {})  # (older units
+    return ({k: getattr(config, k) for k in keys} | {"probe": probe_id()} | ({"train_set": list(config.train_set)} if config.train_set else {})  # (older units
             | ({"targets": list(config.targets)} if config.targets else {}))                                              # have neither)
 
 
@@ -770,7 +775,7 @@ class Schedule:
     def __init__(self, config: QualityConfig):
         self.config = config
         self.tcfg = base_train_config(config)
-        self.store = UnitStore(units_folder(config), protocol(config))
+        self.store = UnitStore(units_folder(config), protocol(config), implied={"probe": FIRST_PROBE})
         self.units = schedule(config, self.tcfg.lr)
 
     def load(self, unit: tuple) -> dict | None:
@@ -911,7 +916,7 @@ def collect(config: QualityConfig) -> dict:
            "settings": {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr, "token_lr": tcfg.token_lr, "lr_schedule": tcfg.lr_schedule,
                         "token_mode": tcfg.token_mode, "snr_gamma": tcfg.snr_gamma, "sample_steps": config.sample_steps or tcfg.sample_steps,
                         "guidance_scale": config.guidance_scale if config.guidance_scale is not None else tcfg.guidance_scale,
-                        "resolution": tcfg.resolution, "full_ft_lrs": list(config.full_ft_lrs),
+                        "resolution": tcfg.resolution, "full_ft_lrs": list(config.full_ft_lrs), "probe": sched.store.protocol["probe"],
                         "train_config": shown_path(train_config_path(config.train_config, config.model)), "train_set": list(config.train_set)},
            "zero_shot": {c: r for c in config.concepts if (r := found(("zero-shot", c)))},
            "multi_zero_shot": [r for p in config.pairs if (r := found(("pair-zero-shot", p)))],
@@ -951,7 +956,7 @@ def training_of(proto: dict):
 
 def drawn_as(proto: dict) -> dict:
     """How a run's images were drawn and scored (``SAME_IMAGES``), its training config's sampler settings filled in."""
-    drawn = {k: proto.get(k) for k in SAME_IMAGES}
+    drawn = {k: proto.get(k) for k in SAME_IMAGES} | {"probe": proto.get("probe", FIRST_PROBE)}
     if drawn["sample_steps"] is None or drawn["guidance_scale"] is None:
         tcfg = training_of(proto)
         drawn["sample_steps"] = drawn["sample_steps"] or tcfg.sample_steps
@@ -971,7 +976,7 @@ def trained_as(proto: dict) -> dict:
 def baseline_runs(config: QualityConfig) -> dict:
     """The --baseline folder's finished single-concept runs of this run's methods and concepts, and the metrics that can be
     paired with them (drift only where both runs drew the same unrelated prompts). Its images must be drawn as this
-    run's (``drawn_as``), or its adapters trained as this run's (``trained_as``) and only its ``SAMPLER`` other (then
+    run's (``drawn_as``), or its adapters trained as this run's (``trained_as``) and only its ``REDRAWN`` other (then
     "drawn" says how it drew); a folder that differs otherwise is refused, not paired."""
     folder, mine = Path(config.baseline), protocol(config)
     here, runs, metrics, trained, drawn = drawn_as(mine), [], list(METRICS), set(), set()
@@ -993,10 +998,10 @@ def baseline_runs(config: QualityConfig) -> dict:
         if key not in seen:
             seen[key] = there = drawn_as(theirs)
             differ = [k for k in SAME_IMAGES if there[k] != here[k]]
-            if differ and (set(differ) - set(SAMPLER) or trained_as(theirs) != trained_as(mine)):
+            if differ and (set(differ) - set(REDRAWN) or trained_as(theirs) != trained_as(mine)):
                 diff = ", ".join(f"{k} {there[k]} (here {here[k]})" for k in differ)
                 raise ConfigError(f"--baseline {path} drew its images otherwise: {diff}; pair only runs that draw and score alike, "
-                                  f"or that were trained alike and differ only in the sampler ({', '.join(SAMPLER)})")
+                                  f"or that were trained alike and differ only in the sampler or the probe ({', '.join(REDRAWN)})")
             if differ:
                 drawn.add(", ".join(f"{k} {there[k]}" for k in differ))
             if not mine["drift_prompts"] or (theirs.get("drift_prompts"), theirs.get("drift_images")) != (mine["drift_prompts"], mine["drift_images"]):
@@ -1206,14 +1211,14 @@ def _set_text(settings: dict) -> str:
 
 
 def baseline_difference(res: dict, cfg: dict) -> str:
-    """What differs from the --baseline run: its training (the usual case), or only its sampler (``baseline_runs``'s "drawn");
+    """What differs from the --baseline run: its training (the usual case), or only its sampler or probe (``baseline_runs``'s "drawn");
     `cfg`: this run's config (its --rank and --targets)."""
     s, base = res.get("settings", {}), res["baseline"]
     adapter = (f", rank {cfg['rank']}" if cfg.get("rank") else "") + (f", targets {', '.join(cfg['targets'])}" if cfg.get("targets") else "")
     if base.get("drawn"):
-        return ("Both trained alike and scored their images alike (same prompts, image seeds and scorer); the difference is in the "
-                f"sampler: this run drew with DDIM {s.get('sample_steps', '?')} steps, guidance {s.get('guidance_scale', '?')}; the "
-                f"baseline with {base['drawn'].replace('_', ' ')}.")
+        return ("Both trained alike and drew their images from the same prompts and image seeds; the difference is in how they were "
+                f"drawn or scored: this run drew with DDIM {s.get('sample_steps', '?')} steps, guidance {s.get('guidance_scale', '?')}, "
+                f"design probe {s.get('probe', '?')}; the baseline with {base['drawn'].replace('_', ' ')}.")
     return ("Both drew and scored their images alike (same prompts, image seeds, sampler, guidance and scorer); the difference is in "
             f"training: this run's from `{s.get('train_config', '?')}`{_set_text(s)}, {s.get('steps', '?')} steps{adapter}; the baseline's"
             f"{base.get('trained', '')}.")
@@ -1248,7 +1253,8 @@ def markdown(payload: dict) -> str:
     il = identification_lines(res)
     if il:
         lines += ["## Is the concept there? Identification per run", "",
-                  "The design probe (`sbora_diffusion/world/design_probe.py`, its controls in `weights/design-probe/record.json`) names each "
+                  f"The design probe{' ' + s['probe'] if s.get('probe') else ''} (`sbora_diffusion/world/design_probe.py`, its controls in "
+                  "`weights/design-probe/record.json`; the first 16 hex digits of its sha256) names each "
                   "image as one of eleven groups: the five held-out concepts, each one's colour-matched distractors (the world's own "
                   "designs of the concept's class in its colours) and any other world object. *Identified*: it names the concept; *among the 5 concepts*: the "
                   "concept wins among the concepts only; *beats its distractors*: the concept scores above its own distractors. "

@@ -10,6 +10,7 @@ the same way); ``remove_stale_temp_files`` clears those a killed process left be
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -106,3 +107,12 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data, indent: int = 2) -> Path:
     """Write `data` as JSON (plus a final newline) to `path` atomically."""
     return write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def sha256(path: str | Path) -> str:
+    """The file's sha256, hex (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

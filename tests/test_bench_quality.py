@@ -433,8 +433,21 @@ def test_a_baseline_must_have_drawn_its_images_alike(tmp_path):
     # Another guidance alone: the same adapters drawn otherwise, a measurement of the sampler (the report's sentence says so).
     drawn = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "other-guidance")))
     assert drawn["runs"] == [result] and drawn["drawn"] == "guidance_scale 12.0" and "drawn" not in got
-    said = q.baseline_difference({"settings": {"sample_steps": 20, "guidance_scale": 7.5}, "baseline": drawn}, {})
-    assert said.endswith("the difference is in the sampler: this run drew with DDIM 20 steps, guidance 7.5; the baseline with guidance scale 12.0.")
+    said = q.baseline_difference({"settings": {"sample_steps": 20, "guidance_scale": 7.5, "probe": "p2"}, "baseline": drawn}, {})
+    assert said.endswith("the difference is in how they were drawn or scored: this run drew with DDIM 20 steps, guidance 7.5, design probe p2; "
+                         "the baseline with guidance scale 12.0.")
+    # Another design probe alone (units written before probes were named were scored by the first): the same images scored
+    # otherwise, paired and said; another probe and other training: refused.
+    first = {k: v for k, v in q.protocol(here).items() if k != "probe"}
+    UnitStore(tmp_path / "first-probe", first).save("run-lora-robot-seed0", result)
+    UnitStore(tmp_path / "first-probe-1200", {**first, "steps": 1200}).save("run-lora-robot-seed0", result)
+    assert q.protocol(here)["probe"] == dp.probe_id() != dp.FIRST_PROBE  # the shipped probe is a retrained one
+    scored = q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "first-probe")))
+    assert scored["runs"] == [result] and scored["drawn"] == f"probe {dp.FIRST_PROBE}"
+    with pytest.raises(ConfigError, match=f"probe {dp.FIRST_PROBE} \\(here {dp.probe_id()}\\); .* differ only in the sampler or the probe"):
+        q.baseline_runs(dataclasses.replace(here, baseline=str(tmp_path / "first-probe-1200")))
+    with pytest.raises(ConfigError, match=f"other settings: probe {dp.FIRST_PROBE} \\(now {dp.probe_id()}\\)"):  # a run's units share one probe
+        q.Schedule(dataclasses.replace(here, baseline=None, units_dir=str(tmp_path / "first-probe"))).load(("run", "lora", "robot", 0))
     said = q.baseline_difference({"settings": {"steps": 300}, "baseline": got}, {"rank": 32, "targets": ["sd-unet-full"]})
     assert "the difference is in training: " in said and ", 300 steps, rank 32, targets sd-unet-full; the baseline's with the same" in said
     with pytest.raises(ConfigError, match="guidance_scale 12.0 \\(here 7.5\\); .* trained alike and differ only in the sampler"):
@@ -564,13 +577,16 @@ def test_the_old_preset_name_full_runs_the_standard_preset():
 
 def test_the_standard_preset_keeps_the_training_its_committed_units_had():
     """The standard run was trained before the pocket config weighted its loss: its preset keeps snr_gamma off, so it
-    still reads (and would continue) its committed units, while the demo preset trains as `make demo` does today."""
+    still trains as its committed units did, while the demo preset trains as `make demo` does today. Its units were
+    scored by the first design probe: continuing them with the shipped one is refused, not mixed."""
     from benchmarks.common import parse_invocation
 
     config = lambda preset: parse_invocation("quality", q.__doc__, q.QualityConfig, q.PRESETS, ["--preset", preset]).config  # noqa: E731
     standard, demo = config("standard"), config("demo")
     unit = json.loads((DOCS_DIR / "quality_standard_units" / "run-sbora-fa-duck-seed0.json").read_text())
-    assert unit["protocol"] == q.protocol(standard) and q.base_train_config(standard).snr_gamma is None
+    assert unit["protocol"] == {k: v for k, v in q.protocol(standard).items() if k != "probe"} and q.base_train_config(standard).snr_gamma is None
+    assert "probe" not in unit["protocol"] and q.protocol(standard)["probe"] == dp.probe_id() != dp.FIRST_PROBE
     pocket = q.base_train_config(dataclasses.replace(demo, train_set=[]))
     assert q.base_train_config(demo) == pocket and pocket.snr_gamma is not None  # the demo preset: make demo's own settings
-    assert q.drawn_as(q.protocol(demo)) == q.drawn_as(unit["protocol"])  # ... drawing the standard run's images: --baseline pairs them
+    # ... drawing the standard run's images (scored by another probe)
+    assert q.drawn_as(q.protocol(demo)) == q.drawn_as(unit["protocol"]) | {"probe": dp.probe_id()}

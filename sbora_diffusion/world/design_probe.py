@@ -16,6 +16,10 @@ brightness at random; the network sees every render both as drawn and after the 
 deterministic (seeded) and takes a few minutes on one CPU thread; the weights ship as
 ``weights/design-probe/model.safetensors`` with a record of how they were made and what they
 measure (``record.json``, both written by ``python -m sbora_diffusion.world.identification``).
+The record names the VAE the probe was trained and measured through (its sha256): a probe trained
+through another VAE than the shipped base's misjudges the base's images (the first probe, trained
+through pocket base v1's VAE and kept after v2 shipped, took 53% of the duck's smeared photos for the
+duck through v2's VAE, not the 19% its record said), so a test holds the two equal.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from PIL import Image, ImageFilter
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sbora.fileio import atomic_path
+from sbora.fileio import atomic_path, sha256
 
 from . import POCKET_SD_DIR, WEIGHTS_DIR
 from . import generator as g
@@ -43,6 +47,9 @@ RECORD_FILE = PROBE_DIR / "record.json"
 OTHER = "other"  # any other world object: the classes and shapes in any colour (what a base draws for "a photo of ball"),
 SMEARED_SHARE = 0.5  # ... and, for this share of its renders, a concept or distractor smeared into a coloured blob
 GROUPS = (*CONCEPTS, *(f"{n}~distractor" for n in CONCEPTS), OTHER)  # the classes it learns to name
+# The first probe's id (2026-12-05, trained through pocket base v1's VAE): the quality benchmark's units that name no
+# probe were scored by it.
+FIRST_PROBE = "2cb2a2a81345cd88"
 TRAIN_SEED0 = 100_000  # render seeds of its training photos: far from the gallery's (0..) and the controls' (10000..)
 
 
@@ -105,6 +112,11 @@ def render(group: int, seed: int) -> Image.Image:
     return (view if group < len(CONCEPTS) else distractor)(name, seed, style=style)
 
 
+def vae_sha256(vae_dir: Path = POCKET_SD_DIR / "vae") -> str:
+    """The sha256 of the VAE weights that ``through_vae`` uses: the record's ``vae_sha256``."""
+    return sha256(vae_dir / "diffusion_pytorch_model.safetensors")
+
+
 @functools.lru_cache(maxsize=2)
 def pocket_vae(vae_dir: Path = POCKET_SD_DIR / "vae"):
     from diffusers import AutoencoderKL
@@ -163,6 +175,11 @@ def train_probe(per_group: int = 300, epochs: int = 8, batch: int = 64, lr: floa
             opt.step()
             sched.step()
     return probe.eval()
+
+
+def probe_id(path: Path = PROBE_FILE) -> str:
+    """Which probe scores identification: the first 16 hex digits of its weights' sha256."""
+    return sha256(path)[:16]
 
 
 def load_probe(path: Path = PROBE_FILE) -> DesignProbe:

@@ -32,10 +32,11 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from sbora.fileio import write_json
+from sbora.fileio import sha256, write_json
 
 from .concepts import CONCEPTS, distractor, view
-from .design_probe import GROUPS, RECORD_FILE, DesignProbe, save_probe, smear, through_vae, to_tensor, train_probe, world_object
+from .design_probe import (GROUPS, PROBE_FILE, RECORD_FILE, DesignProbe, save_probe, smear, through_vae, to_tensor, train_probe, vae_sha256,
+                           world_object)
 
 CONTROL_SEED0 = 10_000  # fresh photos of the controls (the probe trained on seeds from design_probe.TRAIN_SEED0)
 
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     found = controls(probe, views=args.views)
     save_probe(probe)
     record = {"command": " ".join(["python -m sbora_diffusion.world.identification", *(argv or [])]), "per_group": args.per_group,
-              "epochs": args.epochs, "threads": args.threads, "train_seconds": round(seconds, 1), "controls": found}
+              "epochs": args.epochs, "threads": args.threads, "train_seconds": round(seconds, 1), "vae_sha256": vae_sha256(),
+              "model_sha256": sha256(PROBE_FILE), "controls": found}
     write_json(RECORD_FILE, record)
     for n, row in found.items():
         print(n, {k: round(v, 3) for k, v in row.items()})

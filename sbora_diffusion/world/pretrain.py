@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import random
@@ -81,7 +80,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sbora.fileio import write_json
+from sbora.fileio import sha256, write_json
 
 from . import POCKET_CLIP_DIR, POCKET_SD_DIR, WEIGHTS_DIR
 from . import generator as g
@@ -881,14 +880,6 @@ def build_pipeline(cfg: Config, use_ema: bool = True):
     text_encoder, unet = initial_models(cfg)
     unet, text_encoder = load_named(unet, weights, "unet"), load_named(text_encoder, weights, "text_encoder")
     return assemble(vae.eval(), text_encoder.eval(), unet.eval())
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checksums(folder: Path) -> dict[str, str]:
