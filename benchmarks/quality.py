@@ -81,13 +81,14 @@ runs, adapters and generated images under ``--work-dir``.
     python -m benchmarks.quality --preset standard --units-dir docs/benchmarks/quality_standard_units --worker 1/2 &
     python -m benchmarks.quality --preset standard --units-dir docs/benchmarks/quality_standard_units --merge
     # the comparison (issue #27): ~8 h of one core, two workers side by side, resumable; --merge any time
+    # (its units were scored by the first design probe: --merge reports them so; more units need a new --units-dir)
     # -> docs/benchmarks/quality_standard.*
-    python -m benchmarks.quality --preset demo --units-dir docs/benchmarks/quality_demo_units
-        --baseline docs/benchmarks/quality_standard_units   # make demo's settings, paired with the standard run's SBoRA-FA
+    python -m benchmarks.quality --preset demo --seeds 12 --units-dir docs/benchmarks/quality_demo_probe2_units
+        --baseline docs/benchmarks/quality_demo_units       # make demo's settings; the same images scored by the first probe
     python -m benchmarks.quality --preset demo --train-set token_lr=0.015 --work-dir outputs/lever
-        --baseline docs/benchmarks/quality_demo_units       # one training setting against make demo's own
+        --baseline docs/benchmarks/quality_demo_probe2_units  # one training setting against make demo's own
     python -m benchmarks.quality --preset demo --guidance-scale 12 --work-dir outputs/lever
-        --baseline docs/benchmarks/quality_demo_units       # the sampler alone: the same adapters drawn otherwise
+        --baseline docs/benchmarks/quality_demo_probe2_units  # the sampler alone: the same adapters drawn otherwise
 """
 
 from __future__ import annotations
@@ -277,9 +278,9 @@ PRESETS: dict[str, dict] = {
     "standard": STANDARD,
     "full": STANDARD,  # the earlier name of standard
     # Issue #27 item 2: is each held-out concept there after `make demo`'s budget (SBoRA-FA, its settings)? The standard
-    # run's images (4 prompts x 4 images, drift) for 4 seeds, against the zero-shot base on the same prompts and seeds; so
-    # `--baseline docs/benchmarks/quality_standard_units` pairs it with the standard run's SBoRA-FA (trained without the loss
-    # weighting). ~15 min on 2 CPU cores (two workers).
+    # run's images (4 prompts x 4 images, drift) for 4 seeds, against the zero-shot base on the same prompts and seeds.
+    # (`--baseline docs/benchmarks/quality_standard_units` paired it with the standard run's SBoRA-FA, trained without the
+    # loss weighting, while both were scored by the first design probe.) ~15 min on 2 CPU cores (two workers).
     "demo": {"methods": ["sbora-fa"], "ceiling": False, "seeds": 4, "pairs": [], "multi_methods": [], "lrs": None},
 }
 
@@ -743,11 +744,12 @@ def adapter_overrides(config: QualityConfig, yaml_name: str) -> dict:
     return ({"rank": config.rank, "alpha": float(config.rank)} if config.rank else {}) | ({"targets": list(config.targets)} if config.targets else {})
 
 
-def protocol(config: QualityConfig) -> dict:
-    """What every unit of one run must share (a unit of other settings is refused, not mixed in)."""
+def protocol(config: QualityConfig, probe: str | None = None) -> dict:
+    """What every unit of one run must share (a unit of other settings is refused, not mixed in); `probe`: the design
+    probe that scores it (none: the shipped one)."""
     keys = ("model", "clip_model", "clip_weights", "train_config", "steps", "rank", "num_prompts", "num_images", "sample_steps",
             "guidance_scale", "drift_prompts", "drift_images", "multi_images", "multi_modes", "text_prefix", "concepts")
-    return ({k: getattr(config, k) for k in keys} | {"probe": probe_id()} | ({"train_set": list(config.train_set)} if config.train_set else {})  # (older units
+    return ({k: getattr(config, k) for k in keys} | {"probe": probe or probe_id()} | ({"train_set": list(config.train_set)} if config.train_set else {})  # (older units
             | ({"targets": list(config.targets)} if config.targets else {}))                                              # have neither)
 
 
@@ -772,10 +774,10 @@ def trainer_overrides(config: QualityConfig, tcfg) -> dict:
 class Schedule:
     """What is done and what is ready, read from the unit store (other workers' units included) each time it is asked."""
 
-    def __init__(self, config: QualityConfig):
+    def __init__(self, config: QualityConfig, probe: str | None = None):
         self.config = config
         self.tcfg = base_train_config(config)
-        self.store = UnitStore(units_folder(config), protocol(config), implied={"probe": FIRST_PROBE})
+        self.store = UnitStore(units_folder(config), protocol(config, probe), implied={"probe": FIRST_PROBE})
         self.units = schedule(config, self.tcfg.lr)
 
     def load(self, unit: tuple) -> dict | None:
@@ -810,6 +812,15 @@ class Schedule:
 
 def units_folder(config: QualityConfig) -> Path:
     return Path(config.units_dir) if config.units_dir else Path(config.work_dir) / "units"
+
+
+def scored_by(folder: Path) -> str | None:
+    """The design probe that scored the units in `folder` (None: no units yet). ``--merge`` reports a run as its probe
+    scored it, so a run finished before the shipped probe still builds its report; running more of it is refused."""
+    probes = {(json.loads(p.read_text()).get("protocol") or {}).get("probe", FIRST_PROBE) for p in folder.glob("*.json")}
+    if len(probes) > 1:
+        raise ConfigError(f"{folder} holds units scored by {len(probes)} design probes ({', '.join(sorted(probes))}); keep one probe's units per folder")
+    return next(iter(probes), None)
 
 
 def base_train_config(config: QualityConfig):
@@ -908,7 +919,8 @@ def collect(config: QualityConfig) -> dict:
     from sbora.configuration import shown_path
     from sbora_diffusion.concept.options import train_config_path
 
-    sched = Schedule(config)
+    probe = scored_by(units_folder(config)) if config.merge else None
+    sched = Schedule(config, probe)
     tcfg = sched.tcfg
     done = {unit_key(u): r for u in sched.units if (r := sched.load(u)) is not None and sched.is_done(u)}
     found = lambda u: done.get(unit_key(u))  # noqa: E731
@@ -943,7 +955,7 @@ def collect(config: QualityConfig) -> dict:
                                 "model": config.model, "threads": config.threads})
         res["full_estimate"] = estimate_seconds(full, res["timing"], tcfg.steps, tcfg.lr)
     if config.baseline:
-        res["baseline"] = baseline_runs(config)
+        res["baseline"] = baseline_runs(config, probe)
     return res
 
 
@@ -973,12 +985,12 @@ def trained_as(proto: dict) -> dict:
             | ({k: drawn_as(proto)[k] for k in SAMPLER} if tcfg["with_prior_preservation"] else {}))
 
 
-def baseline_runs(config: QualityConfig) -> dict:
+def baseline_runs(config: QualityConfig, probe: str | None = None) -> dict:
     """The --baseline folder's finished single-concept runs of this run's methods and concepts, and the metrics that can be
     paired with them (drift only where both runs drew the same unrelated prompts). Its images must be drawn as this
     run's (``drawn_as``), or its adapters trained as this run's (``trained_as``) and only its ``REDRAWN`` other (then
-    "drawn" says how it drew); a folder that differs otherwise is refused, not paired."""
-    folder, mine = Path(config.baseline), protocol(config)
+    "drawn" says how it drew); a folder that differs otherwise is refused, not paired. `probe`: this run's (``scored_by``)."""
+    folder, mine = Path(config.baseline), protocol(config, probe)
     here, runs, metrics, trained, drawn = drawn_as(mine), [], list(METRICS), set(), set()
     files = sorted(folder.glob("run-*.json"))
     if not files:

@@ -362,6 +362,20 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert section.count("| +0.000 ± 0.000 | +0.000 ± 0.000 | +0.000 ± 0.000 | +0% ± 0% | 2 |") == 3  # LoRA, SBoRA-FA, the full fine-tune: 2 units each, one seed
     assert "partial" not in md and "h of worker time in all" in md  # a finished run; its time is the workers', not the report's
     assert "## Is the concept there? Identification per run" in md and "[" in md.split("Identification per run")[1]  # Wilson intervals
+    assert f"The design probe {dp.probe_id()} (" in md
+    # A run scored by an earlier probe (its units name none: the first): --merge still reports it, as that probe scored it;
+    # running more of it with the shipped probe is refused, not mixed.
+    shutil.copytree(tmp_path / "units", tmp_path / "old-units")
+    for p in (tmp_path / "old-units").glob("*.json"):
+        data = json.loads(p.read_text())
+        del data["protocol"]["probe"]
+        p.write_text(json.dumps(data))
+    old = [*argv, "--units-dir", str(tmp_path / "old-units"), "--out-dir", str(tmp_path / "old-docs")]
+    merged = q.main([*old, "--merge"], pipe=copy.deepcopy(tiny_pipe))["results"]
+    assert merged["runs"] == res["runs"] and merged["settings"]["probe"] == dp.FIRST_PROBE
+    assert f"The design probe {dp.FIRST_PROBE} (" in (tmp_path / "old-docs" / "quality.md").read_text()
+    with pytest.raises(ConfigError, match=f"other settings: probe {dp.FIRST_PROBE} \\(now {dp.probe_id()}\\)"):
+        q.main(old, pipe=copy.deepcopy(tiny_pipe))
     # The units travel with the checkout, the work folder stays behind: on a "new machine" the pair units still to do
     # train their lost adapters again (same seed and rate) and compose the same images.
     units = sorted(p.name for p in (tmp_path / "units").iterdir())
