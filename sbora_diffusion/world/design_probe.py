@@ -177,16 +177,20 @@ def train_probe(per_group: int = 300, epochs: int = 8, batch: int = 64, lr: floa
     return probe.eval()
 
 
+def _probe_file(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"no design probe at {path}: make one with `python -m sbora_diffusion.world.identification`")
+    return path
+
+
 def probe_id(path: Path = PROBE_FILE) -> str:
     """Which probe scores identification: the first 16 hex digits of its weights' sha256."""
-    return sha256(path)[:16]
+    return sha256(_probe_file(path))[:16]
 
 
 def load_probe(path: Path = PROBE_FILE) -> DesignProbe:
-    if not path.is_file():
-        raise FileNotFoundError(f"no design probe at {path}: make one with `python -m sbora_diffusion.world.identification`")
     probe = DesignProbe()
-    probe.load_state_dict(load_file(str(path)))
+    probe.load_state_dict(load_file(str(_probe_file(path))))
     return probe.eval()
 
 
