@@ -814,10 +814,20 @@ def units_folder(config: QualityConfig) -> Path:
     return Path(config.units_dir) if config.units_dir else Path(config.work_dir) / "units"
 
 
+def probe_of(proto: dict) -> str:
+    """The design probe that scored a unit of this protocol (units from before probes were named: the first)."""
+    return proto.get("probe", FIRST_PROBE)
+
+
 def scored_by(folder: Path) -> str | None:
     """The design probe that scored the units in `folder` (None: no units yet). ``--merge`` reports a run as its probe
     scored it, so a run finished before the shipped probe still builds its report; running more of it is refused."""
-    probes = {(json.loads(p.read_text()).get("protocol") or {}).get("probe", FIRST_PROBE) for p in folder.glob("*.json")}
+    probes = set()
+    for path in sorted(folder.glob("*.json")):
+        try:
+            probes.add(probe_of(json.loads(path.read_text()).get("protocol") or {}))
+        except (ValueError, AttributeError):
+            raise ConfigError(f"{path} is not a unit of a quality run (unreadable JSON); remove it, or give the units folder of a quality run") from None
     if len(probes) > 1:
         raise ConfigError(f"{folder} holds units scored by {len(probes)} design probes ({', '.join(sorted(probes))}); keep one probe's units per folder")
     return next(iter(probes), None)

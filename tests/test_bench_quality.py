@@ -376,6 +376,9 @@ def test_end_to_end_on_the_tiny_base_writes_tables_and_files(tiny_pipe, tiny_cli
     assert f"The design probe {dp.FIRST_PROBE} (" in (tmp_path / "old-docs" / "quality.md").read_text()
     with pytest.raises(ConfigError, match=f"other settings: probe {dp.FIRST_PROBE} \\(now {dp.probe_id()}\\)"):
         q.main(old, pipe=copy.deepcopy(tiny_pipe))
+    (tmp_path / "old-units" / "run-lora-robot-seed0.json").write_text("{cut short")  # e.g. another tool's file, or a bad copy
+    with pytest.raises(ConfigError, match="run-lora-robot-seed0.json is not a unit of a quality run"):
+        q.main([*old, "--merge"], pipe=copy.deepcopy(tiny_pipe))
     # The units travel with the checkout, the work folder stays behind: on a "new machine" the pair units still to do
     # train their lost adapters again (same seed and rate) and compose the same images.
     units = sorted(p.name for p in (tmp_path / "units").iterdir())
