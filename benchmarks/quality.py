@@ -978,7 +978,7 @@ def training_of(proto: dict):
 
 def drawn_as(proto: dict) -> dict:
     """How a run's images were drawn and scored (``SAME_IMAGES``), its training config's sampler settings filled in."""
-    drawn = {k: proto.get(k) for k in SAME_IMAGES} | {"probe": proto.get("probe", FIRST_PROBE)}
+    drawn = {k: proto.get(k) for k in SAME_IMAGES} | {"probe": probe_of(proto)}
     if drawn["sample_steps"] is None or drawn["guidance_scale"] is None:
         tcfg = training_of(proto)
         drawn["sample_steps"] = drawn["sample_steps"] or tcfg.sample_steps
