@@ -84,7 +84,8 @@ runs, adapters and generated images under ``--work-dir``.
     # (its units were scored by the first design probe: --merge reports them so; more units need a new --units-dir)
     # -> docs/benchmarks/quality_standard.*
     python -m benchmarks.quality --preset demo --seeds 12 --units-dir docs/benchmarks/quality_demo_probe2_units
-        --out-dir docs/benchmarks/quality_demo_probe2 --baseline docs/benchmarks/quality_demo_units       # make demo's settings; the same images scored by the first probe
+        --out-dir docs/benchmarks/quality_demo_probe2
+        --baseline docs/benchmarks/quality_demo_units       # make demo's settings; the same images scored by the first probe
     python -m benchmarks.quality --preset demo --train-set token_lr=0.015 --work-dir outputs/lever --out-dir outputs/lever/report
         --baseline docs/benchmarks/quality_demo_probe2_units  # one training setting against make demo's own
     python -m benchmarks.quality --preset demo --guidance-scale 12 --work-dir outputs/lever --out-dir outputs/lever/report
