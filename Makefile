@@ -23,9 +23,9 @@ demo: install
 	$(PY) train_concept.py --concept robot --method sbora-fa --overwrite
 
 # One process per logical CPU (at most 4; each runs torch on one thread), a test file whole to one of them so that its
-# module fixtures are built once.
+# module fixtures are built once, in collection order: the files that take minutes first (tests/conftest.py).
 test: install browser
-	$(PY) -m pytest -q -n logical --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -q -n logical --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 # The numeric tests (pytest -m numeric) again under other CPU kernels and two threads: results
 # must not depend on which kernels PyTorch dispatches to (README: "Tests on other CPUs").

@@ -49,6 +49,13 @@ class TinyBlocks(nn.Module):
         return x
 
 
+def pytest_collection_modifyitems(items):
+    """Files marked ``minutes`` (they train on the pocket base for minutes) are collected first. ``make test`` hands
+    whole files to its processes in collection order (``--no-loadscope-reorder``; pytest-xdist's own order, by number
+    of tests, sent the five-test test_placement.py last, where it ran alone for minutes after the rest had finished)."""
+    items.sort(key=lambda item: item.get_closest_marker("minutes") is None)  # stable: otherwise the usual order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def test_threads():
     """One intra-op thread by default: tiny models run faster, and a busy machine cannot oversubscribe it.

@@ -19,6 +19,8 @@ from sbora_diffusion.compose import Composer
 from sbora_diffusion.concept.train import load_train_config, train
 from sbora_diffusion.models import load_pipeline
 
+pytestmark = pytest.mark.minutes  # collected first (conftest.py): its fixtures train for minutes
+
 DEMO_MARGIN = 0.25  # asserted gain of CLIP-I (cosine) over the base's; measured gain in the docstring
 
 

@@ -271,6 +271,34 @@ class _Latents:  # a stand-in VAE whose latents are the pixels pooled 4x4, so a 
         return type("E", (), {"latent_dist": type("D", (), {"sample": lambda self, generator: mean})()})()
 
 
+def test_each_distinct_image_is_encoded_once_and_drawn_as_the_vae_draws(tiny_pipe):
+    """The frozen VAE's posterior per distinct image, kept: a batch draws the latents the VAE itself would, and an
+    image seen before (another batch, or twice in one) is not encoded again; past its budget nothing new is kept."""
+    from sbora_diffusion.concept.loss import EncodedOnce
+
+    vae, calls = tiny_pipe.vae, []
+    hook = vae.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        batch = torch.cat([x, x.flip(-1), x[:1]])  # (5, 3, 32, 32): four distinct images, the first twice
+        encoder = EncodedOnce(vae)
+        with torch.no_grad():
+            ours, theirs = encoder.encode(batch).latent_dist, vae.encode(batch).latent_dist
+            assert calls == [1, 1, 1, 1, 5]  # ours one image at a time, the repeat not at all; then the VAE's own batch
+            assert torch.allclose(ours.mean, theirs.mean, atol=1e-5) and torch.allclose(ours.std, theirs.std, atol=1e-5)
+            a, b = ours.sample(generator=torch.Generator().manual_seed(1)), theirs.sample(generator=torch.Generator().manual_seed(1))
+            assert a.shape == (5, 4, 8, 8) and torch.allclose(a, b, atol=1e-5) and torch.equal(ours.mean[0], ours.mean[4])
+            calls.clear()
+            encoder.encode(batch.flip(0))
+            assert calls == [] and len(encoder.moments) == 4 and encoder.dtype == vae.dtype
+            tight = EncodedOnce(vae, budget_bytes=encoder.moments[next(iter(encoder.moments))].nbytes)  # room for one
+            tight.encode(batch)
+            tight.encode(batch)
+            assert len(tight.moments) == 1 and calls == [1] * 4 + [1] * 3  # the first image kept, the other three again
+    finally:
+        hook.remove()
+
+
 def test_masked_loss_is_the_weighted_mean_over_the_concepts_latents(tiny_pipe):
     """A UNet that predicts nothing leaves the noise as the error: each image's loss is Σ w·ε² / (4 Σ w), w the
     mask area-averaged to the latents (1 on the concept, `bg` elsewhere)."""

@@ -43,7 +43,7 @@ from ..models import DEFAULT_MODEL, load_pipeline
 from .adapter import ADAPTER_FILE, save_concept_adapter
 from .config import ConceptConfig
 from .data import class_image_paths, load_images, sample_batch, tokenize
-from .loss import diffusion_loss
+from .loss import EncodedOnce, diffusion_loss
 from .options import ConceptRun, TrainConfig, load_train_config, resolve_run
 from .pipeline import check_resolution, prepare_for_training, set_up_adapters
 from .samples import sample_grid, sample_images, sample_scores, save_png, save_samples
@@ -84,6 +84,7 @@ class ConceptTask(Task):
                 self.class_images = load_images(paths, res)
         train_te = run.te_adapter is not None or self.tokens is not None
         self.noise_scheduler = prepare_for_training(pipe, cfg, engine.weight_dtype, train_te)
+        self.vae = EncodedOnce(pipe.vae)  # after prepare_for_training: in the dtype it encodes in
         texts = kind.text_encoders(pipe)
         self.unet, *self.text_encoders = engine.prepare(pipe.unet, *texts) if train_te else (*engine.prepare(pipe.unet), *texts)
         self.device = engine.device
@@ -104,7 +105,7 @@ class ConceptTask(Task):
         pixels, ids, geometry, weights = sample_batch(self.instance_images, self.class_images, self.instance_ids, self.class_ids, cfg.batch_size,
                                                       self.res, cfg.center_crop, cfg.random_flip, micro.generator, cfg.background_loss_weight)
         condition = functools.partial(self.kind.condition, self.text_encoders, ids, geometry, self.device)
-        return diffusion_loss(self.pipe.vae, self.noise_scheduler, self.unet, condition, pixels.to(self.device), n_instance=cfg.batch_size,
+        return diffusion_loss(self.vae, self.noise_scheduler, self.unet, condition, pixels.to(self.device), n_instance=cfg.batch_size,
                               gen=micro.generator, pixel_weights=weights, **cfg.loss_options())
 
     def after_step(self, engine: Engine, step: int, loss: float) -> None:
