@@ -105,7 +105,7 @@ class ConceptTask(Task):
         pixels, ids, geometry, weights = sample_batch(self.instance_images, self.class_images, self.instance_ids, self.class_ids, cfg.batch_size,
                                                       self.res, cfg.center_crop, cfg.random_flip, micro.generator, cfg.background_loss_weight)
         condition = functools.partial(self.kind.condition, self.text_encoders, ids, geometry, self.device)
-        return diffusion_loss(self.vae, self.noise_scheduler, self.unet, condition, pixels.to(self.device), n_instance=cfg.batch_size,
+        return diffusion_loss(self.vae, self.noise_scheduler, self.unet, condition, pixels, n_instance=cfg.batch_size,
                               gen=micro.generator, pixel_weights=weights, **cfg.loss_options())
 
     def after_step(self, engine: Engine, step: int, loss: float) -> None:
