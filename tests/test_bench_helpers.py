@@ -3,13 +3,16 @@ statistics of benchmarks/accuracy.py, and the data helpers the LLM benchmarks re
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 from conftest import TinyBlocks
 
+import benchmarks.common as common
 from benchmarks.common import (
     FLOOR,
     REFERENCE,
@@ -21,6 +24,7 @@ from benchmarks.common import (
     optimizer_state_bytes,
     parameter_count,
     peak_step_bytes,
+    run_benchmark,
     time_ratios,
 )
 
@@ -193,3 +197,38 @@ def test_generated_tasks_are_fixed_splits_with_correct_answers(tmp_path):
     assert kinds == {"AddSub", "MultiArith", "SingleEq"} and set(GENERATED_TASKS) == {"arithmetic", "addsub", "multistep", "reverse"}
     with pytest.raises(ValueError, match="unknown generated task"):
         generated_split("poetry", 1, 1)
+
+
+@dataclass
+class CountConfig:
+    parts: int = field(default=3, metadata={"help": "parts measured"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: as they are)"})
+    out_dir: str = field(default="", metadata={"help": "output folder"})
+
+
+@pytest.mark.parametrize("every, drawn", [(1e9, 2), (0.0, 4)])
+def test_a_running_benchmark_saves_its_numbers_every_part_and_its_figure_at_most_every_minute(every, drawn, tmp_path, monkeypatch):
+    """JSON and markdown after every part (a stopped run keeps them), the figure at the first save, then at most every
+    FIGURE_EVERY seconds, and always at the end."""
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(common, "FIGURE_EVERY", every)
+    figures, seen = [], []
+
+    def figure(payload):
+        figures.append(len(payload["results"]))
+        return plt.figure()
+
+    def measure(config, res, save):
+        for k in range(config.parts):
+            res[f"part{k}"] = k
+            save()
+            seen.append((json.loads((tmp_path / "count.json").read_text())["results"], (tmp_path / "count.md").read_text(),
+                         (tmp_path / "count.png").is_file()))
+
+    payload = run_benchmark("count", "A counting benchmark.", CountConfig, {"quick": {}}, ["--out-dir", str(tmp_path)], measure,
+                            lambda p: f"{len(p['results'])} parts", figure)
+    assert [len(results) for results, _, _ in seen] == [1, 2, 3] and [md for _, md, _ in seen] == ["1 parts", "2 parts", "3 parts"]
+    assert all(png for _, _, png in seen)  # a run stopped after its first part has a figure
+    assert len(figures) == drawn and figures[0] == 1 and figures[-1] == 3  # the first save's and the final one's
+    assert payload["complete"] and payload["written"][-1].endswith("count.png")
