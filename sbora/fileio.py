@@ -41,11 +41,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
+def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; it takes the place of `path` only if the block succeeds.
 
     An earlier `path` (file or folder) is moved aside first and deleted once the new folder
-    is in place, so a failure at any point leaves either the old or the new one.
+    is in place, so a failure at any point leaves either the old or the new one. With
+    ``replace=False`` an earlier `path` is kept and the new folder dropped (a cache entry that
+    another process published first, and may be reading).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)
+        if not replace and (path.exists() or path.is_symlink()):
+            return
         if path.exists() or path.is_symlink():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")) / path.name
             os.replace(path, old)
@@ -74,6 +78,13 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def cache_dir() -> Path:
+    """Where built artefacts are kept (the CLIP tokenizer files, class images, converted GGUF models):
+    $SBORA_CACHE, else $XDG_CACHE_HOME/sbora_diffusion, else ~/.cache/sbora_diffusion."""
+    root = os.environ.get("SBORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sbora_diffusion"
+    return Path(root)
 
 
 def _fsync(path: str | Path) -> None:

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from sbora.configuration import ConfigError
-from sbora.fileio import write_text
+from sbora.fileio import cache_dir, write_text
 from sbora.hub import hub_reachable
 
 from .kinds import KINDS, PipelineKind
@@ -43,12 +42,6 @@ TOKENIZER_MAX_LENGTH = 77  # CLIP's context length
 
 class ModelResolutionError(ConfigError):
     """The base model cannot be found or loaded; the message says what to pass instead."""
-
-
-def cache_dir() -> Path:
-    """Where built artefacts (the tokenizer files) are kept: $SBORA_CACHE or ~/.cache/sbora_diffusion."""
-    root = os.environ.get("SBORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sbora_diffusion"
-    return Path(root)
 
 
 def clip_tokenizer_files() -> Path:

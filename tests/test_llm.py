@@ -4,6 +4,8 @@ files, merge, resume, QSBoRA (int8 and NF4 bases) and multi-task composition."""
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -144,6 +146,32 @@ def test_bad_bases_fail_fast_with_a_hint(tmp_path):
         load_base(str(tmp_path))
     with pytest.raises(BaseModelError, match="no GGUF file"):
         load_base(str(tmp_path / "m.gguf"))
+
+
+def test_a_cached_hub_model_loads_without_asking_the_network(base_dir, tmp_path, monkeypatch):
+    """A hub id in the local cache loads with no network request: transformers 5 looks for a peft adapter_config.json
+    on the hub even when asked for local files only, which offline retried for 23 s before the model loaded."""
+    from huggingface_hub import constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someone--tiny-llama"  # the hub cache's layout
+    shutil.copytree(base_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    asked = []
+
+    def no_network(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(f"no network in this test ({host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    model, tokenizer = load_base("someone/tiny-llama")
+    assert asked == []
+    local, _ = load_base(str(base_dir))
+    for (name, a), b in zip(local.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert tokenizer.chat_template and tokenizer.pad_token is not None
 
 
 # ---------------------------------------------------------------------------- training

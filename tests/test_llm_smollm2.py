@@ -1,9 +1,11 @@
-"""The embedded offline default: the real SmolLM2-135M-Instruct GGUF, loaded once for this module
-(about 20-35 s on two CPU cores): one training step through llm.train, greedy generation, and
-the merged model saved as a plain transformers folder."""
+"""The embedded offline default: the real SmolLM2-135M-Instruct GGUF, read once for this module
+(about 20-35 s on two CPU cores) into a fresh cache, and read again from the folder that first
+load kept; one training step through llm.train, greedy generation, and the merged model saved
+as a plain transformers folder."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -12,14 +14,66 @@ from transformers import AutoModelForCausalLM
 
 from llm.data import Example, prompt_text
 from llm.evaluate import generate
-from llm.models import load_base, save_merged, smollm2_gguf
+from llm import models
+from llm.models import converted_gguf, load_base, save_merged, smollm2_gguf
 from llm.train import TrainConfig, train
 from sbora.adapters import adapter_parameters
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def cache(tmp_path_factory):
+    """A fresh cache for this module: the first load reads the GGUF itself."""
+    folder, before = tmp_path_factory.mktemp("cache"), os.environ.get("SBORA_CACHE")
+    os.environ["SBORA_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["SBORA_CACHE"]
+    else:
+        os.environ["SBORA_CACHE"] = before
+
+
+@pytest.fixture(scope="module")
+def smollm2(cache):
+    assert not (cache / "gguf").exists()
     return load_base()
+
+
+def test_the_first_load_keeps_the_dequantized_model_and_later_loads_read_it(smollm2, cache, monkeypatch):
+    model, tokenizer = smollm2
+    kept = converted_gguf(smollm2_gguf())
+    assert kept.parent == cache / "gguf" and [p.name for p in kept.parent.iterdir()] == [kept.name]  # no temporary folder left
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in kept.iterdir()}
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF file was read again")
+
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as from_gguf
+
+    monkeypatch.setattr(from_gguf, "load_gguf_checkpoint", no_gguf)  # transformers' reader of config, tokenizer and weights
+    monkeypatch.setattr(gguf, "GGUFReader", no_gguf)
+    again, tok = load_base()
+    assert type(again) is type(model) and again.dtype == torch.float32 and not again.training
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name  # bit for bit
+    text = "Tom had 3 apples and found 4 more. How many apples does he have now?"
+    assert tok(text).input_ids == tokenizer(text).input_ids and tok.chat_template == tokenizer.chat_template
+    assert tok.pad_token == tokenizer.pad_token and tok.eos_token == "<|im_end|>"
+    assert models.load_model(dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_speed(smollm2, tmp_path, monkeypatch):
+    """keep_converted on a cache under a file (a read-only or full disk fails the same way): a warning, no folder;
+    a model over the size limit is not kept."""
+    model, _ = smollm2
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("SBORA_CACHE", str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match="could not keep the dequantized SmolLM2-135M-Instruct.Q4_1.gguf"):
+        assert models.keep_converted(model, smollm2_gguf()) is None
+    assert (tmp_path / "file").read_text() == "not a folder"
+    monkeypatch.setenv("SBORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "KEEP_GGUF_BYTES", 500 * 2**20)  # 134.5M fp32 parameters are 513 MiB
+    assert models.keep_converted(model, smollm2_gguf()) is None and not (tmp_path / "cache").exists()
 
 
 def test_the_gguf_is_found_without_importing_its_package(smollm2):

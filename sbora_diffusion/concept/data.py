@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sbora.fileio import atomic_path
+from sbora.fileio import atomic_path, cache_dir
 
 from ..generate import render
 from .config import ConceptConfig, ConceptError, image_files, open_rgb
@@ -103,12 +103,10 @@ def class_image_paths(pipe, model: str, concept: ConceptConfig, count: int, res:
     """The concept's class images: its class_dir, or generated once with the base model and cached.
 
     Generated ones live in ``<cache>/class_images/<model>-<prompt>-<res>px-<steps>steps-cfg<guidance>/``
-    (see ``models.cache_dir``) and are shared by every run with the same base, class prompt and
+    (see ``sbora.fileio.cache_dir``) and are shared by every run with the same base, class prompt and
     sampling: images drawn with fewer DDIM steps (a cheap run's) never stand in for another run's.
     Call with all adapters off: the images must come from the base model.
     """
-    from ..models import cache_dir
-
     if concept.class_dir:
         return image_files(concept.class_dir, what="class images", hint="give a folder of class images, or class_dir: null to generate them")[:count]
     slug = "".join(c if c.isalnum() else "-" for c in f"{Path(model).name}/{concept.fill(concept.class_prompt)}-{res}px-{steps}steps-cfg{guidance_scale:g}")
