@@ -72,6 +72,8 @@ def atomic_folder(path: str | Path, replace: bool = True) -> Iterator[Path]:
             if old is not None:
                 os.replace(old, path)
                 old = None
+            elif not replace and path.exists():
+                return  # another process published it between the look above and the rename
             raise
         _fsync(path.parent)
     finally:

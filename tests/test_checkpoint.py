@@ -54,3 +54,34 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "step-00000002.pt").write_bytes(b"truncated")
     with pytest.raises(CheckpointError, match="no readable checkpoint.*may be corrupt"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("race", [False, True])
+def test_a_folder_published_without_replace_keeps_the_one_another_process_published(race, tmp_path, monkeypatch):
+    """atomic_folder(replace=False), a cache entry's publication: a folder that another process published first (before
+    the look, or between the look and the rename) is kept, ours is dropped, and no temporary folder is left."""
+    from sbora import fileio
+
+    target = tmp_path / "entry"
+
+    def publish_theirs():
+        target.mkdir()
+        (target / "weights").write_text("theirs")
+
+    if race:  # theirs lands after our look at the target, just before our rename
+        real_replace = os.replace
+
+        def replace_after_theirs(src, dst):
+            if str(dst) == str(target) and not target.exists():
+                publish_theirs()
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(fileio.os, "replace", replace_after_theirs)
+    with fileio.atomic_folder(target, replace=False) as tmp:
+        (tmp / "weights").write_text("ours")
+        if not race:
+            publish_theirs()
+    assert (target / "weights").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["entry"]
+    with fileio.atomic_folder(tmp_path / "fresh", replace=False) as tmp:  # nothing there: published as usual
+        (tmp / "weights").write_text("ours")
+    assert (tmp_path / "fresh" / "weights").read_text() == "ours"
