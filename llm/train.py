@@ -6,31 +6,28 @@
     sbora-llm-train --method lora --val-size 200 --lr 3e-4            # scored on 200 held-out training problems (lr sweeps)
     sbora-llm-train --method peft-dora                                # DoRA from peft on the same loop (llm/peft_dora.py)
 
-Follows the SBoRA paper's LLM setting (instruction tuning on the chat template, loss on the
-response only, adapters on the attention projections; ``--targets llama-mlp`` adds the MLP).
-This module brings the data and the loss; the loop, checkpoints, resume and the output folder's
-rules are the shared engine's (``sbora/engine.py``), with the same options as the concept trainer.
+Follows the SBoRA paper's LLM setting (instruction tuning on the chat template, loss on the response only, adapters on
+the attention projections; ``--targets llama-mlp`` adds the MLP). This module brings the data and the loss; the loop,
+checkpoints, resume and the output folder's rules are the shared engine's (``sbora/engine.py``), with the same options
+as the concept trainer.
 
-Output folder (default ``outputs/llm/<task>/<method>/``, ``<method>-<int8|nf4>`` under
-QSBoRA): ``adapter.safetensors`` (``--method peft-dora``: peft's ``adapter_model.safetensors`` +
-``adapter_config.json``, loadable with ``PeftModel.from_pretrained``), ``config.yaml``,
-``log.jsonl``, ``results.json``/``results.md`` (adapted and zero-shot accuracy), ``checkpoints/``
-and, with ``--merge``, ``merged/`` (a plain transformers folder with the adapter folded in).
+Output folder (default ``outputs/llm/<task>/<method>/``, ``<method>-<int8|nf4>`` under QSBoRA): ``adapter.safetensors``
+(``--method peft-dora``: peft's ``adapter_model.safetensors`` + ``adapter_config.json``, loadable with
+``PeftModel.from_pretrained``), ``config.yaml``, ``log.jsonl``, ``results.json``/``results.md`` (adapted and zero-shot
+accuracy), ``checkpoints/`` and, with ``--merge``, ``merged/`` (a plain transformers folder with the adapter folded in).
 
-From Python, ``train(config: TrainConfig, model=None, tokenizer=None) -> dict`` returns
-``{"output_dir", "adapter", "adapter_name", "steps", "final_loss", "trainable_params",
-"adapted_layers", "quantize", "results" (as llm.evaluate.evaluate, or None with eval off),
-"merged" (path or None)}``; a given `model`/`tokenizer` is used (and changed) in place of
-loading `config.model`.
+From Python, ``train(config: TrainConfig, model=None, tokenizer=None) -> dict`` returns ``{"output_dir", "adapter",
+"adapter_name", "steps", "final_loss", "trainable_params", "adapted_layers", "quantize", "results" (as llm.evaluate's,
+None with eval off), "merged" (path or None)}``; a given `model`/`tokenizer` is used (and changed) instead of `config.model`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sbora.adapters import AdapterConfig, adapted_layers, adapter_parameters, inject, save_adapter
 from sbora.configuration import to_dict
@@ -44,6 +41,9 @@ from .models import prepare_base, save_merged
 from .options import ADAPTER, TrainConfig
 from .peft_dora import PEFT_WEIGHTS, dora_layers, dora_off, inject_dora, save_dora
 from .quant import resolve_mode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class LLMTask(Task):

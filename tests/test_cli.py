@@ -163,3 +163,26 @@ def test_errors_name_what_to_do(tmp_path):
         parse(command, ["--name", "n", "--config", str(tmp_path / "bad.yaml")])
     help_ = build_parser(command, ["--config", str(tmp_path / "bad.yaml")]).format_help()
     assert "its values could not be read" in help_  # --help still works, saying why the YAML's values are missing
+
+
+HEAVY = ("diffusers", "transformers", "gradio", "open_clip", "peft", "accelerate")  # seconds to import each
+
+
+def test_help_answers_without_importing_the_model_libraries():
+    """`--help` of every script but the app (whose page is built from gradio) and of train_concept.py imports none of
+    HEAVY, so it answers in the time torch takes to import: train_concept.py's took 16 s here, the LLM commands' 10 s."""
+    import subprocess
+    import sys
+
+    targets = ["sbora_diffusion.concept.cli:main", *(t for s, t in SCRIPTS.items() if s != "sbora-app")]
+    code = ("import contextlib, importlib, io, sys\n"
+            f"for target in {targets!r}:\n"
+            "    module, _, func = target.partition(':')\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        try:\n            getattr(importlib.import_module(module), func)(['--help'])\n"
+            "        except SystemExit:\n            pass\n"
+            "    assert 'usage' in out.getvalue().lower(), (target, out.getvalue()[:200])\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -27,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
 
 class EncodedOnce:
@@ -67,6 +69,10 @@ class EncodedOnce:
                 if self.used + row.nbytes <= self.budget:
                     self.moments[key], self.used = row, self.used + row.nbytes
             rows.append(row)
+        # Imported here: diffusers' model modules take seconds to import, which `--help` should not wait for.
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
         return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat(rows)))  # (B, 2C, h, w)
 
 

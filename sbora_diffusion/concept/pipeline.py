@@ -5,8 +5,9 @@ gradient checkpointing, the training noise scheduler and the resolution check. T
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DDPMScheduler
 
 from sbora.adapters import AdapterConfig, adapter_parameters, inject
 from sbora.configuration import ConfigError
@@ -15,6 +16,9 @@ from ..kinds import kind_of
 from ..tokens import install_concept_tokens
 from .config import ConceptConfig
 from .options import TrainConfig
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 
 def set_up_adapters(pipe, concept: ConceptConfig, adapter: AdapterConfig, te_adapter: AdapterConfig | None, cfg: TrainConfig):
@@ -69,6 +73,8 @@ def prepare_for_training(pipe, cfg: TrainConfig, dtype: torch.dtype, train_text_
         for te in kind_of(pipe).text_encoders(pipe) if train_text_encoders else ():
             # transformers 5 name; older releases only have gradient_checkpointing_enable
             (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    from diffusers import DDPMScheduler  # here: importing diffusers takes seconds, which `--help` should not wait for
+
     return DDPMScheduler.from_config(pipe.scheduler.config, **({"prediction_type": cfg.prediction_type} if cfg.prediction_type else {}))
 
 
