@@ -434,8 +434,8 @@ def run_benchmark(
         payload["complete"] = final and not payload["results"].get("pending")  # a resumable run's merge may leave units to do
         payload["seconds"], payload["cpu_seconds"] = time.time() - t0, time.process_time()
         payload["environment"]["load_average_end"] = list(os.getloadavg())
-        # The figure at most once every FIGURE_EVERY seconds until the end: drawing it took 2.3 s of each of the standard
-        # quality run's 692 units (27 min of worker time), and JSON and markdown already keep what a stopped run measured.
+        # The figure at most once every FIGURE_EVERY seconds until the end: the standard quality run's finished figure takes
+        # 2.3 s to draw (up to 27 min over its 692 units), and JSON and markdown already keep what a stopped run measured.
         draw = final or time.time() - drawn >= FIGURE_EVERY
         drawn = time.time() if draw else drawn
         paths = write_results(inv.stem, payload, markdown(payload), figure(payload) if draw else None, Path(inv.config.out_dir or DOCS_DIR))

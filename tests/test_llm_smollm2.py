@@ -5,7 +5,6 @@ as a plain transformers folder."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -23,13 +22,10 @@ from sbora.adapters import adapter_parameters
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A fresh cache for this module: the first load reads the GGUF itself."""
-    folder, before = tmp_path_factory.mktemp("cache"), os.environ.get("SBORA_CACHE")
-    os.environ["SBORA_CACHE"] = str(folder)
-    yield folder
-    if before is None:
-        del os.environ["SBORA_CACHE"]
-    else:
-        os.environ["SBORA_CACHE"] = before
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SBORA_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
